@@ -1,0 +1,75 @@
+# The logging bridge: every llama.cpp / ggml log line goes to the Python logger
+# "mtp_cy" at the matching level.  The logger has a NullHandler, so nothing is
+# printed unless the application configures logging.
+
+logger = logging.getLogger("mtp_cy")
+logger.addHandler(logging.NullHandler())
+
+cdef dict _LEVELS = {
+    GGML_LOG_LEVEL_DEBUG: logging.DEBUG,
+    GGML_LOG_LEVEL_INFO: logging.INFO,
+    GGML_LOG_LEVEL_WARN: logging.WARNING,
+    GGML_LOG_LEVEL_ERROR: logging.ERROR,
+    GGML_LOG_LEVEL_NONE: logging.INFO,
+}
+
+cdef object _log_lock = threading.Lock()
+cdef dict _partial = {}          # thread id -> (level, pending text without newline)
+_recent_errors = []              # last error/warning lines, used in exception messages
+
+
+cdef void _emit_line(int level, str line):
+    if level >= logging.WARNING:
+        _recent_errors.append(line)
+        if len(_recent_errors) > 20:
+            del _recent_errors[:-20]
+    if logger.isEnabledFor(level):
+        logger.log(level, "%s", line)
+
+
+cdef void _log_callback(ggml_log_level level, const char * text, void * user_data) noexcept with gil:
+    cdef int pylevel
+    try:
+        msg = text.decode("utf-8", "replace")
+        tid = threading.get_ident()
+        with _log_lock:
+            prev = _partial.pop(tid, None)
+            if level == GGML_LOG_LEVEL_CONT and prev is not None:
+                pylevel = prev[0]
+                msg = prev[1] + msg
+            elif prev is not None:
+                # a new message while a previous line was unterminated: flush it
+                _emit_line(prev[0], prev[1])
+                pylevel = _LEVELS.get(level, logging.INFO)
+            else:
+                pylevel = _LEVELS.get(level, logging.INFO)
+            lines = msg.split("\n")
+            for line in lines[:-1]:
+                if line:
+                    _emit_line(pylevel, line)
+            if lines[-1]:
+                _partial[tid] = (pylevel, lines[-1])
+    except BaseException:
+        pass  # never let an exception escape into C
+
+
+cdef str _take_errors():
+    """Return (and clear) the recent warning/error log lines, for exception messages."""
+    with _log_lock:
+        for tid, (lvl, txt) in list(_partial.items()):
+            if lvl >= logging.WARNING:
+                _recent_errors.append(txt)
+        msg = "; ".join(_recent_errors[-5:])
+        del _recent_errors[:]
+    return msg
+
+
+cdef void _install_log_bridge():
+    llama_log_set(_log_callback, NULL)
+    ggml_log_set(_log_callback, NULL)
+    # common/ has its own asynchronous logger that prints to the terminal;
+    # pause it so that nothing is printed behind the application's back.
+    common_log_pause(common_log_main())
+
+
+_install_log_bridge()

@@ -1,0 +1,440 @@
+# Model: a loaded GGUF file.
+
+cdef struct _ProgressCtx:
+    void * fn          # borrowed PyObject* (kept alive by the caller's frame)
+    void * err_holder  # borrowed PyObject* (a list receiving an exception)
+    int bar            # draw a text progress bar on stderr
+    int last_pct
+
+
+cdef cbool _progress_cb(float progress, void * user_data) noexcept with gil:
+    cdef _ProgressCtx * pc = <_ProgressCtx *> user_data
+    cdef int pct
+    try:
+        if pc.bar:
+            import sys
+            pct = <int>(progress * 100)
+            if pct != pc.last_pct:
+                pc.last_pct = pct
+                n = pct // 4
+                sys.stderr.write("\rloading model [%s%s] %3d%%" % ("#" * n, "." * (25 - n), pct))
+                if pct >= 100:
+                    sys.stderr.write("\n")
+                sys.stderr.flush()
+            return True
+        res = (<object>pc.fn)(float(progress))
+        return res is None or bool(res)
+    except BaseException as exc:
+        (<list>pc.err_holder).append(exc)
+        return False
+
+
+_SPLIT_MODES = {"none": LLAMA_SPLIT_MODE_NONE, "layer": LLAMA_SPLIT_MODE_LAYER,
+                "row": LLAMA_SPLIT_MODE_ROW, "tensor": LLAMA_SPLIT_MODE_TENSOR}
+
+
+cdef _check_gguf_file(str path):
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model file not found: {path!r}")
+    if os.path.isdir(path):
+        raise ModelLoadError(f"model path is a directory, not a GGUF file: {path!r}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {path!r}: {exc}") from None
+    if len(head) == 0:
+        raise ModelLoadError(f"model file is empty: {path!r}")
+    if head[:4] != b"GGUF":
+        raise ModelLoadError(f"not a GGUF file (bad magic {head[:4]!r}): {path!r}")
+
+
+cdef class Model:
+    """A GGUF model loaded with llama.cpp.
+
+    ``Model(path, *, n_gpu_layers=-1, use_mmap=True, use_mlock=False,
+    load_mtp=None, main_gpu=0, split_mode="layer", tensor_split=None,
+    vocab_only=False, progress=None)``
+
+    * ``n_gpu_layers``: layers to offload to the GPU, ``-1`` means all.
+    * ``load_mtp``: ``None`` loads the MTP (NextN) layers when the GGUF has
+      them, ``True``/``False`` force it.
+    * ``split_mode``: ``"none"``, ``"layer"``, ``"row"`` or ``"tensor"``.
+    * ``tensor_split``: per-device proportions (at most ``llama_max_devices``).
+    * ``progress``: ``None``, ``True`` (a progress bar on stderr) or a callable
+      receiving a float in [0, 1]; returning ``False`` cancels loading.
+
+    Raises :class:`ModelLoadError` when the file cannot be loaded.  ``close()``
+    is idempotent; the model is also a context manager and is freed on garbage
+    collection.  Sessions keep their model alive: the weights are released
+    only when the model and every session on it are closed.
+    """
+    cdef llama_model * _model
+    cdef const llama_vocab * _vocab
+    cdef readonly str path
+    cdef bint _closed
+    cdef int _users
+    cdef bint _mtp_loaded
+    cdef dict _meta_cache
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self._model = NULL
+        self._vocab = NULL
+        self._closed = True
+        self._users = 0
+
+    def __init__(self, path, *, n_gpu_layers=-1, use_mmap=True, use_mlock=False, load_mtp=None,
+                 main_gpu=0, split_mode="layer", tensor_split=None, vocab_only=False, progress=None):
+        if self._model != NULL:
+            raise MTPError("Model.__init__ called twice")
+        path = os.fspath(path)
+        if isinstance(path, bytes):
+            path = path.decode()
+        if not isinstance(n_gpu_layers, int):
+            raise TypeError("n_gpu_layers must be an int (-1 for all layers)")
+        if not isinstance(main_gpu, int) or main_gpu < 0:
+            raise ValueError(f"main_gpu must be an int >= 0, got {main_gpu!r}")
+        if isinstance(split_mode, str):
+            if split_mode not in _SPLIT_MODES:
+                raise ValueError(f"split_mode must be one of {sorted(_SPLIT_MODES)}, got {split_mode!r}")
+            sm = _SPLIT_MODES[split_mode]
+        else:
+            raise TypeError(f"split_mode must be a str, got {type(split_mode).__name__}")
+        if load_mtp is not None and not isinstance(load_mtp, bool):
+            raise TypeError("load_mtp must be None, True or False")
+        if progress is not None and progress is not True and progress is not False and not callable(progress):
+            raise TypeError("progress must be None, True or a callable taking a float in [0, 1]")
+        init()
+        cdef size_t max_dev = llama_max_devices()
+        cdef vector[float] ts
+        if tensor_split is not None:
+            vals = [float(x) for x in tensor_split]
+            if len(vals) > <Py_ssize_t>max_dev:
+                raise ValueError(f"tensor_split has {len(vals)} entries; this build supports at most {max_dev}")
+            if any(v < 0 for v in vals) or not any(v > 0 for v in vals):
+                raise ValueError("tensor_split entries must be >= 0 with at least one > 0")
+            ts.resize(max_dev, 0.0)
+            for i, v in enumerate(vals):
+                ts[i] = v
+        _check_gguf_file(path)
+
+        cdef llama_model_params mp = llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        mp.main_gpu = main_gpu
+        mp.split_mode = sm
+        if use_mmap and use_mlock:
+            mp.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK
+        elif use_mmap:
+            mp.load_mode = LLAMA_LOAD_MODE_MMAP
+        elif use_mlock:
+            mp.load_mode = LLAMA_LOAD_MODE_MLOCK
+        else:
+            mp.load_mode = LLAMA_LOAD_MODE_NONE
+        mp.vocab_only = bool(vocab_only)
+        mp.load_mtp = True if load_mtp is None else bool(load_mtp)
+        if ts.size() > 0:
+            mp.tensor_split = ts.data()
+        cdef _ProgressCtx pc
+        errs = []
+        pc.fn = <void *>progress
+        pc.err_holder = <void *>errs
+        pc.bar = progress is True
+        pc.last_pct = -1
+        if progress is not None and progress is not False:
+            mp.progress_callback = _progress_cb
+            mp.progress_callback_user_data = &pc
+        cdef bytes bpath = path.encode()
+        cdef const char * cpath = bpath
+        cdef llama_model * m
+        _take_errors()
+        with nogil:
+            m = llama_model_load_from_file(cpath, mp)
+        if m == NULL:
+            if errs:
+                raise ModelLoadError(f"loading {path!r} was interrupted by the progress callback") from errs[0]
+            if progress is not None and progress is not True and progress is not False:
+                detail = _take_errors()
+                if "cancel" in detail.lower() or not detail:
+                    raise ModelLoadError(f"loading {path!r} was cancelled by the progress callback")
+                raise ModelLoadError(f"failed to load model {path!r}: {detail}")
+            raise ModelLoadError(f"failed to load model {path!r}: {_take_errors() or 'unknown error'}")
+        self._model = m
+        self._vocab = llama_model_get_vocab(m)
+        self.path = path
+        self._closed = False
+        self._meta_cache = None
+        self._mtp_loaded = mp.load_mtp and llama_model_n_layer_nextn(m) > 0 and not vocab_only
+
+    cdef inline void _check(self) except *:
+        if self._closed:
+            raise ClosedError("this Model is closed")
+
+    cdef void _retain(self):
+        self._users += 1
+
+    cdef void _release(self):
+        self._users -= 1
+        if self._closed and self._users <= 0:
+            self._free()
+
+    cdef void _free(self):
+        if self._model != NULL:
+            llama_model_free(self._model)
+            self._model = NULL
+            self._vocab = NULL
+
+    def close(self):
+        """Release the model (idempotent).  Weights stay alive while a session uses them."""
+        self._closed = True
+        if self._users <= 0:
+            self._free()
+
+    @property
+    def closed(self):
+        """``True`` once :meth:`close` was called."""
+        return self._closed
+
+    def __enter__(self):
+        self._check()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __dealloc__(self):
+        if self._model != NULL:
+            llama_model_free(self._model)
+            self._model = NULL
+
+    def __repr__(self):
+        if self._closed:
+            return f"<mtp_cy.Model closed path={self.path!r}>"
+        return (f"<mtp_cy.Model {self.arch} {self.n_params / 1e6:.1f}M params"
+                f"{' +MTP' if self.has_mtp else ''} path={self.path!r}>")
+
+    # -- metadata ---------------------------------------------------------------
+    cdef str _meta_str(self, bytes key):
+        cdef int32_t n
+        cdef vector[char] buf
+        buf.resize(256)
+        n = llama_model_meta_val_str(self._model, key, buf.data(), buf.size())
+        if n < 0:
+            return None
+        if n >= <int32_t>buf.size():
+            buf.resize(n + 1)
+            n = llama_model_meta_val_str(self._model, key, buf.data(), buf.size())
+        return buf.data()[:n].decode("utf-8", "replace")
+
+    @property
+    def metadata(self):
+        """All GGUF key/values as a ``dict`` of strings (arrays are summarised by llama.cpp)."""
+        self._check()
+        cdef int32_t i, n, nk, nv
+        cdef vector[char] kb, vb
+        if self._meta_cache is None:
+            d = {}
+            kb.resize(512)
+            vb.resize(4096)
+            n = llama_model_meta_count(self._model)
+            for i in range(n):
+                nk = llama_model_meta_key_by_index(self._model, i, kb.data(), kb.size())
+                if nk >= <int32_t>kb.size():
+                    kb.resize(nk + 1)
+                    nk = llama_model_meta_key_by_index(self._model, i, kb.data(), kb.size())
+                nv = llama_model_meta_val_str_by_index(self._model, i, vb.data(), vb.size())
+                if nv >= <int32_t>vb.size():
+                    vb.resize(nv + 1)
+                    nv = llama_model_meta_val_str_by_index(self._model, i, vb.data(), vb.size())
+                if nk < 0 or nv < 0:
+                    continue
+                d[kb.data()[:nk].decode("utf-8", "replace")] = vb.data()[:nv].decode("utf-8", "replace")
+            self._meta_cache = d
+        return dict(self._meta_cache)
+
+    @property
+    def arch(self):
+        """The GGUF ``general.architecture`` (e.g. ``"qwen35"``)."""
+        self._check()
+        return self._meta_str(b"general.architecture")
+
+    @property
+    def description(self):
+        """llama.cpp's one-line description (architecture, size, type)."""
+        self._check()
+        cdef char buf[256]
+        cdef int32_t n = llama_model_desc(self._model, buf, sizeof(buf))
+        return buf[:max(n, 0)].decode("utf-8", "replace")
+
+    @property
+    def n_vocab(self):
+        """Number of tokens in the vocabulary."""
+        self._check()
+        return llama_vocab_n_tokens(self._vocab)
+
+    @property
+    def n_ctx_train(self):
+        """Context length the model was trained with."""
+        self._check()
+        return llama_model_n_ctx_train(self._model)
+
+    @property
+    def n_embd(self):
+        """Embedding width."""
+        self._check()
+        return llama_model_n_embd(self._model)
+
+    @property
+    def n_layer(self):
+        """Number of transformer blocks (as llama.cpp counts them)."""
+        self._check()
+        return llama_model_n_layer(self._model)
+
+    @property
+    def n_layer_nextn(self):
+        """Number of MTP (NextN) layers declared by the GGUF (0 for a plain model)."""
+        self._check()
+        return llama_model_n_layer_nextn(self._model)
+
+    @property
+    def has_mtp(self):
+        """``True`` when the model has MTP layers and they were loaded (see ``load_mtp``)."""
+        self._check()
+        return self._mtp_loaded
+
+    @property
+    def n_params(self):
+        """Number of parameters."""
+        self._check()
+        return llama_model_n_params(self._model)
+
+    @property
+    def size_bytes(self):
+        """Size of the weights in bytes."""
+        self._check()
+        return llama_model_size(self._model)
+
+    @property
+    def chat_template(self):
+        """The GGUF's ``tokenizer.chat_template`` or ``None``."""
+        self._check()
+        cdef const char * t = llama_model_chat_template(self._model, NULL)
+        return None if t == NULL else (<bytes>t).decode("utf-8", "replace")
+
+    @property
+    def bos_token_id(self):
+        """Beginning-of-sequence token id, or ``None``."""
+        self._check()
+        cdef llama_token t = llama_vocab_bos(self._vocab)
+        return None if t < 0 else t
+
+    @property
+    def eos_token_id(self):
+        """End-of-sequence token id, or ``None``."""
+        self._check()
+        cdef llama_token t = llama_vocab_eos(self._vocab)
+        return None if t < 0 else t
+
+    # -- tokens -------------------------------------------------------------------
+    def tokenize(self, text, add_special=True, parse_special=False):
+        """Tokenize ``text`` (``str`` or UTF-8 ``bytes``) into a numpy ``int32`` array."""
+        self._check()
+        import numpy as np
+        if isinstance(text, str):
+            b = (<str>text).encode("utf-8")
+        elif isinstance(text, (bytes, bytearray)):
+            b = bytes(text)
+        else:
+            raise TypeError(f"text must be str or bytes, got {type(text).__name__}")
+        return np.asarray(self._tokenize(b, add_special, parse_special), dtype=np.int32)
+
+    cdef vector[llama_token] _tokenize(self, bytes b, bint add_special, bint parse_special) except *:
+        cdef vector[llama_token] out
+        cdef const char * s = b
+        cdef Py_ssize_t ln = len(b)
+        if ln > 0x7fffffff:
+            raise ValueError("text too long to tokenize")
+        out.resize(ln + 8)
+        cdef int32_t n
+        with nogil:
+            n = llama_tokenize(self._vocab, s, <int32_t>ln, out.data(), <int32_t>out.size(),
+                               add_special, parse_special)
+        if n < 0:
+            out.resize(-n)
+            with nogil:
+                n = llama_tokenize(self._vocab, s, <int32_t>ln, out.data(), <int32_t>out.size(),
+                                   add_special, parse_special)
+            if n < 0:
+                raise MTPError("tokenization failed")
+        out.resize(n)
+        return out
+
+    cdef inline bytes _piece(self, llama_token tok, bint special=True):
+        cdef char buf[128]
+        cdef int32_t n = llama_token_to_piece(self._vocab, tok, buf, sizeof(buf), 0, special)
+        cdef vector[char] big
+        if n >= 0:
+            return PyBytes_FromStringAndSize(buf, n)
+        big.resize(-n)
+        n = llama_token_to_piece(self._vocab, tok, big.data(), big.size(), 0, special)
+        return PyBytes_FromStringAndSize(big.data(), max(n, 0))
+
+    cdef int _check_token(self, tok) except -1:
+        if not isinstance(tok, int):
+            try:
+                import numpy as np
+                if isinstance(tok, np.integer):
+                    tok = int(tok)
+                else:
+                    raise TypeError
+            except TypeError:
+                raise TypeError(f"token ids must be ints, got {type(tok).__name__}") from None
+        if tok < 0 or tok >= llama_vocab_n_tokens(self._vocab):
+            raise ValueError(f"token id {tok} out of range [0, {llama_vocab_n_tokens(self._vocab)})")
+        return tok
+
+    def token_to_piece(self, token_id, special=True):
+        """Return the bytes of one token (special tokens rendered when ``special``)."""
+        self._check()
+        return self._piece(self._check_token(token_id), special)
+
+    def detokenize(self, tokens, remove_special=False, unparse_special=True):
+        """Turn a sequence of token ids back into a ``str``."""
+        self._check()
+        cdef vector[llama_token] v
+        for t in tokens:
+            v.push_back(self._check_token(t))
+        cdef vector[char] buf
+        buf.resize(v.size() * 16 + 16)
+        cdef int32_t n = llama_detokenize(self._vocab, v.data(), v.size(), buf.data(), buf.size(),
+                                          remove_special, unparse_special)
+        if n < 0:
+            buf.resize(-n)
+            n = llama_detokenize(self._vocab, v.data(), v.size(), buf.data(), buf.size(),
+                                 remove_special, unparse_special)
+        return buf.data()[:max(n, 0)].decode("utf-8", "replace")
+
+    def is_eog(self, token_id):
+        """``True`` if ``token_id`` ends generation (EOS, EOT, ...)."""
+        self._check()
+        return bool(llama_vocab_is_eog(self._vocab, self._check_token(token_id)))
+
+    cdef vector[llama_token] _prompt_tokens(self, prompt) except *:
+        """Turn a str or a sequence of ids into tokens (BOS added, special tokens parsed)."""
+        cdef vector[llama_token] v
+        if isinstance(prompt, str):
+            v = self._tokenize((<str>prompt).encode("utf-8"), True, True)
+        elif isinstance(prompt, (bytes, bytearray)):
+            raise TypeError("prompt must be a str or a sequence of token ids, not bytes")
+        else:
+            try:
+                it = iter(prompt)
+            except TypeError:
+                raise TypeError(f"prompt must be a str or a sequence of token ids, "
+                                f"got {type(prompt).__name__}") from None
+            for t in it:
+                v.push_back(self._check_token(t))
+        if v.size() == 0:
+            raise ValueError("prompt is empty (it must contain at least one token)")
+        return v

@@ -1,0 +1,100 @@
+# Sampler options: validated in Python, turned into upstream's common_params_sampling.
+
+SAMPLER_DEFAULTS = {
+    "temp": 0.8,
+    "top_k": 40,
+    "top_p": 0.95,
+    "min_p": 0.05,
+    "seed": None,
+    "penalty_last_n": 64,
+    "penalty_repeat": 1.0,
+    "penalty_freq": 0.0,
+    "penalty_present": 0.0,
+    "grammar": None,
+    "grammar_root": "root",
+}
+
+import re as _re
+_RULE_DEF = _re.compile(r"^\s*([A-Za-z0-9_-]+)\s*::=", _re.M)
+
+
+cdef float _as_float(str name, value, lo=None, hi=None, lo_open=False) except? -1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if v != v:
+        raise ValueError(f"{name} must not be NaN")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {value!r}")
+    return v
+
+
+cdef int _as_int(str name, value, lo=None, hi=None) except? -1:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {value!r}")
+    return value
+
+
+cdef str _grammar_text(const llama_vocab * vocab, grammar, grammar_root):
+    """Validate a GBNF grammar (and its root rule) before any work; return the text to use."""
+    if grammar is None:
+        return None
+    if not isinstance(grammar, str):
+        raise TypeError(f"grammar must be a GBNF str, got {type(grammar).__name__}")
+    if not isinstance(grammar_root, str) or not grammar_root:
+        raise TypeError("grammar_root must be a non-empty str")
+    text = grammar
+    rules = set(_RULE_DEF.findall(grammar))
+    if grammar_root not in rules:
+        raise ValueError(f"invalid grammar: no rule named {grammar_root!r} (grammar_root)")
+    if grammar_root != "root":
+        if "root" in rules:
+            raise ValueError("grammar defines a rule named 'root' and grammar_root="
+                             f"{grammar_root!r}; rename one of them")
+        text = grammar + f"\nroot ::= {grammar_root}\n"
+    cdef bytes b = text.encode("utf-8")
+    cdef llama_sampler * s
+    _take_errors()
+    s = llama_sampler_init_grammar(vocab, b, b"root")
+    if s == NULL:
+        raise ValueError(f"invalid grammar: {_take_errors() or 'parse error'}")
+    llama_sampler_free(s)
+    return text
+
+
+cdef void _fill_sampling(common_params_sampling * sp, const llama_vocab * vocab, dict o) except *:
+    """Validate sampler options ``o`` (defaults applied) into ``sp``."""
+    sp.temp = _as_float("temp", o["temp"])
+    sp.top_k = _as_int("top_k", o["top_k"], 0)
+    sp.top_p = _as_float("top_p", o["top_p"], 0.0, 1.0, True)
+    sp.min_p = _as_float("min_p", o["min_p"], 0.0, 1.0)
+    seed = o["seed"]
+    if seed is None:
+        sp.seed = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
+    else:
+        sp.seed = <uint32_t>_as_int("seed", seed, 0, 0xFFFFFFFE)
+    sp.penalty_last_n = _as_int("penalty_last_n", o["penalty_last_n"], -1)
+    sp.penalty_repeat = _as_float("penalty_repeat", o["penalty_repeat"], 0.0, None, True)
+    sp.penalty_freq = _as_float("penalty_freq", o["penalty_freq"])
+    sp.penalty_present = _as_float("penalty_present", o["penalty_present"])
+    sp.no_perf = True
+    g = _grammar_text(vocab, o["grammar"], o["grammar_root"])
+    if g is not None:
+        sp.grammar = common_grammar(COMMON_GRAMMAR_TYPE_USER, (<str>g).encode("utf-8"))
+
+
+cdef common_sampler * _make_sampler(const llama_model * model, common_params_sampling * sp) except NULL:
+    cdef common_sampler * s = NULL
+    try:
+        s = common_sampler_init(model, sp[0])
+    except RuntimeError as exc:
+        raise ValueError(f"invalid sampler settings: {exc}") from None
+    if s == NULL:
+        raise ValueError(f"invalid sampler settings: {_take_errors() or 'unknown error'}")
+    return s

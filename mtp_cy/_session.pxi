@@ -1,0 +1,132 @@
+# Session: plain (non-speculative) decoding of one sequence, the baseline of every MTP result.
+
+cdef int _prefill(llama_context * ctx, common_batch * batch, const llama_token * toks, int n,
+                  int n_batch, bint last_output, int * out_idx) noexcept nogil:
+    """Decode ``toks`` in chunks of ``n_batch`` at positions 0..n-1; return llama_process's code."""
+    cdef int i = 0, j, m, rc
+    while i < n:
+        m = min(n_batch, n - i)
+        batch.clear()
+        for j in range(m):
+            batch.add(toks[i + j], i + j, 0, last_output and (i + j == n - 1))
+        rc = llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get())
+        if rc != 0:
+            return rc
+        out_idx[0] = m - 1
+        i += m
+    return 0
+
+
+cdef class Session(_Engine):
+    """Plain decoding of one sequence: the baseline that MTP results are compared with.
+
+    ``Session(model, *, n_ctx=2048, n_batch=None, n_ubatch=None, n_threads=None,
+    n_threads_batch=None, flash_attn="auto", type_k="f16", type_v="f16",
+    offload_kqv=True)``
+
+    ``n_threads=None`` uses every CPU this process may run on.  The KV cache is
+    cleared on each call; the decode/sample loop runs with the GIL released.
+    The session keeps its model alive; ``close()`` is idempotent and the
+    session is a context manager.
+    """
+
+    def __init__(self, Model model not None, **options):
+        model._check()
+        o = _with_defaults(options, CONTEXT_DEFAULTS, "Session")
+        cdef llama_context_params cp = _context_params(o)
+        cp.abort_callback = _abort_cb
+        cp.abort_callback_data = <void *>self.ab
+        cdef llama_context * ctx
+        _take_errors()
+        with nogil:
+            ctx = llama_init_from_model(model._model, cp)
+        if ctx == NULL:
+            raise MTPError(f"failed to create the context: {_take_errors() or 'unknown error'}")
+        self.ctx = ctx
+        self.batch = new common_batch(ctx)
+        self.model = model
+        model._retain()
+        self._closed = False
+        self.n_ctx = llama_n_ctx(ctx)
+        self.n_batch = llama_n_batch(ctx)
+
+    def __repr__(self):
+        return f"<mtp_cy.Session n_ctx={self.n_ctx}{' closed' if self._closed else ''}>"
+
+    def stats(self):
+        """Cumulative statistics (same keys as :meth:`MTP.stats`; ``iters`` counts decode calls)."""
+        d = self._stats()
+        d["n_draft"] = 0
+        return d
+
+    cdef int _start(self, _Stream s) except -1:
+        cdef int rc, n = s.prompt.size()
+        cdef int64_t t0
+        self._running = 1
+        with nogil:
+            t0 = ggml_time_us()
+            llama_memory_clear(llama_get_memory(self.ctx), True)
+            rc = _prefill(self.ctx, self.batch, s.prompt.data(), n, self.n_batch, True, &s.out_idx)
+            mtp_cy_add(self.st.t_prefill_us, ggml_time_us() - t0)
+        self._running = 0
+        if rc != 0:
+            return self._raise_rc(rc, "processing the prompt")
+        s.n_past = n
+        s.need_decode = False
+        return R_NONE
+
+    cdef int _step(self, _Stream s) except -1:
+        cdef int rc = 0
+        cdef llama_token tok
+        cdef int64_t t0, t1, t2
+        if s.need_decode and s.n_past >= self.n_ctx:
+            return R_CTX
+        self._running = 1
+        with nogil:
+            t0 = ggml_time_us()
+            if s.need_decode:
+                self.batch.clear()
+                self.batch.add(s.last, s.n_past, 0, True)
+                rc = llama_process(self.ctx, LLAMA_PROCESS_TYPE_DECODE, self.batch.get())
+                if rc == 0:
+                    s.n_past += 1
+                    s.out_idx = 0
+                    mtp_cy_add(self.st.iters, 1)
+            t1 = ggml_time_us()
+            if rc == 0:
+                tok = common_sampler_sample(s.smpl, self.ctx, s.out_idx, False)
+                common_sampler_accept(s.smpl, tok, True)
+                s.last = tok
+                s.need_decode = True
+                s.pending.push_back(tok)
+            t2 = ggml_time_us()
+            mtp_cy_add(self.st.t_verify_us, t1 - t0)
+            mtp_cy_add(self.st.t_sample_us, t2 - t1)
+            mtp_cy_add(self.st.t_total_us, t2 - t0)
+        self._running = 0
+        if rc != 0:
+            return self._raise_rc(rc, "decoding")
+        return R_NONE
+
+    def stream(self, prompt, **options):
+        """Generate text from ``prompt`` (a ``str`` or a sequence of token ids).
+
+        Returns an iterator of ``str`` pieces, one per generated token (a
+        multi-byte character split across tokens is yielded whole).  Options:
+        ``max_tokens=256`` (exact bound), ``timeout=60.0`` seconds without a token
+        before :class:`GenerationTimeout`, and the sampler options ``temp=0.8``
+        (``<= 0`` is greedy), ``top_k=40``, ``top_p=0.95``, ``min_p=0.05``,
+        ``seed=None`` (random), ``penalty_last_n=64``, ``penalty_repeat=1.0``,
+        ``penalty_freq=0.0``, ``penalty_present=0.0``, ``grammar=None`` (GBNF)
+        and ``grammar_root="root"``.  Unknown options raise ``TypeError``.
+        """
+        return self._open(prompt, options, False, "stream", 0)
+
+    def stream_events(self, prompt, emit_stats_every=0, **options):
+        """Like :meth:`stream` but yields event tuples (see :meth:`MTP.stream_events`)."""
+        return self._open(prompt, options, True, "stream_events",
+                          _as_int("emit_stats_every", emit_stats_every, 0))
+
+    def generate(self, prompt, **options):
+        """Return the whole generated text (the joined :meth:`stream`)."""
+        return "".join(self._open(prompt, options, False, "generate", 0))

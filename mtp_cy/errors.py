@@ -1,0 +1,39 @@
+"""Exception hierarchy of mtp_cy.
+
+Every error raised by the native layer derives from :class:`MTPError` (itself a
+:class:`RuntimeError`).  Invalid arguments raise the builtin :class:`ValueError`
+or :class:`TypeError` naming the argument and the allowed range.
+"""
+
+__all__ = [
+    "MTPError", "ModelLoadError", "DecodeError", "MTPUnsupportedError",
+    "SessionBusyError", "ClosedError", "GenerationTimeout",
+]
+
+
+class MTPError(RuntimeError):
+    """Base class of every mtp_cy error."""
+
+
+class ModelLoadError(MTPError):
+    """A model file could not be loaded (missing, not a GGUF, truncated, unknown architecture...)."""
+
+
+class DecodeError(MTPError):
+    """llama.cpp failed to evaluate a batch (the session stays usable)."""
+
+
+class MTPUnsupportedError(MTPError):
+    """The model cannot run MTP speculative decoding (no MTP layers, or not loaded)."""
+
+
+class SessionBusyError(MTPError):
+    """A second stream was started on a session whose previous stream is still open."""
+
+
+class ClosedError(MTPError, ValueError):
+    """The model or session was used after ``close()``."""
+
+
+class GenerationTimeout(MTPError, TimeoutError):
+    """No token arrived within the ``timeout`` of a stream (also a builtin ``TimeoutError``)."""

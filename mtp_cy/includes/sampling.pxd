@@ -1,0 +1,19 @@
+# Declarations from common/sampling.h (C++).
+from libc.stdint cimport uint32_t
+from libcpp cimport bool as cbool
+from libcpp.vector cimport vector
+from mtp_cy.includes.llama cimport llama_model, llama_context, llama_token
+from mtp_cy.includes.common cimport common_params_sampling, llama_tokens
+
+cdef extern from "sampling.h" nogil:
+    cdef struct common_sampler:
+        pass
+
+    common_sampler * common_sampler_init(const llama_model * model, common_params_sampling & params) except +
+    void common_sampler_free(common_sampler * gsmpl)
+    void common_sampler_accept(common_sampler * gsmpl, llama_token token, cbool is_generated)
+    void common_sampler_reset(common_sampler * gsmpl)
+    llama_token common_sampler_sample(common_sampler * gsmpl, llama_context * ctx, int idx, cbool grammar_first)
+    vector[llama_token] common_sampler_sample_and_accept_n(common_sampler * gsmpl, llama_context * ctx,
+                                                           const llama_tokens & draft, cbool grammar_first)
+    uint32_t common_sampler_get_seed(const common_sampler * gsmpl)
