@@ -194,9 +194,9 @@ cdef class _Engine:
             "iters": mtp_cy_get(self.st.iters),
             "drafts_generated": gen,
             "drafts_accepted": acc,
-            "acceptance_rate": (acc / gen) if gen > 0 else 0.0,
+            "acceptance_rate": (<double>acc / <double>gen) if gen > 0 else 0.0,
             "tokens_emitted": emitted,
-            "tokens_per_sec": (emitted * 1e6 / total) if total > 0 else 0.0,
+            "tokens_per_sec": (<double>emitted * 1e6 / <double>total) if total > 0 else 0.0,
             "timing_us": {
                 "draft": mtp_cy_get(self.st.t_draft_us),
                 "verify": mtp_cy_get(self.st.t_verify_us),

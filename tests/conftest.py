@@ -1,0 +1,58 @@
+"""Shared fixtures: synthetic models (generated once, cached) and helpers."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_report_header(config):
+    import mtp_cy
+    return [f"mtp_cy {mtp_cy.__version__} from {Path(mtp_cy.__file__).parent}",
+            f"llama.cpp {mtp_cy.llama_cpp_commit}; {mtp_cy.system_info()}"]
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    from mtp_cy import synthetic
+    return synthetic
+
+
+@pytest.fixture(scope="session")
+def plain_sm(synthetic):
+    """A tiny qwen35 model without MTP head."""
+    return synthetic.cached_model(mtp=False)
+
+
+@pytest.fixture(scope="session")
+def mtp_sm(synthetic):
+    """A tiny qwen35 model with an MTP head drafting right 75% of the time."""
+    return synthetic.cached_model(mtp=True, acceptance=0.75)
+
+
+@pytest.fixture(scope="session")
+def plain_model(plain_sm):
+    import mtp_cy
+    m = mtp_cy.Model(plain_sm.path)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="session")
+def mtp_model(mtp_sm):
+    import mtp_cy
+    m = mtp_cy.Model(mtp_sm.path)
+    yield m
+    m.close()
+
+
+def prompt_of(sm, n=3, start=0):
+    """A prompt of n words of the synthetic model's word set."""
+    return [sm.token_ids[(start + i) % len(sm.token_ids)] for i in range(n)]
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
