@@ -46,13 +46,18 @@ stream are carried through the whole trunk *bit-exactly*
 ``x = e_j + e_b + (small scratch noise)``.
 
 Output head.  ``output_norm`` (RMS norm, weight ``sqrt(2/D)``) scales ``x``
-by a positive factor; ``output.weight`` has ``-B`` (B = 40) in the bias
-column for every vocabulary row, ``+B`` at ``[f(S[j]), j]`` and ``B - 2`` at
+by a positive factor; ``output.weight`` has ``-B_t`` in the bias column of
+every vocabulary row ``t`` (``B_t = 20`` for members of S, ``60`` for the
+EOG token, ``40`` for every other token), ``+B_t`` at ``[f(S[j]), j]`` and ``B_t - 2`` at
 ``[r(S[j]), j]`` (the *runner-up*), and zeros in all scratch columns.  The
-logits are therefore ``c * (0 for f, -2 for the runner-up, -B for every
-other token)`` with ``c > 0`` a common factor: whatever the layers, the
-batch width, the thread count or the f16 rounding (the two non-zero
-activation entries are identical floats), the argmax is ``f(S[j])``.
+logits are therefore ``c * (0 for f, -2 for the runner-up, -20 for the
+other members of S, -60 for EOG, -40 for every other token)`` with ``c > 0`` a common
+factor: whatever the layers, the batch width, the thread count or the f16
+rounding (the two non-zero activation entries are identical floats), the
+argmax is ``f(S[j])``.  (The tiers only matter when something like a
+grammar forbids the target and the runner-up: the words of S then win over
+other tokens and EOG loses to everything; tokens inside a tier tie exactly,
+so which one wins is up to the sampler's tie-breaking.)
 
 ``f`` is one long cycle over ``S`` (chosen by ``seed``).  With
 ``eog_after=w`` the cycle is cut after ``w``: ``f(w)`` is the vocabulary's
@@ -69,7 +74,7 @@ block's own attention/FFN again only write scratch dimensions.
 
 * ``mtp_head="own"``: ``nextn.shared_head_norm`` + ``nextn.shared_head_head``
   exist; ``d = j`` and the own head maps direction ``j`` to ``g(S[j])``
-  (``+B``; ``-B`` everywhere else through the bias column).
+  (logit 0; -20 / -40 / -60 for the other members / other tokens / EOG).
 * ``mtp_head="shared"`` (real Qwen3.5 layout: no ``shared_head_head``; the
   block reuses ``output.weight``): ``eh_proj`` *steers* ``e_j`` to the
   direction ``d`` that the shared output head maps to ``g(S[j])``, i.e.
@@ -85,12 +90,28 @@ verification accepts ``d_i`` while ``d_i == f(previous)`` and then appends
 ``f(last accepted)``.  All of this is computed by :meth:`SyntheticModel.predict`.
 
 Sampling at temperature > 0.  The runner-up sits 2 logits (times ``c``,
-which is 1 up to ~1e-4) below the greedy token and every other token 40
-below, so with llama.cpp's default sampler chain (top-k 40, top-p 0.95,
+which is 1 up to ~1e-4) below the greedy token and every other token at
+least 20 below, so with llama.cpp's default sampler chain (top-k 40, top-p 0.95,
 min-p 0.05 then temperature) the runner-up survives the filters and is
 sampled with probability ~12% at ``temp=1`` and ~27% at ``temp=2``; at
 ``temp=0`` (greedy) it never is.  The runner-up of each member is in
 :attr:`SyntheticModel.runner_up`.
+
+Upstream behaviour the ``rules="upstream"`` oracle reproduces
+(``examples/speculative-simple`` + ``common/speculative.cpp`` at the pinned
+commit): the prompt minus its last token is prefilled; each iteration asks
+for ``n_draft_max = max(0, min(n_ctx - n_past - 2, N - n_predict - 1))``
+draft tokens, but the MTP implementation always drafts its configured
+``--spec-draft-n-max`` tokens and ``common_speculative_draft`` only
+truncates when the per-call limit is > 0, so a limit of 0 yields a *full*
+draft; verification (``common_sampler_sample_and_accept_n``) also stops
+after an accepted EOG that is not the last draft token; ``n_drafted +=
+len(draft)``, ``n_accept += len(ids) - 1``, ``n_predict += len(ids)``, and the
+loop ends only once ``n_predict > N`` or on EOG (so it may print up to
+``N + n_draft + 1`` tokens).  The draft head's own sampler (top-k 10, no
+temperature) takes the most probable candidate, i.e. the argmax.  For
+qwen35 the target context gets ``n_rs_seq = n_draft`` (recurrent-state
+rollback), so the checkpoint path of speculative-simple never runs.
 
 Everything the oracle needs (words, ids, ``f``, ``g``, runner-ups, EOG,
 settings) is stored in the GGUF itself under ``mtp_cy.synthetic.*`` so that
@@ -101,13 +122,11 @@ file.  :func:`cached_model` generates into ``$MTP_CY_CACHE_DIR`` (default
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import inspect
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -124,16 +143,19 @@ __all__ = [
     "cached_model",
     "find_vocab",
     "cache_dir",
+    "single_token_id",
 ]
 
 #: Bumped whenever the generated files (or their metadata) change.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
 _KEY = "mtp_cy.synthetic"
 _ARCH = "qwen35"
 
 # Logit design (in units of the normalised hidden state, see module docstring)
-_LOGIT_FLOOR = 40.0   # every token that is neither the target nor the runner-up
+_LOGIT_FLOOR = 40.0   # tokens outside S that are not the target
+_LOGIT_FLOOR_S = 20.0  # members of S that are neither the target nor the runner-up
+_LOGIT_FLOOR_EOG = 60.0  # the EOG token when it is not the target
 _RUNNER_GAP = 2.0     # runner-up distance below the greedy token (target head only)
 _TRUNK_NOISE = 1e-2   # norm of what one sub-layer adds to the scratch dimensions
 _N_SPECIAL_DIMS = 2   # spare direction + bias dimension
@@ -272,6 +294,82 @@ class _Vocab:
 
 _VOCAB_CACHE: Dict[str, _Vocab] = {}
 
+# GGUF value types (gguf.GGUFValueType)
+_GGUF_SCALAR = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
+                10: "<u8", 11: "<i8", 12: "<f8"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _read_gguf_kv(path, want=None, stop_when_found=False) -> Dict[str, tuple]:
+    """Read GGUF key/values as ``{key: (value, vtype, sub_type)}``.
+
+    A small reader (much faster than ``gguf.GGUFReader`` on vocabularies):
+    only keys accepted by ``want(key)`` are decoded, the others are skipped;
+    with ``stop_when_found`` it returns at the first unwanted key after a
+    wanted one (make_model writes its own keys as one contiguous group).
+    """
+    import mmap
+    import struct
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file")
+        version, = struct.unpack_from("<I", mm, 4)
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} not supported")
+        n_kv, = struct.unpack_from("<Q", mm, 16)
+        off = 24
+        out: Dict[str, tuple] = {}
+
+        def rstr(o):
+            n, = struct.unpack_from("<Q", mm, o)
+            return mm[o + 8:o + 8 + n].decode("utf-8", errors="surrogateescape"), o + 8 + n
+
+        def skip_or_read(o, t, decode):
+            if t == _GGUF_STRING:
+                if decode:
+                    return rstr(o)
+                n, = struct.unpack_from("<Q", mm, o)
+                return None, o + 8 + n
+            if t == _GGUF_ARRAY:
+                st, n = struct.unpack_from("<IQ", mm, o)
+                o += 12
+                if st == _GGUF_STRING:
+                    vals = [] if decode else None
+                    for _ in range(n):
+                        ln, = struct.unpack_from("<Q", mm, o)
+                        if decode:
+                            vals.append(mm[o + 8:o + 8 + ln].decode("utf-8", errors="surrogateescape"))
+                        o += 8 + ln
+                    return vals, o
+                if st == _GGUF_ARRAY:
+                    raise ValueError(f"{path}: nested arrays are not supported")
+                dt = np.dtype(_GGUF_SCALAR[st])
+                vals = np.frombuffer(mm, dtype=dt, count=n, offset=o).tolist() if decode else None
+                if decode and st == 7:
+                    vals = [bool(v) for v in vals]
+                return vals, o + n * dt.itemsize
+            dt = np.dtype(_GGUF_SCALAR[t])
+            v = np.frombuffer(mm, dtype=dt, count=1, offset=o)[0].item() if decode else None
+            if decode and t == 7:
+                v = bool(v)
+            return v, o + dt.itemsize
+
+        found = False
+        for _ in range(n_kv):
+            key, off = rstr(off)
+            t, = struct.unpack_from("<I", mm, off)
+            off += 4
+            sub = struct.unpack_from("<I", mm, off)[0] if t == _GGUF_ARRAY else None
+            ok = want is None or want(key)
+            if not ok and found and stop_when_found:
+                break
+            val, off = skip_or_read(off, t, ok)
+            if ok:
+                found = True
+                out[key] = (val, t, sub)
+        return out
+
 
 def _load_vocab(path: Path) -> _Vocab:
     import gguf
@@ -279,17 +377,9 @@ def _load_vocab(path: Path) -> _Vocab:
     key = str(Path(path).resolve())
     if key in _VOCAB_CACHE:
         return _VOCAB_CACHE[key]
-    r = gguf.GGUFReader(str(path))
-    fields = []
-    for name, f in r.fields.items():
-        if not name.startswith("tokenizer."):
-            continue
-        vtype = f.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            sub = f.types[1] if len(f.types) > 1 else None
-            fields.append((name, f.contents(), vtype, sub))
-        else:
-            fields.append((name, f.contents(), vtype, None))
+    kv = _read_gguf_kv(path, want=lambda k: k.startswith("tokenizer."))
+    fields = [(k, v, gguf.GGUFValueType(t), None if sub is None else gguf.GGUFValueType(sub))
+              for k, (v, t, sub) in kv.items()]
     d = {k: v for k, v, _, _ in fields}
     if d.get("tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"{path}: only byte-level BPE ('gpt2') vocabularies are supported, "
@@ -307,6 +397,21 @@ def _load_vocab(path: Path) -> _Vocab:
                merges=merges, eos_id=int(eos), fields=fields)
     _VOCAB_CACHE[key] = v
     return v
+
+
+def single_token_id(piece: str, vocab: str = "gpt-2", vocab_path=None) -> Optional[int]:
+    """Id of ``piece`` (e.g. ``" cat"``) if it is one vocabulary token that survives
+    a BPE round trip (``tokenize(piece) == [id]``), else ``None``.
+
+    Only meaningful for a piece that the pre-tokenizer keeps whole (one word,
+    optionally with one leading space)."""
+    voc = _load_vocab(find_vocab(vocab, vocab_path))
+    tok = "".join(_B2U[b] for b in piece.encode("utf-8"))
+    try:
+        tid = voc.tokens.index(tok)
+    except ValueError:
+        return None
+    return tid if voc.bpe(piece) == [tok] else None
 
 
 def _select_words(vocab: _Vocab, n_words: int) -> List[tuple]:
@@ -513,7 +618,9 @@ class SyntheticModel:
         tokens (none when ``n_max <= 0``), verify ``[last, *draft]``, accept
         the longest agreeing prefix plus the target's own next token and emit
         them; EOG ends generation (not emitted), generation stops exactly at
-        ``max_tokens``.
+        ``max_tokens``.  ``drafts_accepted`` counts the whole agreeing draft
+        prefix of an iteration, even past an EOG (upstream instead stops
+        accepting after an EOG that is not the last draft token).
 
         ``rules="upstream"``: ``llama-speculative-simple --spec-type draft-mtp
         --spec-draft-n-max n_draft -n max_tokens -c n_ctx --temp 0``.
@@ -647,7 +754,7 @@ def _resolve_dims(size, recurrent: List[bool], mtp: bool, mtp_head: str, n_vocab
     return dims
 
 
-def _validate(mtp, acceptance, n_trunk, full_attention_interval, vocab, mtp_head, dtype, seed):
+def _validate(mtp, acceptance, n_trunk, full_attention_interval, mtp_head, dtype, seed):
     if not isinstance(mtp, bool):
         raise ValueError(f"mtp must be a bool, got {mtp!r}")
     if isinstance(acceptance, bool) or not isinstance(acceptance, (int, float, np.floating, np.integer)) \
@@ -848,7 +955,7 @@ def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_int
     """
     import gguf
 
-    _validate(mtp, acceptance, n_trunk, full_attention_interval, vocab, mtp_head, dtype, seed)
+    _validate(mtp, acceptance, n_trunk, full_attention_interval, mtp_head, dtype, seed)
     vpath = find_vocab(vocab, vocab_path)
     voc = _load_vocab(vpath)
     n_vocab = voc.n_vocab
@@ -907,10 +1014,13 @@ def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_int
     head_norm = np.full(D, math.sqrt(2.0 / D), dtype=np.float32)
     b.add("output_norm.weight", head_norm)
     out = np.zeros((n_vocab, D), dtype=np.float32)
-    out[:, b.bias] = -_LOGIT_FLOOR
+    floor = np.full(n_vocab, _LOGIT_FLOOR, dtype=np.float32)
+    floor[ids] = _LOGIT_FLOOR_S
+    floor[eog_tok] = _LOGIT_FLOOR_EOG
+    out[:, b.bias] = -floor
     for d, (tgt, run) in enumerate(zip(dir_target, runner)):
-        out[tgt, d] += _LOGIT_FLOOR
-        out[run, d] += _LOGIT_FLOOR - _RUNNER_GAP
+        out[tgt, d] += floor[tgt]
+        out[run, d] += floor[run] - _RUNNER_GAP
     b.add("output.weight", out)
     del out
 
@@ -950,9 +1060,9 @@ def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_int
         b.add(p + "nextn.shared_head_norm.weight", head_norm)
         if mtp_head == "own":
             hh = np.zeros((n_vocab, D), dtype=np.float32)
-            hh[:, b.bias] = -_LOGIT_FLOOR
+            hh[:, b.bias] = -floor
             for j in range(W):
-                hh[g[ids[j]], j] += _LOGIT_FLOOR
+                hh[g[ids[j]], j] += floor[g[ids[j]]]
             b.add(p + "nextn.shared_head_head.weight", hh)
             del hh
 
@@ -966,7 +1076,8 @@ def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_int
         full_attention_interval=interval, size=size_desc, vocab=vocab, vocab_file=vpath.name,
         mtp_head=mtp_head, eog_after=eog_after_id, dtype=dtype, seed=int(seed), dims=dims,
         n_vocab=n_vocab, n_params=n_params, eog_token_id=eog_tok, recurrent_layers=recurrent,
-        outside_rule="token id mod n_words", logit_floor=_LOGIT_FLOOR, runner_gap=_RUNNER_GAP,
+        outside_rule="token id mod n_words", logit_floor=_LOGIT_FLOOR, logit_floor_s=_LOGIT_FLOOR_S,
+        logit_floor_eog=_LOGIT_FLOOR_EOG, runner_gap=_RUNNER_GAP,
     )
 
     path = Path(path)
@@ -981,6 +1092,18 @@ def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_int
         s1 = max(0, min(round(half * 11 / 32), half - s0))
         sections = [s0, s1, half - s0 - s1, 0]
         block_count = n_trunk + (1 if mtp else 0)
+
+        GT = gguf.GGUFValueType
+        w.add_uint32(f"{_KEY}.version", GENERATOR_VERSION)
+        w.add_string(f"{_KEY}.config", json.dumps(config, sort_keys=True))
+        w.add_key_value(f"{_KEY}.words", list(words), GT.ARRAY, sub_type=GT.STRING)
+        w.add_key_value(f"{_KEY}.token_ids", list(ids), GT.ARRAY, sub_type=GT.INT32)
+        w.add_key_value(f"{_KEY}.f", [f[t] for t in ids], GT.ARRAY, sub_type=GT.INT32)
+        w.add_key_value(f"{_KEY}.runner_up", [runner_up[t] for t in ids], GT.ARRAY, sub_type=GT.INT32)
+        if mtp:
+            w.add_key_value(f"{_KEY}.g", [g[t] for t in ids], GT.ARRAY, sub_type=GT.INT32)
+        w.add_int32(f"{_KEY}.eog_token_id", eog_tok)
+        w.add_int32(f"{_KEY}.eog_after", -1 if eog_after_id is None else eog_after_id)
 
         w.add_name("mtp-cy-synthetic")
         w.add_type("model")
@@ -1009,18 +1132,6 @@ def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_int
 
         for key, val, vtype, sub in voc.fields:
             w.add_key_value(key, val, vtype, sub_type=sub)
-
-        GT = gguf.GGUFValueType
-        w.add_uint32(f"{_KEY}.version", GENERATOR_VERSION)
-        w.add_string(f"{_KEY}.config", json.dumps(config, sort_keys=True))
-        w.add_key_value(f"{_KEY}.words", list(words), GT.ARRAY, sub_type=GT.STRING)
-        w.add_key_value(f"{_KEY}.token_ids", list(ids), GT.ARRAY, sub_type=GT.INT32)
-        w.add_key_value(f"{_KEY}.f", [f[t] for t in ids], GT.ARRAY, sub_type=GT.INT32)
-        w.add_key_value(f"{_KEY}.runner_up", [runner_up[t] for t in ids], GT.ARRAY, sub_type=GT.INT32)
-        if mtp:
-            w.add_key_value(f"{_KEY}.g", [g[t] for t in ids], GT.ARRAY, sub_type=GT.INT32)
-        w.add_int32(f"{_KEY}.eog_token_id", eog_tok)
-        w.add_int32(f"{_KEY}.eog_after", -1 if eog_after_id is None else eog_after_id)
 
         for name, arr in b.tensors:
             w.add_tensor(name, arr)
@@ -1059,17 +1170,18 @@ def _from_config(path, config, words, ids, f, g, runner_up) -> SyntheticModel:
 
 def load_oracle(path) -> SyntheticModel:
     """Rebuild the :class:`SyntheticModel` of a file written by :func:`make_model`."""
-    import gguf
-
-    r = gguf.GGUFReader(str(path))
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    kv = _read_gguf_kv(path, want=lambda k: k.startswith(_KEY + "."), stop_when_found=True)
 
     def get(name, required=True):
-        fld = r.fields.get(f"{_KEY}.{name}")
-        if fld is None:
+        item = kv.get(f"{_KEY}.{name}")
+        if item is None:
             if required:
                 raise ValueError(f"{path}: not a mtp_cy synthetic model (missing {_KEY}.{name})")
             return None
-        return fld.contents()
+        return item[0]
 
     config = json.loads(get("config"))
     words = list(get("words"))
