@@ -84,7 +84,8 @@ cdef class MTP(_Engine):
         self.model = model
         model._retain()
         self._closed = False
-        self.n_ctx = llama_n_ctx(ctx)
+        # llama.cpp pads n_ctx up (to 256); the limit we enforce is what the caller asked for
+        self.n_ctx = min(<int>llama_n_ctx(ctx), <int>cp.n_ctx)
         self.n_batch = llama_n_batch(ctx)
         # fail now, not at the first call, if upstream refuses the speculative state
         self._new_spec()

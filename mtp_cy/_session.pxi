@@ -47,7 +47,8 @@ cdef class Session(_Engine):
         self.model = model
         model._retain()
         self._closed = False
-        self.n_ctx = llama_n_ctx(ctx)
+        # llama.cpp pads n_ctx up (to 256); the limit we enforce is what the caller asked for
+        self.n_ctx = min(<int>llama_n_ctx(ctx), <int>cp.n_ctx)
         self.n_batch = llama_n_batch(ctx)
 
     def __repr__(self):

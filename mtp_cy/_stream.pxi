@@ -367,10 +367,8 @@ cdef class _Stream:
                 fs = eng._final_stats()
                 fs["stop_reason"] = "max_tokens" if reason == R_MAX else "ctx_full"
                 self.queue.append(("done", fs))
-        else:
-            tail = self.decoder.decode(b"", True)
-            if tail:
-                self.queue.append(tail)
+        # bytes of a character left incomplete when generation stopped are dropped (in
+        # both modes), never yielded as a broken half or a replacement character
 
     def __next__(self):
         cdef llama_token tok

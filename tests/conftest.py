@@ -56,3 +56,40 @@ def prompt_of(sm, n=3, start=0):
 def rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ----------------------------------------------------------------- upstream programs
+_UPSTREAM = {}
+
+
+def upstream_bin_dir():
+    """Where upstream's reference programs are (or get built)."""
+    d = os.environ.get("MTP_CY_UPSTREAM_BIN")
+    if d:
+        return Path(d)
+    return Path(os.environ.get("MTP_CY_BUILD_DIR", ROOT / "build" / "native")) / "bin"
+
+
+def upstream_binary(name):
+    """Path of upstream's ``name`` program, built on first use from the vendored source.
+
+    The native build tree that ``pip install`` / ``setup.py build_ext`` configured
+    (``build/native`` or ``$MTP_CY_BUILD_DIR``) already has the targets
+    ``llama-speculative-simple`` and ``llama-completion``; building them reuses the
+    static libraries, so this costs well under a minute.  Returns None when there is
+    no build tree (e.g. testing an installed wheel) and ``$MTP_CY_UPSTREAM_BIN`` is unset.
+    """
+    import subprocess
+    if name in _UPSTREAM:
+        return _UPSTREAM[name]
+    path = upstream_bin_dir() / name
+    if not os.environ.get("MTP_CY_UPSTREAM_BIN"):
+        bdir = path.parent.parent
+        if (bdir / "CMakeCache.txt").is_file():
+            jobs = os.environ.get("MTP_CY_JOBS") or str(os.cpu_count() or 2)
+            subprocess.run(["cmake", "-DMTP_CY_UPSTREAM_TOOLS=ON", str(bdir)], check=True,
+                           stdout=subprocess.DEVNULL)
+            subprocess.run(["cmake", "--build", str(bdir), "--target", name, "-j", jobs], check=True,
+                           stdout=subprocess.DEVNULL)
+    _UPSTREAM[name] = path if path.is_file() else None
+    return _UPSTREAM[name]

@@ -35,7 +35,7 @@ def test_devices_lists_the_cpu():
 def test_import_and_load_print_nothing(plain_sm):
     code = textwrap.dedent(f"""
         import mtp_cy
-        m = mtp_cy.Model({plain_sm.path!r})
+        m = mtp_cy.Model({str(plain_sm.path)!r})
         s = mtp_cy.Session(m, n_ctx=128)
         s.generate([{plain_sm.token_ids[0]}, {plain_sm.token_ids[1]}], max_tokens=3, temp=0)
     """)
@@ -64,7 +64,7 @@ def test_model_properties(plain_model, mtp_model, plain_sm):
     assert md["general.architecture"] == "qwen35"
     assert isinstance(m.description, str) and m.description
     assert m.eos_token_id is not None and m.is_eog(m.eos_token_id)
-    assert m.path == plain_sm.path
+    assert m.path == str(plain_sm.path)
     assert "qwen35" in repr(m)
 
 
@@ -192,7 +192,7 @@ def test_session_argument_errors(plain_model, plain_sm):
 
 
 def _greedy_idx(sm, prompt, n):
-    ids = sm.greedy(prompt, n)
+    ids = sm.greedy(prompt, n).tokens
     return [sm.token_ids.index(t) for t in ids]
 
 

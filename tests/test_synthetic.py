@@ -18,8 +18,10 @@ import pytest
 
 from mtp_cy import synthetic as syn
 
+from conftest import upstream_bin_dir, upstream_binary
+
 ROOT = Path(__file__).resolve().parents[1]
-BIN_DIR = Path(os.environ.get("MTP_CY_UPSTREAM_BIN", ROOT / "build" / "native" / "bin"))
+BIN_DIR = upstream_bin_dir()
 SPEC = BIN_DIR / "llama-speculative-simple"
 COMPLETION = BIN_DIR / "llama-completion"
 N_CTX = 512
@@ -33,8 +35,12 @@ def _private_cache(tmp_path_factory):
         yield
 
 
+def have(binary):
+    return upstream_binary(binary.name) is not None
+
+
 def need(binary):
-    if not binary.is_file():
+    if not have(binary):
         msg = f"upstream binary {binary} not built (set MTP_CY_UPSTREAM_BIN to its directory)"
         print("SKIP:", msg)
         pytest.skip(msg)
@@ -290,7 +296,7 @@ def test_bench_size(tmp_path):
     assert m.config["dtype"] == "f16" and m.dims["n_embd"] >= 1024
     tiny = syn.load_oracle(syn.cached_model().path)
     assert (m.f, m.g) == (tiny.f, tiny.g)
-    if SPEC.is_file():
+    if have(SPEC):
         check_upstream(m, m.encode("the sea"), 3, 24)
 
 
@@ -473,7 +479,7 @@ def test_upstream_plain_greedy(cfg):
     """Plain (non-speculative) upstream generation equals .greedy()."""
     m = syn.cached_model(**cfg)
     prompt = m.encode("the sea")
-    if COMPLETION.is_file():
+    if have(COMPLETION):
         for n in (1, 12, 30):
             assert run_completion(m, prompt, n) == m.greedy(prompt, n).text
     else:
