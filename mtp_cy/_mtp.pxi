@@ -25,10 +25,14 @@ cdef class MTP(_Engine):
        (Qwen3.5/3.6 Gated-DeltaNet layers) is rolled back with llama.cpp's
        per-sequence snapshots (``n_rs_seq = n_draft``), as upstream does.
 
-    When an end-of-generation token is sampled inside an accepted batch, the
-    tokens after it are discarded: ``drafts_accepted`` still counts every draft
-    the target confirmed in that iteration, ``tokens_emitted`` counts only the
-    tokens delivered before the end-of-generation token.
+    When the target samples an end-of-generation token inside a verified batch,
+    generation ends there: acceptance stops at that token (as upstream's
+    ``common_sampler_sample_and_accept_n`` does), so ``drafts_accepted`` counts
+    only the drafts confirmed *before* it (a draft that itself equals the
+    end-of-generation token is not counted), the drafts after it are neither
+    accepted nor emitted, ``iters`` counts the iteration, and ``tokens_emitted``
+    counts the tokens delivered before it (the end-of-generation token is never
+    emitted).
     """
     cdef llama_context * ctx_dft
     cdef common_speculative * spec
@@ -218,7 +222,7 @@ cdef class MTP(_Engine):
                 common_speculative_begin(self.spec, 0, s.history)
             mtp_cy_add(self.st.t_prefill_us, ggml_time_us() - t0)
         self._running = 0
-        if rc != 0:
+        if rc != 0 or (not ok and self._aborted()):
             return self._raise_rc(rc, "processing the prompt")
         if not ok:
             raise DecodeError(f"the MTP head failed on the prompt: {_take_errors() or 'no detail'}")
@@ -286,7 +290,8 @@ cdef class MTP(_Engine):
             mtp_cy_add(self.st.t_sample_us, t4 - t3)
             mtp_cy_add(self.st.t_total_us, t4 - t0)
         self._running = 0
-        if rc != 0:
+        # an abort inside the MTP head's own decode (ok == False) is reported the same way
+        if rc != 0 or (not ok and self._aborted()):
             return self._raise_rc(rc, "verifying a draft")
         if not ok:
             raise DecodeError(f"the MTP head failed: {_take_errors() or 'no detail'}")
@@ -322,5 +327,6 @@ cdef class MTP(_Engine):
 
     def generate(self, prompt, **options):
         """Return the whole generated text (the joined :meth:`stream`)."""
-        options.pop("emit_stats_every", None)
+        emit = options.pop("emit_stats_every", 0)
+        _as_int("emit_stats_every", emit, 0)
         return "".join(self._open(prompt, options, False, "generate", 0))

@@ -82,8 +82,8 @@ cdef cbool _abort_cb(void * data) noexcept nogil:
     """Called by ggml between graph nodes: cancel, timeout and Ctrl-C handling."""
     cdef mtp_cy_abort * a = <mtp_cy_abort *> data
     cdef int64_t now
-    if a.cancel.load():
-        return True
+    if a.cancel.load() or a.interrupted or a.timed_out:
+        return True     # sticky: every later graph (draft or target) aborts too
     if a.deadline_us == 0 and not a.check_signals:
         return False
     now = ggml_time_us()
@@ -181,7 +181,15 @@ cdef class _Engine:
             raise ClosedError(f"this {type(self).__name__} is closed")
 
     def cancel(self):
-        """Ask the running stream (from any thread) to stop at the next graph node."""
+        """Stop the running stream; safe from any thread (e.g. a UI or a watchdog).
+
+        The native loop stops at the next ggml graph node (or before its next
+        step); the stream then ends without an error: :meth:`stream` simply
+        stops, :meth:`stream_events` ends with ``("done", stats)`` whose
+        ``stats["stop_reason"]`` is ``"cancelled"``.  Tokens already produced
+        are kept.  A ``cancel()`` made while no stream runs does not affect
+        the next call.
+        """
         self.ab.cancel.store(1)
 
     # -- statistics -----------------------------------------------------------------
@@ -254,6 +262,7 @@ cdef class _Engine:
                                    "(exhaust or close() it first, or use a second session)")
         s.engine = self
         s.owns_busy = True
+        self.ab.cancel.store(0)     # a cancel() before this call does not affect it
         s.events = events
         s.max_tokens = max_tokens
         s.timeout_us = 0 if timeout is None else <int64_t>(timeout * 1e6)
@@ -265,7 +274,6 @@ cdef class _Engine:
 
     cdef int _arm(self, _Stream s) except -1:
         """Prepare the abort state before a native step."""
-        self.ab.cancel.store(0)
         self.ab.timed_out = 0
         self.ab.interrupted = 0
         self.ab.deadline_us = (ggml_time_us() + s.timeout_us) if s.timeout_us > 0 else 0
@@ -273,9 +281,12 @@ cdef class _Engine:
         self.ab.next_signal_check_us = 0
         return 0
 
+    cdef bint _aborted(self):
+        return self.ab.cancel.load() != 0 or self.ab.timed_out != 0 or self.ab.interrupted != 0
+
     cdef int _raise_rc(self, int rc, str what) except -1:
         """Map a llama_process return code to an exception."""
-        if rc == 2 or self.ab.timed_out or self.ab.interrupted:
+        if rc == 2 or self.ab.cancel.load() or self.ab.timed_out or self.ab.interrupted:
             if self.ab.interrupted and _interrupt_holder:
                 exc = _interrupt_holder.pop()
                 del _interrupt_holder[:]
@@ -363,9 +374,9 @@ cdef class _Stream:
         if self.events:
             if reason == R_EOG:
                 self.queue.append(("eog", None))
-            elif reason in (R_MAX, R_CTX):
+            elif reason in (R_MAX, R_CTX, R_CANCEL):
                 fs = eng._final_stats()
-                fs["stop_reason"] = "max_tokens" if reason == R_MAX else "ctx_full"
+                fs["stop_reason"] = {R_MAX: "max_tokens", R_CTX: "ctx_full", R_CANCEL: "cancelled"}[reason]
                 self.queue.append(("done", fs))
         # bytes of a character left incomplete when generation stopped are dropped (in
         # both modes), never yielded as a broken half or a replacement character
@@ -404,6 +415,9 @@ cdef class _Stream:
                 raise ClosedError(f"the {type(eng).__name__} was closed during the stream")
             self.pending.clear()
             self.pending_pos = 0
+            if eng.ab.cancel.load():      # cancel() arrived between two native steps
+                self._finish_event(R_CANCEL)
+                continue
             eng._arm(self)
             try:
                 if not self.started:

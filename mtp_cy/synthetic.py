@@ -618,9 +618,10 @@ class SyntheticModel:
         tokens (none when ``n_max <= 0``), verify ``[last, *draft]``, accept
         the longest agreeing prefix plus the target's own next token and emit
         them; EOG ends generation (not emitted), generation stops exactly at
-        ``max_tokens``.  ``drafts_accepted`` counts the whole agreeing draft
-        prefix of an iteration, even past an EOG (upstream instead stops
-        accepting after an EOG that is not the last draft token).
+        ``max_tokens``.  As in upstream's ``common_sampler_sample_and_accept_n``,
+        acceptance stops at an EOG the target confirms before the last draft
+        position: that EOG is the iteration's own token (not counted in
+        ``drafts_accepted``) and the drafts after it are rejected.
 
         ``rules="upstream"``: ``llama-speculative-simple --spec-type draft-mtp
         --spec-draft-n-max n_draft -n max_tokens -c n_ctx --temp 0``.
@@ -649,7 +650,7 @@ class SyntheticModel:
         while len(out) < max_tokens:
             n_max = min(n_draft, max_tokens - len(out) - 1, n_ctx - n_past - 2)
             draft = self._chain(last, n_max) if n_max > 0 else []
-            ids = self._verify(last, draft, stop_after_eog=False)
+            ids = self._verify(last, draft, stop_after_eog=True)
             iters += 1
             drafted += len(draft)
             accepted += len(ids) - 1
