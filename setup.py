@@ -140,7 +140,7 @@ def extensions():
         sources=["mtp_cy/_core.pyx"],
         language="c++",
         extra_compile_args=cflags,
-        depends=glob.glob("mtp_cy/*.pxi") + glob.glob("mtp_cy/includes/*.pxd") + ["mtp_cy/_native.h"],
+        depends=glob.glob("mtp_cy/*.pxi") + glob.glob("mtp_cy/includes/*.pxd") + ["mtp_cy/_native.h", "mtp_cy/_chat.h"],
     )
     return cythonize([ext], language_level=3, include_path=[str(ROOT)],
                      compiler_directives={"embedsignature": True, "binding": False},

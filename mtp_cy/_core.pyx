@@ -24,17 +24,21 @@ from mtp_cy.includes.common cimport *
 from mtp_cy.includes.sampling cimport *
 from mtp_cy.includes.speculative cimport *
 from mtp_cy.includes.native cimport *
+from mtp_cy.includes.chat cimport *
+from libcpp.map cimport map as cmap
 
 import codecs
+import json
 import logging
 import os
 import threading
 
 from mtp_cy.errors import (MTPError, ModelLoadError, DecodeError, MTPUnsupportedError,
-                           SessionBusyError, ClosedError, GenerationTimeout)
+                           SessionBusyError, ClosedError, GenerationTimeout, ChatTemplateError)
 
 include "_logging.pxi"
 include "_backend.pxi"
+include "_chat.pxi"
 include "_model.pxi"
 include "_sampling.pxi"
 include "_stream.pxi"

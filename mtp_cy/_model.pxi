@@ -76,6 +76,8 @@ cdef class Model:
     cdef int _users
     cdef bint _mtp_loaded
     cdef dict _meta_cache
+    cdef common_chat_templates * _chat_tmpls   # the GGUF's own template, parsed on first use
+    cdef object _chat_lock
     cdef object __weakref__
 
     def __cinit__(self):
@@ -83,6 +85,8 @@ cdef class Model:
         self._vocab = NULL
         self._closed = True
         self._users = 0
+        self._chat_tmpls = NULL
+        self._chat_lock = threading.Lock()
 
     def __init__(self, path, *, n_gpu_layers=-1, use_mmap=True, use_mlock=False, load_mtp=None,
                  main_gpu=0, split_mode="layer", tensor_split=None, vocab_only=False, progress=None):
@@ -179,6 +183,8 @@ cdef class Model:
             self._free()
 
     cdef void _free(self):
+        mtp_cy_chat_free(self._chat_tmpls)
+        self._chat_tmpls = NULL
         if self._model != NULL:
             llama_model_free(self._model)
             self._model = NULL
@@ -204,6 +210,8 @@ cdef class Model:
         return False
 
     def __dealloc__(self):
+        mtp_cy_chat_free(self._chat_tmpls)
+        self._chat_tmpls = NULL
         if self._model != NULL:
             llama_model_free(self._model)
             self._model = NULL
@@ -438,3 +446,99 @@ cdef class Model:
         if v.size() == 0:
             raise ValueError("prompt is empty (it must contain at least one token)")
         return v
+
+    # -- chat templates -------------------------------------------------------------
+    def apply_chat_template(self, messages, *, add_generation_prompt=True, template=None, **kwargs):
+        """Render a conversation with the model's chat template; return the prompt text.
+
+        The template is the GGUF's own ``tokenizer.chat_template`` (a Jinja
+        template), rendered by llama.cpp's chat-template engine from
+        ``common/chat.h`` with Jinja enabled -- the code path of
+        ``llama-server``'s ``/v1/chat/completions`` -- so modern templates
+        (Qwen3.5/3.6 with thinking and tools, ...) render exactly as upstream
+        renders them.
+
+        * ``messages``: a list of ``{"role": ..., "content": ...}`` dicts
+          (OpenAI style).  ``content`` is a ``str``, ``None`` or a list of
+          ``{"type": "text", "text": ...}`` parts; assistant messages may carry
+          ``reasoning_content`` and ``tool_calls``, tool messages ``tool_call_id``
+          and ``name``.  A malformed message raises ``ValueError`` naming its
+          index (``TypeError`` when ``messages`` is not a list at all).
+        * ``add_generation_prompt``: append the assistant turn's opening (e.g.
+          ``"<|im_start|>assistant\\n"``) so that the model writes the reply.
+        * ``template``: a Jinja template string used instead of the GGUF's
+          (``"chatml"`` selects llama.cpp's built-in ChatML template).
+        * other keyword arguments are template variables (upstream's
+          ``chat_template_kwargs``), JSON-serializable: e.g.
+          ``enable_thinking=False`` for Qwen3 / Qwen3.5, ``reasoning_effort="low"``.
+          ``tools=[...]`` (OpenAI tool definitions) is passed as upstream's
+          tool list.
+
+        When the vocabulary adds BOS by itself, a BOS the template renders at
+        the very start is removed (as upstream does), so tokenizing the result
+        with ``add_special=True`` (what :meth:`Session.stream` does with a
+        ``str`` prompt) gives exactly one BOS.
+
+        Raises :class:`ChatTemplateError` (a ``ValueError``) when the model has
+        no chat template and ``template`` is not given, when the template does
+        not parse, or when rendering fails (e.g. the template's own
+        ``raise_exception``).
+        """
+        self._check()
+        if not isinstance(add_generation_prompt, bool):
+            raise TypeError(f"add_generation_prompt must be True or False, got {add_generation_prompt!r}")
+        msgs = _chat_messages_json(messages)
+        tools, enable_thinking, kw = _chat_template_args(kwargs)
+        return self._render_chat(msgs, tools, add_generation_prompt, enable_thinking, kw, template)
+
+    cdef str _render_chat(self, bytes msgs, bytes tools, bint agp, bint think, dict kw, template):
+        cdef common_chat_templates * t = NULL
+        cdef bint own = False
+        cdef cmap[string, string] m
+        cdef string cmsgs = msgs
+        cdef string ctools = tools
+        cdef string src
+        cdef string out
+        for k, v in kw.items():
+            m[<string>k] = <string>v
+        if template is None:
+            if self._chat_tmpls == NULL:
+                if (llama_model_chat_template(self._model, NULL) == NULL
+                        and llama_model_chat_template(self._model, b"tool_use") == NULL):
+                    raise ChatTemplateError(
+                        f"{self.path!r} has no chat template (no tokenizer.chat_template in the GGUF); "
+                        "pass one with template=... (the Jinja source, e.g. the model's chat_template.jinja "
+                        "read into a str, or template='chatml')")
+                try:
+                    self._chat_tmpls = mtp_cy_chat_init(self._model, string())
+                except Exception as exc:
+                    raise ChatTemplateError(f"the chat template of {self.path!r} does not parse: {exc}; "
+                                            "pass a working one with template=...") from None
+            t = self._chat_tmpls
+        else:
+            if not isinstance(template, str):
+                raise TypeError(f"template must be a str (Jinja source) or None, got {type(template).__name__}")
+            if not (<str>template).strip():
+                raise ValueError("template is empty; pass the Jinja source, or None for the model's own template")
+            src = (<str>template).encode("utf-8")
+            try:
+                t = mtp_cy_chat_init(self._model, src)
+            except Exception as exc:
+                raise ChatTemplateError(f"invalid chat template (template=): {exc}") from None
+            own = True
+        err = None
+        self._retain()      # the weights stay alive even if close() is called meanwhile
+        try:
+            with self._chat_lock:
+                try:
+                    with nogil:
+                        out = mtp_cy_chat_apply(t, cmsgs, ctools, agp, think, m)
+                except Exception as exc:
+                    err = exc
+        finally:
+            if own:
+                mtp_cy_chat_free(t)
+            self._release()
+        if err is not None:
+            raise ChatTemplateError(f"the chat template failed to render these messages: {err}") from None
+        return out.decode("utf-8", "replace")

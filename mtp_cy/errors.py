@@ -7,7 +7,7 @@ or :class:`TypeError` naming the argument and the allowed range.
 
 __all__ = [
     "MTPError", "ModelLoadError", "DecodeError", "MTPUnsupportedError",
-    "SessionBusyError", "ClosedError", "GenerationTimeout",
+    "SessionBusyError", "ClosedError", "GenerationTimeout", "ChatTemplateError",
 ]
 
 
@@ -37,3 +37,13 @@ class ClosedError(MTPError, ValueError):
 
 class GenerationTimeout(MTPError, TimeoutError):
     """No token arrived within the ``timeout`` of a stream (also a builtin ``TimeoutError``)."""
+
+
+class ChatTemplateError(MTPError, ValueError):
+    """A chat template could not be parsed or rendered (also a builtin :class:`ValueError`).
+
+    Raised by :meth:`Model.apply_chat_template` (and ``chat``/``achat``) when the
+    model has no ``tokenizer.chat_template`` and no ``template=`` was given, when
+    the Jinja template does not parse, or when rendering fails (for example the
+    template's own ``raise_exception(...)`` rejecting the conversation).
+    """

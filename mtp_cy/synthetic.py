@@ -930,7 +930,7 @@ class _Builder:
 
 def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_interval=4, size="tiny",
                vocab="gpt-2", mtp_head="own", eog_after=None, dtype="f16", seed=0,
-               vocab_path=None) -> SyntheticModel:
+               vocab_path=None, chat_template=None) -> SyntheticModel:
     """Write a synthetic ``qwen35`` GGUF to ``path`` and return its :class:`SyntheticModel`.
 
     See the module docstring for the construction.  Arguments:
@@ -953,10 +953,19 @@ def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_int
     * ``eog_after``: a word of S (``"sea"`` / ``" sea"``), an index into S or
       a token id of S; its greedy successor becomes the EOG token.
     * ``dtype``: ``"f16"`` or ``"f32"`` for the matrices (norms etc. stay f32).
+    * ``chat_template``: ``None`` keeps the vocabulary file's own
+      ``tokenizer.chat_template`` if it has one (``ggml-vocab-qwen35.gguf`` and
+      ``ggml-vocab-qwen2.gguf`` carry a ChatML template, ``gpt-2`` has none);
+      ``False`` drops it; a ``str`` (Jinja source) is written as
+      ``tokenizer.chat_template`` instead.
     """
     import gguf
 
     _validate(mtp, acceptance, n_trunk, full_attention_interval, mtp_head, dtype, seed)
+    if not (chat_template is None or chat_template is False
+            or (isinstance(chat_template, str) and chat_template)):
+        raise ValueError("chat_template must be None (keep the vocabulary's), False (drop it) "
+                         f"or a non-empty Jinja template str, got {chat_template!r:.60}")
     vpath = find_vocab(vocab, vocab_path)
     voc = _load_vocab(vpath)
     n_vocab = voc.n_vocab
@@ -1132,7 +1141,11 @@ def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_int
             w.add_nextn_predict_layers(1)
 
         for key, val, vtype, sub in voc.fields:
+            if key == "tokenizer.chat_template" and chat_template is not None:
+                continue
             w.add_key_value(key, val, vtype, sub_type=sub)
+        if isinstance(chat_template, str):
+            w.add_string("tokenizer.chat_template", chat_template)
 
         for name, arr in b.tensors:
             w.add_tensor(name, arr)
@@ -1205,6 +1218,10 @@ def _cache_key(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     full = {p.name: kwargs.get(p.name, p.default) for p in _MAKE_PARAMS}
     if full.get("vocab_path") is not None:
         full["vocab_path"] = str(Path(full["vocab_path"]).resolve())
+    if full.get("chat_template") is None:
+        # the default (keep the vocabulary's template) leaves the key, and so the
+        # file names of every model generated before this option existed, unchanged
+        del full["chat_template"]
     if isinstance(full.get("acceptance"), (int, float)) and not isinstance(full["acceptance"], bool):
         full["acceptance"] = float(full["acceptance"])
     return full
@@ -1214,7 +1231,8 @@ def cached_model(**kwargs) -> SyntheticModel:
     """:func:`make_model` into :func:`cache_dir`, reusing an existing file with the same arguments.
 
     The file name is a hash of the (defaults-completed) arguments and
-    :data:`GENERATOR_VERSION`.
+    :data:`GENERATOR_VERSION` (``chat_template`` is part of it whenever it is
+    not ``None``).
     """
     full = _cache_key(kwargs)
     blob = json.dumps({"v": GENERATOR_VERSION, "kw": full}, sort_keys=True, default=str)

@@ -1,0 +1,50 @@
+// Chat templates through llama.cpp's own engine (common/chat.h, the one
+// llama-server uses, jinja enabled).  Thin wrappers so that the Cython side
+// only sees plain types; every function may throw (declared `except +`).
+#pragma once
+#include <map>
+#include <string>
+#include <vector>
+
+#include "chat.h"
+#include "json.h"
+
+// Parse a chat template: `override_src` empty means the GGUF's own
+// tokenizer.chat_template (the caller checks that there is one).  The result
+// is owned by the caller (free with mtp_cy_chat_free).
+static inline common_chat_templates * mtp_cy_chat_init(const llama_model * model,
+                                                       const std::string & override_src) {
+    return common_chat_templates_init(model, override_src).release();
+}
+
+static inline void mtp_cy_chat_free(common_chat_templates * t) {
+    if (t) {
+        common_chat_templates_free(t);
+    }
+}
+
+static inline std::string mtp_cy_chat_source(const common_chat_templates * t) {
+    return common_chat_templates_source(t);
+}
+
+// Render `messages_json` (an OpenAI-style JSON array of messages) with the
+// template, as llama-server's /v1/chat/completions does: messages and tools
+// parsed by common_chat_msgs_parse_oaicompat / common_chat_tools_parse_oaicompat,
+// `kwargs` are chat_template_kwargs (name -> JSON text).
+static inline std::string mtp_cy_chat_apply(const common_chat_templates * t,
+                                            const std::string & messages_json,
+                                            const std::string & tools_json,
+                                            bool add_generation_prompt,
+                                            bool enable_thinking,
+                                            const std::map<std::string, std::string> & kwargs) {
+    common_chat_templates_inputs inputs;
+    inputs.messages = common_chat_msgs_parse_oaicompat(common_json::parse(messages_json));
+    if (!tools_json.empty()) {
+        inputs.tools = common_chat_tools_parse_oaicompat(common_json::parse(tools_json));
+    }
+    inputs.add_generation_prompt = add_generation_prompt;
+    inputs.use_jinja             = true;
+    inputs.enable_thinking       = enable_thinking;
+    inputs.chat_template_kwargs  = kwargs;
+    return common_chat_templates_apply(t, inputs).prompt;
+}

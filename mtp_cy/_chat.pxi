@@ -1,0 +1,121 @@
+# Chat templates: validation of the Python side (messages, tools, template
+# arguments) before llama.cpp's own engine (common/chat.h, jinja) renders them.
+# Model.apply_chat_template (in _model.pxi) uses these helpers.
+
+from collections.abc import Mapping as _Mapping
+
+_MSG_STR_KEYS = ("reasoning_content", "name", "tool_call_id")
+_RESERVED_TEMPLATE_ARGS = ("messages", "add_generation_prompt")
+
+
+cdef bytes _chat_messages_json(messages):
+    """Validate ``messages`` (OpenAI style) and return them as JSON for common_chat_msgs_parse_oaicompat."""
+    if isinstance(messages, (str, bytes, bytearray, _Mapping)):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts, "
+                        f"got {type(messages).__name__}")
+    try:
+        msgs = list(messages)
+    except TypeError:
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts, "
+                        f"got {type(messages).__name__}") from None
+    if not msgs:
+        raise ValueError("messages is empty: a chat needs at least one message")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, _Mapping):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
+        if "role" not in m:
+            raise ValueError(f"messages[{i}] has no 'role' (e.g. 'system', 'user', 'assistant', 'tool')")
+        role = m["role"]
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"messages[{i}]['role'] must be a non-empty str, got {role!r}")
+        if "content" not in m and not m.get("tool_calls"):
+            raise ValueError(f"messages[{i}] (role {role!r}) has no 'content'")
+        d = {"role": role}
+        if "content" in m:
+            content = m["content"]
+            if content is None or isinstance(content, str):
+                d["content"] = content
+            elif isinstance(content, (list, tuple)):
+                parts = []
+                for j, part in enumerate(content):
+                    if (not isinstance(part, _Mapping) or part.get("type") != "text"
+                            or not isinstance(part.get("text"), str)):
+                        raise ValueError(f"messages[{i}]['content'][{j}] must be a text part "
+                                         f"{{'type': 'text', 'text': str}}, got {part!r:.80}")
+                    parts.append({"type": "text", "text": part["text"]})
+                d["content"] = parts
+            else:
+                raise ValueError(f"messages[{i}]['content'] must be a str, None or a list of text parts, "
+                                 f"got {type(content).__name__}")
+        for key in _MSG_STR_KEYS:
+            if key in m and m[key] is not None:
+                if not isinstance(m[key], str):
+                    raise ValueError(f"messages[{i}]['{key}'] must be a str, got {type(m[key]).__name__}")
+                d[key] = m[key]
+        if m.get("tool_calls"):
+            calls = m["tool_calls"]
+            if not isinstance(calls, (list, tuple)):
+                raise ValueError(f"messages[{i}]['tool_calls'] must be a list, got {type(calls).__name__}")
+            tcs = []
+            for j, tc in enumerate(calls):
+                fn = tc.get("function") if isinstance(tc, _Mapping) else None
+                if (not isinstance(fn, _Mapping) or not isinstance(fn.get("name"), str)
+                        or tc.get("type", "function") != "function"):
+                    raise ValueError(f"messages[{i}]['tool_calls'][{j}] must be "
+                                     "{'type': 'function', 'function': {'name': str, 'arguments': str | dict}}")
+                args = fn.get("arguments", {})
+                if not isinstance(args, (str, _Mapping)):
+                    raise ValueError(f"messages[{i}]['tool_calls'][{j}]['function']['arguments'] must be "
+                                     f"a JSON str or a dict, got {type(args).__name__}")
+                call = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+                if tc.get("id") is not None:
+                    call["id"] = str(tc["id"])
+                tcs.append(call)
+            d["tool_calls"] = tcs
+        out.append(d)
+    try:
+        return json.dumps(out, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"messages are not JSON-serializable: {exc}") from None
+
+
+cdef bytes _chat_tools_json(tools):
+    if tools is None:
+        return b""
+    if isinstance(tools, (str, bytes, _Mapping)) or not isinstance(tools, (list, tuple)):
+        raise TypeError(f"tools must be a list of OpenAI-style tool dicts, got {type(tools).__name__}")
+    for j, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, _Mapping) else None
+        if not isinstance(fn, _Mapping) or t.get("type") != "function" or not isinstance(fn.get("name"), str):
+            raise ValueError(f"tools[{j}] must be {{'type': 'function', 'function': {{'name': str, "
+                             f"'description': str, 'parameters': {{...}}}}}}")
+    try:
+        return json.dumps(list(tools), ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"tools are not JSON-serializable: {exc}") from None
+
+
+cdef tuple _chat_template_args(dict kwargs):
+    """Split extra template arguments into (tools json, enable_thinking, {name: json text})."""
+    kw = dict(kwargs)
+    tools = _chat_tools_json(kw.pop("tools", None))
+    enable_thinking = True
+    for name in _RESERVED_TEMPLATE_ARGS:
+        if name in kw:
+            raise TypeError(f"{name!r} cannot be passed as a template argument")
+    if "enable_thinking" in kw:
+        v = kw["enable_thinking"]
+        if not isinstance(v, bool):
+            raise TypeError(f"enable_thinking must be True or False, got {v!r}")
+        enable_thinking = v
+    m = {}
+    for k, v in kw.items():
+        if not isinstance(k, str) or not k:
+            raise TypeError(f"chat template argument names must be non-empty str, got {k!r}")
+        try:
+            text = json.dumps(v, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"chat template argument {k!r} must be JSON-serializable: {exc}") from None
+        m[k.encode("utf-8")] = text.encode("utf-8")
+    return tools, enable_thinking, m
