@@ -301,8 +301,9 @@ cdef class MTP(_Engine):
         """Generate text with MTP speculative decoding; an iterator of ``str`` pieces.
 
         One piece per accepted token (UTF-8 safe).  Ends on end-of-generation, on
-        ``max_tokens`` (exact) or by raising.  Options: ``max_tokens=256``,
-        ``timeout=60.0`` and every sampler option of :meth:`Session.stream`.
+        ``max_tokens`` (exact), on a stop string or by raising.  Options:
+        ``max_tokens=256``, ``timeout=60.0``, ``stop=None`` and every sampler
+        option of :meth:`Session.stream` (whose docstring describes ``stop``).
         ``emit_stats_every`` is accepted for parity with the seed API; stats
         events only appear in :meth:`stream_events`.
         """
@@ -316,9 +317,15 @@ cdef class MTP(_Engine):
         * ``("token", token_id, piece)`` per accepted token;
         * ``("stats", snapshot)`` every ``emit_stats_every`` tokens when > 0;
         * then exactly one terminal event: ``("done", final_stats)`` when
-          ``max_tokens`` was reached (or the context is full:
-          ``final_stats["stop_reason"]`` says which) or ``("eog", None)`` when
-          the model ended the text.
+          ``max_tokens`` was reached (or the context is full, or the stream was
+          cancelled: ``final_stats["stop_reason"]`` says which), ``("eog", None)``
+          when the model ended the text, or ``("stop", string)`` when the
+          generated text contained one of the ``stop`` strings.
+
+        With ``stop``, a token event is yielded once its whole text is known not to
+        start a stop string; the token in which a stop string begins is yielded
+        with its piece cut there, and the tokens inside or after the stop string
+        are not yielded (nor counted in ``tokens_emitted``).
 
         An error raises from the iterator after the tokens already produced.
         """

@@ -120,11 +120,26 @@ cdef class Session(_Engine):
         ``seed=None`` (random), ``penalty_last_n=64``, ``penalty_repeat=1.0``,
         ``penalty_freq=0.0``, ``penalty_present=0.0``, ``grammar=None`` (GBNF)
         and ``grammar_root="root"``.  Unknown options raise ``TypeError``.
+
+        ``stop=None``: a string or a list of strings.  Generation ends as soon as
+        the generated text contains one of them; the text before it is returned,
+        the stop string itself and anything after it (even within the same token)
+        are not.  While the end of the text could still be the beginning of a stop
+        string it is held back, and released as soon as it cannot be one -- so with
+        ``stop`` the pieces are the released chunks of text rather than one per
+        token.  ``stream.finish_reason`` is then ``"stop"`` and
+        ``stream.stop_string`` the string found.  An empty stop string raises
+        ``ValueError``.  See :class:`_Stream` for how held-back and partially
+        delivered tokens count in ``stats()["tokens_emitted"]``.
         """
         return self._open(prompt, options, False, "stream", 0)
 
     def stream_events(self, prompt, emit_stats_every=0, **options):
-        """Like :meth:`stream` but yields event tuples (see :meth:`MTP.stream_events`)."""
+        """Like :meth:`stream` but yields event tuples (see :meth:`MTP.stream_events`).
+
+        With ``stop=``, a token's event is yielded once all of its text is known
+        not to start a stop string (its piece is then its own text), and the last
+        event is ``("stop", the_string)`` when a stop string ended the stream."""
         return self._open(prompt, options, True, "stream_events",
                           _as_int("emit_stats_every", emit_stats_every, 0))
 

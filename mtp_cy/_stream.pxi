@@ -11,7 +11,7 @@ _FLASH_ATTN = {"auto": LLAMA_FLASH_ATTN_TYPE_AUTO, True: LLAMA_FLASH_ATTN_TYPE_E
 
 CONTEXT_OPTIONS = ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "flash_attn",
                    "type_k", "type_v", "offload_kqv")
-STREAM_OPTIONS = ("max_tokens", "timeout") + tuple(SAMPLER_DEFAULTS)
+STREAM_OPTIONS = ("max_tokens", "timeout", "stop") + tuple(SAMPLER_DEFAULTS)
 
 # a stream's finish reasons
 DEF R_NONE = 0
@@ -20,6 +20,7 @@ DEF R_EOG = 2
 DEF R_CTX = 3
 DEF R_CANCEL = 4
 DEF R_ERROR = 5
+DEF R_STOP = 6
 
 
 def _default_threads():
@@ -238,6 +239,91 @@ cdef class _Engine:
     cdef dict _final_stats(self):
         return self._stats()
 
+    # -- chat and asyncio (shared by Session and MTP) ---------------------------------
+    cdef str _chat_prompt(self, messages, template, chat_template_kwargs):
+        self._check()
+        if chat_template_kwargs is None:
+            kw = {}
+        elif isinstance(chat_template_kwargs, _Mapping):
+            kw = dict(chat_template_kwargs)
+        else:
+            raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
+        return self.model.apply_chat_template(messages, add_generation_prompt=True, template=template, **kw)
+
+    def chat(self, messages, *, template=None, chat_template_kwargs=None, **options):
+        """Generate the assistant's reply to a conversation; an iterator of ``str`` pieces.
+
+        ``messages`` is a list of ``{"role": ..., "content": ...}`` dicts; they are
+        rendered with :meth:`Model.apply_chat_template` (the GGUF's Jinja chat
+        template, or ``template=``; ``chat_template_kwargs`` is a dict of extra
+        template variables such as ``{"enable_thinking": False}`` or
+        ``{"tools": [...]}``) with the generation prompt appended, and the text
+        is tokenized with special tokens parsed (``<|im_start|>`` becomes one
+        token).  Generation then works exactly as :meth:`stream` with the same
+        ``**options`` (``max_tokens``, ``stop``, sampler options, ...); it ends at
+        the model's end-of-turn token.  A malformed conversation raises
+        ``ValueError`` naming the message index.
+        """
+        return self.stream(self._chat_prompt(messages, template, chat_template_kwargs), **options)
+
+    def chat_events(self, messages, *, template=None, chat_template_kwargs=None, emit_stats_every=0, **options):
+        """Like :meth:`chat` but yields the event tuples of :meth:`stream_events`."""
+        return self.stream_events(self._chat_prompt(messages, template, chat_template_kwargs),
+                                  emit_stats_every=emit_stats_every, **options)
+
+    def astream(self, prompt, **options):
+        """Async version of :meth:`stream`: ``async for piece in session.astream(prompt, ...)``.
+
+        Returns an async iterator (:class:`mtp_cy._aio.AsyncStream`).  Every
+        native step runs in a worker thread (GIL released), so the event loop
+        keeps running; each ``__anext__`` runs at most one native step, so
+        generation advances only as fast as the consumer reads.  The stream is
+        opened by the first ``__anext__`` (errors in the arguments and
+        :class:`SessionBusyError` are raised there).
+
+        Cancelling the task that awaits the next piece stops the native loop: when
+        the cancellation has completed, the loop has stopped and the session is
+        free again (same guarantee as :meth:`cancel` + closing a sync stream).
+        ``break`` releases the session as soon as the iterator is garbage;
+        ``await it.aclose()`` or ``async with session.astream(...) as it:`` do it
+        deterministically.  Same options as :meth:`stream`.
+        """
+        from mtp_cy._aio import AsyncStream
+        self._check()
+        return AsyncStream(lambda: self.stream(prompt, **options))
+
+    def astream_events(self, prompt, emit_stats_every=0, **options):
+        """Async version of :meth:`stream_events` (see :meth:`astream`)."""
+        from mtp_cy._aio import AsyncStream
+        self._check()
+        return AsyncStream(lambda: self.stream_events(prompt, emit_stats_every=emit_stats_every, **options))
+
+    def agenerate(self, prompt, **options):
+        """Async version of :meth:`generate`: ``text = await session.agenerate(prompt, ...)``.
+
+        A coroutine; cancelling it stops the native loop as described in :meth:`astream`.
+        """
+        from mtp_cy._aio import collect
+        return collect(self.astream(prompt, **options))
+
+    def achat(self, messages, *, template=None, chat_template_kwargs=None, **options):
+        """Async version of :meth:`chat`: ``async for piece in session.achat(messages, ...)``.
+
+        The chat template is rendered in the worker thread too (see :meth:`astream`).
+        """
+        from mtp_cy._aio import AsyncStream
+        self._check()
+        return AsyncStream(lambda: self.chat(messages, template=template,
+                                             chat_template_kwargs=chat_template_kwargs, **options))
+
+    def achat_events(self, messages, *, template=None, chat_template_kwargs=None, emit_stats_every=0, **options):
+        """Async version of :meth:`chat_events` (see :meth:`astream`)."""
+        from mtp_cy._aio import AsyncStream
+        self._check()
+        return AsyncStream(lambda: self.chat_events(messages, template=template,
+                                                    chat_template_kwargs=chat_template_kwargs,
+                                                    emit_stats_every=emit_stats_every, **options))
+
     # -- streams ----------------------------------------------------------------------
     cdef _Stream _open(self, prompt, dict kw, bint events, str where, int emit_stats_every):
         self._check()
@@ -248,6 +334,7 @@ cdef class _Engine:
         timeout = o["timeout"]
         if timeout is not None:
             timeout = _as_float("timeout", timeout, 0.0, None, True)
+        stops = _stop_strings(o["stop"])
         cdef _Stream s = _Stream.__new__(_Stream)
         s.prompt = self.model._prompt_tokens(prompt)
         if <int>s.prompt.size() >= self.n_ctx:
@@ -270,6 +357,10 @@ cdef class _Engine:
         s.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         s.vocab = self.model._vocab
         s.queue = []
+        s.stops = stops
+        if stops is not None:
+            s.prefixes = frozenset(x[:i] for x in stops for i in range(1, len(x)))
+            s.max_stop = max(len(x) for x in stops)
         return s
 
     cdef int _arm(self, _Stream s) except -1:
@@ -297,11 +388,53 @@ cdef class _Engine:
         raise DecodeError(f"llama.cpp failed while {what} (code {rc}): {_take_errors() or 'no detail'}")
 
 
-STREAM_DEFAULTS = dict(SAMPLER_DEFAULTS, max_tokens=256, timeout=60.0)
+STREAM_DEFAULTS = dict(SAMPLER_DEFAULTS, max_tokens=256, timeout=60.0, stop=None)
+
+
+cdef tuple _stop_strings(stop):
+    """Validate ``stop=`` (None, a str or a list of str) into a tuple (None when there is none)."""
+    if stop is None:
+        return None
+    if isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, (list, tuple, set, frozenset)):
+        stops = list(stop)
+    else:
+        raise TypeError(f"stop must be a str or a list of str, got {type(stop).__name__}")
+    for i, x in enumerate(stops):
+        if not isinstance(x, str):
+            raise TypeError(f"stop strings must be str, got {type(x).__name__} at index {i}")
+        if not x:
+            raise ValueError("stop strings must not be empty (an empty string would match before any text)")
+    if not stops:
+        return None
+    return tuple(dict.fromkeys(stops))
+
 
 
 cdef class _Stream:
-    """Iterator over the output of one generation call (see Session.stream / MTP.stream)."""
+    """Iterator over the output of one generation call (see Session.stream / MTP.stream).
+
+    Stop strings (``stop=``): the generated text is scanned after every token.
+    Text that might still turn out to be the beginning of a stop string is held
+    back and released as soon as it cannot be one; when a stop string appears,
+    the text before it is delivered, the stop string and everything after it
+    are dropped, and generation ends (terminal event ``("stop", string)``).
+
+    Token accounting with stop strings (``stats()["tokens_emitted"]`` and the
+    ``("token", ...)`` events): a token is *delivered* (counted, and its event
+    yielded) once all of its text has been released.  When a stop string is
+    found, every held token whose text begins before the stop string is
+    delivered too -- its piece cut at the stop string (a *partially delivered*
+    token counts as one delivered token) -- and the tokens whose text lies
+    entirely inside or after the stop string are neither delivered nor counted.
+    Tokens generated but never delivered (the rest of an MTP verification
+    batch after the stop) are not counted either; ``iters``/``drafts_*`` count
+    the native work actually done.  A token whose bytes only start a UTF-8
+    character belongs to that character.  When the stream ends for another
+    reason (``max_tokens``, end of generation, full context, ``cancel()``), the
+    held text is released first.  ``max_tokens`` bounds the tokens generated.
+    """
     cdef _Engine engine
     cdef vector[llama_token] prompt
     cdef common_params_sampling sp
@@ -315,11 +448,23 @@ cdef class _Stream:
     cdef bint owns_busy
     cdef int reason
     cdef int max_tokens
-    cdef int emitted
+    cdef int emitted              # tokens generated (and taken off `pending`), EOG excluded
+    cdef int delivered            # tokens delivered to the caller (see the class docstring)
     cdef int emit_stats_every
     cdef int64_t timeout_us
     cdef object decoder
     cdef list queue
+    cdef object deferred          # an error raised after the held-back text was flushed
+    # stop strings (stops is None without them)
+    cdef tuple stops
+    cdef object prefixes          # every proper prefix of every stop string
+    cdef Py_ssize_t max_stop
+    cdef str text                 # generated text from character `base` on
+    cdef Py_ssize_t base
+    cdef Py_ssize_t released      # characters released to the caller
+    cdef Py_ssize_t total         # characters decoded so far
+    cdef list held                # (token, start, end, piece_end) of the undelivered tokens
+    cdef str hit                  # the stop string that ended the stream
     # native loop state (used by the engines)
     cdef int n_past
     cdef llama_token last
@@ -336,6 +481,15 @@ cdef class _Stream:
         self.owns_busy = False
         self.reason = R_NONE
         self.emitted = 0
+        self.delivered = 0
+        self.stops = None
+        self.text = ""
+        self.base = 0
+        self.released = 0
+        self.total = 0
+        self.held = []
+        self.hit = None
+        self.deferred = None
 
     def __dealloc__(self):
         self._release()
@@ -362,18 +516,143 @@ cdef class _Stream:
         if not self.finished:
             self._end(R_CANCEL)
         self.queue = []
+        self.deferred = None
+
+    def _cancel(self):
+        """Ask the native loop of *this* stream to stop (no effect once it has finished).
+
+        Unlike the session's ``cancel()``, this cannot hit a later stream of the
+        same session: the check and the flag are one step under the GIL, and the
+        stream releases the session only while holding the GIL.
+        """
+        if self.owns_busy and not self.finished:
+            self.engine.ab.cancel.store(1)
 
     @property
     def finish_reason(self):
-        """``None`` while running, then ``"max_tokens"``, ``"eog"``, ``"ctx_full"``, ``"cancelled"`` or ``"error"``."""
-        return (None, "max_tokens", "eog", "ctx_full", "cancelled", "error")[self.reason]
+        """``None`` while running, then ``"max_tokens"``, ``"eog"``, ``"stop"``, ``"ctx_full"``,
+        ``"cancelled"`` or ``"error"``."""
+        return (None, "max_tokens", "eog", "ctx_full", "cancelled", "error", "stop")[self.reason]
+
+    @property
+    def stop_string(self):
+        """The stop string that ended the stream, or ``None``."""
+        return self.hit
+
+    @property
+    def tokens_delivered(self):
+        """Tokens delivered so far by this stream (see the class docstring)."""
+        return self.delivered
+
+    # -- delivery ---------------------------------------------------------------------
+    cdef void _deliver(self, llama_token tok, piece, bint with_text) except *:
+        self.delivered += 1
+        mtp_cy_add(self.engine.st.tokens_emitted, 1)
+        if self.events:
+            self.queue.append(("token", tok, piece))
+            if self.emit_stats_every > 0 and self.delivered % self.emit_stats_every == 0:
+                self.queue.append(("stats", self.engine._stats()))
+        elif with_text and piece:
+            self.queue.append(piece)
+
+    cdef void _release_to(self, Py_ssize_t upto) except *:
+        """Release the text up to character ``upto`` and deliver the tokens it completes."""
+        cdef Py_ssize_t nb
+        cdef tuple h
+        if not self.events and upto > self.released:
+            self.queue.append(self.text[self.released - self.base:upto - self.base])
+        if upto > self.released:
+            self.released = upto
+        while self.held:
+            h = <tuple>self.held[0]
+            if <Py_ssize_t>h[2] > self.released:
+                break
+            del self.held[0]
+            self._deliver(h[0], self.text[<Py_ssize_t>h[1] - self.base:<Py_ssize_t>h[3] - self.base]
+                          if self.events else None, False)
+        nb = self.released
+        if self.held:
+            nb = min(nb, <Py_ssize_t>(<tuple>self.held[0])[1])
+        if nb > self.base:
+            self.text = self.text[nb - self.base:]
+            self.base = nb
+
+    cdef bint _scan(self) except -1:
+        """Look for a stop string in the undelivered text; release what cannot start one."""
+        cdef Py_ssize_t rel = self.released - self.base
+        cdef Py_ssize_t best = -1, i, k, p, n = len(self.text)
+        cdef str hit = None
+        cdef tuple h
+        for x in self.stops:
+            i = self.text.find(x, rel)
+            if i >= 0 and (best < 0 or i < best or (i == best and len(x) < len(hit))):
+                best = i
+                hit = x
+        if best >= 0:
+            p = self.base + best
+            if not self.events and best > rel:
+                self.queue.append(self.text[rel:best])
+            self.released = p
+            for h in self.held:
+                if <Py_ssize_t>h[1] < p:     # its text starts before the stop string
+                    self._deliver(h[0], self.text[<Py_ssize_t>h[1] - self.base:
+                                                  min(<Py_ssize_t>h[3], p) - self.base]
+                                  if self.events else None, False)
+            self.held = []
+            self.hit = hit
+            self._finish_event(R_STOP)
+            return True
+        # hold back the longest tail that is still the beginning of a stop string
+        k = min(n - rel, self.max_stop - 1)
+        while k > 0 and self.text[n - k:] not in self.prefixes:
+            k -= 1
+        self._release_to(self.total - k)
+        return False
+
+    cdef void _flush(self) except *:
+        """Release everything held back (the stream ends for another reason than a stop string)."""
+        cdef tuple h
+        if self.stops is None:
+            return
+        self._release_to(self.total)
+        for h in self.held:    # tokens ending in an incomplete character (its bytes are dropped)
+            self._deliver(h[0], self.text[<Py_ssize_t>h[1] - self.base:<Py_ssize_t>h[3] - self.base]
+                          if self.events else None, False)
+        self.held = []
+
+    cdef int _take(self, llama_token tok) except -1:
+        """Process one generated token: end of generation, text, stop strings, max_tokens."""
+        cdef Py_ssize_t start
+        if llama_vocab_is_eog(self.vocab, tok):
+            self._finish_event(R_EOG)
+            return 0
+        b = self.engine.model._piece(tok)
+        self.emitted += 1
+        if self.stops is None:
+            self._deliver(tok, self.decoder.decode(b), True)
+        else:
+            start = self.total
+            piece = self.decoder.decode(b)
+            self.total += len(piece)
+            self.text += piece
+            # a token whose bytes start a character belongs to that character
+            self.held.append((tok, start, self.total + (1 if self.decoder.getstate()[0] else 0), self.total))
+            if self._scan():
+                return 0
+        if self.emitted >= self.max_tokens:
+            self._finish_event(R_MAX)
+        return 0
 
     cdef _finish_event(self, int reason):
         eng = self.engine
+        if reason != R_STOP:
+            self._flush()
         self._end(reason)
         if self.events:
             if reason == R_EOG:
                 self.queue.append(("eog", None))
+            elif reason == R_STOP:
+                self.queue.append(("stop", self.hit))
             elif reason in (R_MAX, R_CTX, R_CANCEL):
                 fs = eng._final_stats()
                 fs["stop_reason"] = {R_MAX: "max_tokens", R_CTX: "ctx_full", R_CANCEL: "cancelled"}[reason]
@@ -381,56 +660,83 @@ cdef class _Stream:
         # bytes of a character left incomplete when generation stopped are dropped (in
         # both modes), never yielded as a broken half or a replacement character
 
+    cdef int _native_step(self) except -1:
+        """Run one native step (prefill + first step, or one decode / draft-verify iteration)."""
+        cdef _Engine eng = self.engine
+        cdef int r
+        if eng._closed:
+            self._end(R_CANCEL)
+            raise ClosedError(f"the {type(eng).__name__} was closed during the stream")
+        self.pending.clear()
+        self.pending_pos = 0
+        if eng.ab.cancel.load():      # cancel() arrived between two native steps
+            self._finish_event(R_CANCEL)
+            return 0
+        eng._arm(self)
+        try:
+            if not self.started:
+                self.started = True
+                mtp_cy_add(eng.st.calls, 1)
+                mtp_cy_add(eng.st.prompt_tokens, self.prompt.size())
+                r = eng._start(self)
+                if r == R_NONE:
+                    r = eng._step(self)
+            else:
+                r = eng._step(self)
+        except Exception as exc:
+            # text held back for a possible stop string was produced before the
+            # error: deliver it first, then raise
+            if self.held:
+                self._flush()
+            self._end(R_ERROR)
+            if self.queue:
+                self.deferred = exc
+                return 0
+            raise
+        except BaseException:
+            self._end(R_ERROR)
+            raise
+        if r != R_NONE:
+            self._finish_event(r)
+        return 0
+
     def __next__(self):
         cdef llama_token tok
-        cdef _Engine eng
-        cdef int r
         while True:
             if self.queue:
                 return self.queue.pop(0)
+            if self.deferred is not None:
+                exc = self.deferred
+                self.deferred = None
+                raise exc
             if self.finished:
                 raise StopIteration
             if self.pending_pos < self.pending.size():
                 tok = self.pending[self.pending_pos]
                 self.pending_pos += 1
-                if llama_vocab_is_eog(self.vocab, tok):
-                    self._finish_event(R_EOG)
-                    continue
-                piece = self.decoder.decode(self.engine.model._piece(tok))
-                self.emitted += 1
-                mtp_cy_add(self.engine.st.tokens_emitted, 1)
-                if self.events:
-                    self.queue.append(("token", tok, piece))
-                    if self.emit_stats_every > 0 and self.emitted % self.emit_stats_every == 0:
-                        self.queue.append(("stats", self.engine._stats()))
-                elif piece:
-                    self.queue.append(piece)
-                if self.emitted >= self.max_tokens:
-                    self._finish_event(R_MAX)
+                self._take(tok)
                 continue
             # need more tokens: run one native step
-            eng = self.engine
-            if eng._closed:
-                self._end(R_CANCEL)
-                raise ClosedError(f"the {type(eng).__name__} was closed during the stream")
-            self.pending.clear()
-            self.pending_pos = 0
-            if eng.ab.cancel.load():      # cancel() arrived between two native steps
-                self._finish_event(R_CANCEL)
-                continue
-            eng._arm(self)
-            try:
-                if not self.started:
-                    self.started = True
-                    mtp_cy_add(eng.st.calls, 1)
-                    mtp_cy_add(eng.st.prompt_tokens, self.prompt.size())
-                    r = eng._start(self)
-                    if r == R_NONE:
-                        r = eng._step(self)
-                else:
-                    r = eng._step(self)
-            except BaseException:
-                self._end(R_ERROR)
-                raise
-            if r != R_NONE:
-                self._finish_event(r)
+            self._native_step()
+
+    def _pull(self):
+        """For the asyncio wrappers (run in a worker thread): return the next items, at
+        most one native step's worth -- every item available without another native
+        step; an empty list once the stream is over."""
+        cdef llama_token tok
+        try:
+            out = [self.__next__()]
+        except StopIteration:
+            return []
+        while True:
+            if self.queue:
+                out.append(self.queue.pop(0))
+            elif self.deferred is not None or self.finished:
+                break
+            elif self.pending_pos < self.pending.size():
+                tok = self.pending[self.pending_pos]
+                self.pending_pos += 1
+                self._take(tok)
+            else:
+                break
+        return out
