@@ -461,6 +461,10 @@ class Prediction:
     n_predict: Optional[int] = None
     n_drafted: Optional[int] = None
     n_accept: Optional[int] = None
+    #: per iteration of ``rules="mtp_cy"``: (drafts generated, drafts accepted,
+    #: tokens appended to ``tokens``), in order -- e.g. to know how much work was
+    #: done when a run is cut short after a given token (stop strings)
+    steps: List[tuple] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -646,6 +650,7 @@ class SyntheticModel:
         last = prompt[-1]
         n_past = len(prompt) - 1
         iters = drafted = accepted = 0
+        steps = []
         stop = "max_tokens"
         while len(out) < max_tokens:
             n_max = min(n_draft, max_tokens - len(out) - 1, n_ctx - n_past - 2)
@@ -656,6 +661,7 @@ class SyntheticModel:
             accepted += len(ids) - 1
             n_past += len(ids)
             eog = False
+            n_before = len(out)
             for t in ids:
                 if self.is_eog(t):
                     eog = True
@@ -664,12 +670,13 @@ class SyntheticModel:
                 last = t
                 if len(out) == max_tokens:
                     break
+            steps.append((len(draft), len(ids) - 1, len(out) - n_before))
             if eog:
                 stop = "eog"
                 break
         return Prediction(tokens=out, text=self.decode(out), stop=stop, iters=iters,
                           drafts_generated=drafted, drafts_accepted=accepted,
-                          tokens_emitted=len(out), rules="mtp_cy")
+                          tokens_emitted=len(out), rules="mtp_cy", steps=steps)
 
     def _predict_upstream(self, prompt: List[int], n_predict_max: int, n_draft: int, n_ctx: int) -> Prediction:
         # examples/speculative-simple/speculative-simple.cpp, temp 0, MTP draft.
