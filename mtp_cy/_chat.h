@@ -14,7 +14,19 @@
 // is owned by the caller (free with mtp_cy_chat_free).
 static inline common_chat_templates * mtp_cy_chat_init(const llama_model * model,
                                                        const std::string & override_src) {
-    return common_chat_templates_init(model, override_src).release();
+    try {
+        return common_chat_templates_init(model, override_src).release();
+    } catch (const std::exception &) {
+        // upstream logs the parse error and rethrows it sliced to a plain
+        // std::exception (its message lost): parse again to raise the real one
+        std::string src = override_src;
+        if (src.empty() && model != nullptr) {
+            const char * t = llama_model_chat_template(model, nullptr);
+            src = t ? t : "";
+        }
+        common_chat_template probe(src, "", "");
+        throw;
+    }
 }
 
 static inline void mtp_cy_chat_free(common_chat_templates * t) {
