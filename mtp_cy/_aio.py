@@ -46,6 +46,23 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
         return _executor
 
 
+class _Once:
+    """A callable for the pool that drops its target before the result is handed over.
+
+    The pool's worker thread keeps its work item (and so the submitted callable)
+    referenced until it gets the GIL back after setting the result; holding the
+    stream through it would keep the session busy for a moment after the
+    consumer let go of the iterator."""
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self):
+        fn, self.fn = self.fn, None
+        return fn()
+
+
 class AsyncStream:
     """Async iterator over one generation call of a :class:`Session` or :class:`MTP`.
 
@@ -122,7 +139,7 @@ class AsyncStream:
             raise StopAsyncIteration
         if self._future is not None:
             raise RuntimeError("another task is already waiting for the next item of this stream")
-        cf = _pool().submit(self._step)
+        cf = _pool().submit(_Once(self._step))
         self._future = cf
         try:
             items = await asyncio.wrap_future(cf)
