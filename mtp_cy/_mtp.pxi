@@ -57,6 +57,12 @@ cdef class MTP(_Engine):
                 f"load it with mtp_cy.Model(path) (load_mtp=None or True)")
         o = _with_defaults(options, CONTEXT_DEFAULTS, "MTP")
         cdef llama_context_params cp = _context_params(o)
+        # a verification batch is [last, drafts...] and, on hybrid/recurrent models, its
+        # trailing n_draft + 1 tokens must stay in one ubatch (llama.cpp asserts otherwise)
+        if <int>cp.n_ubatch < self.n_draft + 2:
+            raise ValueError(
+                f"n_ubatch is {cp.n_ubatch} but MTP with n_draft={self.n_draft} needs n_ubatch >= "
+                f"n_draft + 2 = {self.n_draft + 2} (raise n_ubatch / n_batch / n_ctx, or lower n_draft)")
         cp.abort_callback = _abort_cb
         cp.abort_callback_data = <void *>self.ab
         cp.n_rs_seq = self.n_draft

@@ -248,6 +248,25 @@ def test_constructor_errors(mtp_model, plain_model, mtp_sm):
         mtp_cy.MTP(mtp_model, n_ctx=0)
     with pytest.raises(TypeError):
         mtp_cy.MTP(None)
+    # llama.cpp would GGML_ASSERT on these (the verification batch must fit one ubatch)
+    with pytest.raises(ValueError, match=r"n_ubatch is 2 .* n_draft \+ 2 = 6"):
+        mtp_cy.MTP(mtp_model, n_draft=4, n_batch=2)
+    with pytest.raises(ValueError, match=r"n_ubatch is 4 .*n_draft=4"):
+        mtp_cy.MTP(mtp_model, n_draft=4, n_ctx=4)
+    with pytest.raises(ValueError, match="n_ubatch"):
+        mtp_cy.MTP(mtp_model, n_draft=3, n_ubatch=4)
+    with pytest.raises(mtp_cy.MTPError, match="flash_attn"):
+        mtp_cy.MTP(mtp_model, type_v="q4_0", flash_attn="off")
+
+
+def test_long_drafts(mtp_model, mtp_sm):
+    p = prompt_of(mtp_sm, 3)
+    with mtp_cy.MTP(mtp_model, n_draft=64, n_ctx=128) as m:
+        assert m.generate(p, max_tokens=100, temp=0) == sm_predict(mtp_sm, p, 100, 64, 128).text
+        assert counters(m.stats()) == expected(sm_predict(mtp_sm, p, 100, 64, 128))
+    with mtp_cy.MTP(mtp_model, n_draft=4, n_ctx=64, n_batch=6, n_ubatch=6) as m:
+        assert m.generate(prompt_of(mtp_sm, 20), max_tokens=20, temp=0) == \
+            sm_predict(mtp_sm, prompt_of(mtp_sm, 20), 20, 4, 64).text
 
 
 def test_call_errors_leave_session_usable(mtp, mtp_sm, mtp_model):
