@@ -36,6 +36,7 @@ cdef class MTP(_Engine):
     """
     cdef llama_context * ctx_dft
     cdef common_speculative * spec
+    cdef bint spec_dirty        # a native step was interrupted: rebuild the speculative state
     cdef readonly int n_draft
 
     def __init__(self, Model model not None, *, n_draft=3, **options):
@@ -56,6 +57,12 @@ cdef class MTP(_Engine):
                 f"load it with mtp_cy.Model(path) (load_mtp=None or True)")
         o = _with_defaults(options, CONTEXT_DEFAULTS, "MTP")
         cdef llama_context_params cp = _context_params(o)
+        # a verification batch is [last, drafts...] and, on hybrid/recurrent models, its
+        # trailing n_draft + 1 tokens must stay in one ubatch (llama.cpp asserts otherwise)
+        if <int>cp.n_ubatch < self.n_draft + 2:
+            raise ValueError(
+                f"n_ubatch is {cp.n_ubatch} but MTP with n_draft={self.n_draft} needs n_ubatch >= "
+                f"n_draft + 2 = {self.n_draft + 2} (raise n_ubatch / n_batch / n_ctx, or lower n_draft)")
         cp.abort_callback = _abort_cb
         cp.abort_callback_data = <void *>self.ab
         cp.n_rs_seq = self.n_draft
@@ -196,7 +203,11 @@ cdef class MTP(_Engine):
         cdef int rc = 0, n = s.prompt.size() - 1, i = 0, j, m
         cdef bint ok = True
         cdef int64_t t0
-        self._new_spec()
+        # upstream's server keeps one speculative state per slot across requests and
+        # calls begin() per request; we do the same, unless a step was interrupted
+        if self.spec == NULL or self.spec_dirty:
+            self._new_spec()
+            self.spec_dirty = False
         s.history.clear()
         self._running = 1
         with nogil:
@@ -222,6 +233,8 @@ cdef class MTP(_Engine):
                 common_speculative_begin(self.spec, 0, s.history)
             mtp_cy_add(self.st.t_prefill_us, ggml_time_us() - t0)
         self._running = 0
+        if rc != 0 or not ok:
+            self.spec_dirty = True
         if rc != 0 or (not ok and self._aborted()):
             return self._raise_rc(rc, "processing the prompt")
         if not ok:
@@ -290,6 +303,8 @@ cdef class MTP(_Engine):
             mtp_cy_add(self.st.t_sample_us, t4 - t3)
             mtp_cy_add(self.st.t_total_us, t4 - t0)
         self._running = 0
+        if rc != 0 or not ok or self._aborted():
+            self.spec_dirty = True
         # an abort inside the MTP head's own decode (ok == False) is reported the same way
         if rc != 0 or (not ok and self._aborted()):
             return self._raise_rc(rc, "verifying a draft")

@@ -248,6 +248,25 @@ def test_constructor_errors(mtp_model, plain_model, mtp_sm):
         mtp_cy.MTP(mtp_model, n_ctx=0)
     with pytest.raises(TypeError):
         mtp_cy.MTP(None)
+    # llama.cpp would GGML_ASSERT on these (the verification batch must fit one ubatch)
+    with pytest.raises(ValueError, match=r"n_ubatch is 2 .* n_draft \+ 2 = 6"):
+        mtp_cy.MTP(mtp_model, n_draft=4, n_batch=2)
+    with pytest.raises(ValueError, match=r"n_ubatch is 4 .*n_draft=4"):
+        mtp_cy.MTP(mtp_model, n_draft=4, n_ctx=4)
+    with pytest.raises(ValueError, match="n_ubatch"):
+        mtp_cy.MTP(mtp_model, n_draft=3, n_ubatch=4)
+    with pytest.raises(mtp_cy.MTPError, match="flash_attn"):
+        mtp_cy.MTP(mtp_model, type_v="q4_0", flash_attn="off")
+
+
+def test_long_drafts(mtp_model, mtp_sm):
+    p = prompt_of(mtp_sm, 3)
+    with mtp_cy.MTP(mtp_model, n_draft=64, n_ctx=128) as m:
+        assert m.generate(p, max_tokens=100, temp=0) == sm_predict(mtp_sm, p, 100, 64, 128).text
+        assert counters(m.stats()) == expected(sm_predict(mtp_sm, p, 100, 64, 128))
+    with mtp_cy.MTP(mtp_model, n_draft=4, n_ctx=64, n_batch=6, n_ubatch=6) as m:
+        assert m.generate(prompt_of(mtp_sm, 20), max_tokens=20, temp=0) == \
+            sm_predict(mtp_sm, prompt_of(mtp_sm, 20), 20, 4, 64).text
 
 
 def test_call_errors_leave_session_usable(mtp, mtp_sm, mtp_model):
@@ -316,7 +335,16 @@ def test_stats_polled_from_another_thread_are_monotonic(mtp_model, mtp_sm):
 
 
 def test_two_sessions_run_concurrently(mtp_model, mtp_sm):
-    """Two MTP objects on two threads: both correct, and the native work overlaps (GIL released)."""
+    """Two MTP objects on two threads: both correct, and their native work overlaps.
+
+    Overlap is measured without trusting the machine to be idle: each session's
+    ``timing_us["total"]`` is the wall time its thread spent inside native decode
+    steps.  If the GIL were held during those steps, the two threads' native
+    intervals could not overlap and their sum would stay below the concurrent
+    wall time; with the GIL released (and the threads running at the same time)
+    the sum approaches twice the wall time.  On an idle 2-core machine the wall
+    time of the concurrent run is also well under the sequential one (printed).
+    """
     p = prompt_of(mtp_sm, 3)
     N = 1200
     want = sm_predict(mtp_sm, p, N, 3, 2048).text
@@ -324,29 +352,30 @@ def test_two_sessions_run_concurrently(mtp_model, mtp_sm):
     try:
         for s in sessions:
             s.generate(p, max_tokens=20, temp=0)   # warm up
-        best = None
-        for _attempt in range(3):
-            t0 = time.perf_counter()
-            for s in sessions:
-                assert s.generate(p, max_tokens=N, temp=0) == want
-            sequential = time.perf_counter() - t0
-            results = [None, None]
+        t0 = time.perf_counter()
+        for s in sessions:
+            assert s.generate(p, max_tokens=N, temp=0) == want
+        sequential = time.perf_counter() - t0
+        for s in sessions:
+            s.reset_stats()
+        results = [None, None]
+        barrier = threading.Barrier(2)
 
-            def run(i):
-                results[i] = sessions[i].generate(p, max_tokens=N, temp=0)
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            concurrent = time.perf_counter() - t0
-            assert results == [want, want]
-            ratio = concurrent / sequential
-            best = ratio if best is None else min(best, ratio)
-            if best < 0.85:
-                break
-        assert best < 0.85, f"two threads took {best:.2f}x the sequential time: no overlap"
+        def run(i):
+            barrier.wait()
+            results[i] = sessions[i].generate(p, max_tokens=N, temp=0)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        concurrent = time.perf_counter() - t0
+        assert results == [want, want]
+        native = sum(s.stats()["timing_us"]["total"] for s in sessions) / 1e6
+        print(f"sequential {sequential:.2f}s, concurrent {concurrent:.2f}s "
+              f"({concurrent / sequential:.2f}x), native time summed {native:.2f}s")
+        assert native > 1.3 * concurrent, (native, concurrent)
     finally:
         for s in sessions:
             s.close()
@@ -407,12 +436,18 @@ def test_leaving_a_stream_early_stops_the_loop(mtp, mtp_sm, how):
 def test_cancel_from_another_thread(mtp_model, mtp_sm):
     with mtp_cy.MTP(mtp_model, n_draft=3, n_ctx=4096, n_threads=1) as m:
         p = prompt_of(mtp_sm, 3)
-        got = []
-        timer = threading.Timer(0.05, m.cancel)
-        timer.start()
+        got, first = [], threading.Event()
+
+        def canceller():
+            first.wait(30)
+            time.sleep(0.05)
+            m.cancel()
+        t = threading.Thread(target=canceller)
+        t.start()
         for piece in m.stream(p, max_tokens=3500, temp=0):
             got.append(piece)
-        timer.join()
+            first.set()
+        t.join()
         assert 0 < len(got) < 3500
         assert "".join(got) == sm_predict(mtp_sm, p, len(got), 3, 4096).text
         assert m.generate(p, max_tokens=6, temp=0) == sm_predict(mtp_sm, p, 6, 3, 4096).text

@@ -1,0 +1,315 @@
+"""Command line: ``python -m mtp_cy {demo,run,bench,info}`` (also installed as ``mtp-cy``).
+
+* ``demo``: generate (once, then cached) a small synthetic MTP model, stream an
+  MTP generation with a live statistics line, then print a summary, including
+  a check that the text equals plain greedy decoding of the same model.
+* ``run MODEL.gguf "prompt"``: stream from any GGUF (MTP when the model has an
+  MTP head, plain decoding otherwise or with ``--plain``).
+* ``bench MODEL.gguf``: plain vs MTP (``--n-draft 1,2,3,4``) side by side.
+* ``info``: versions, CPU features and backend devices.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from typing import List, Optional, Sequence
+
+DEMO_PROMPT = "the sea"
+
+
+# ----------------------------------------------------------------------------- display
+
+class LiveView:
+    """Streams text to stdout with a statistics line kept below it (ANSI terminals).
+
+    When stdout is not a terminal the text is written plainly and the
+    statistics line is not drawn (the summary still is).
+    """
+
+    def __init__(self, engine, out=None, every: int = 1, live: Optional[bool] = None):
+        self.engine = engine
+        self.out = out or sys.stdout
+        self.live = self.out.isatty() and os.environ.get("TERM") != "dumb" if live is None else live
+        self.width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
+        self.cur = ""
+        self.every = max(1, every)
+        self.n = 0
+        self.t0 = time.perf_counter()
+        self.started = False
+
+    def _stats_line(self) -> str:
+        st = self.engine.stats()
+        el = time.perf_counter() - self.t0
+        line = (f"[{st['tokens_emitted']} tok | {st['tokens_emitted'] / el if el > 0 else 0:.0f} tok/s | "
+                f"iters {st['iters']} | drafted {st['drafts_generated']} | accepted {st['drafts_accepted']} "
+                f"({st['acceptance_rate'] * 100:.0f}%)]")
+        return line[: self.width]
+
+    def _draw(self, commit: Sequence[str] = ()):
+        w = self.out.write
+        if self.started:
+            w("\x1b[A\r\x1b[K")            # up to the text row
+        for line in commit:
+            w(line + "\n\x1b[K")
+        w(self.cur + "\n\r\x1b[K" + "\x1b[2m" + self._stats_line() + "\x1b[0m")
+        self.out.flush()
+        self.started = True
+
+    def piece(self, text: str):
+        self.n += 1
+        if not self.live:
+            self.out.write(text)
+            self.out.flush()
+            return
+        commit = []
+        for i, part in enumerate(text.split("\n")):
+            if i > 0:                      # a newline inside the piece ends the row
+                commit.append(self.cur)
+                self.cur = ""
+            self.cur += part
+            while len(self.cur) > self.width:
+                cut = self.cur.rfind(" ", 0, self.width)
+                cut = cut if cut > 0 else self.width
+                commit.append(self.cur[:cut])
+                self.cur = self.cur[cut:].lstrip(" ")
+        if commit or self.n % self.every == 0:
+            self._draw(commit)
+
+    def finish(self):
+        if self.live:
+            self._draw()
+            self.out.write("\n")
+        else:
+            self.out.write("\n")
+        self.out.flush()
+
+
+def _summary(st: dict, wall: float, err=None) -> str:
+    t = st["timing_us"]
+    rows = [
+        ("tokens emitted", f"{st['tokens_emitted']}"),
+        ("verification passes (iters)", f"{st['iters']}"),
+        ("drafts generated / accepted", f"{st['drafts_generated']} / {st['drafts_accepted']}"),
+        ("acceptance rate", f"{st['acceptance_rate'] * 100:.1f}%"),
+        ("tokens per iteration", f"{st['tokens_emitted'] / st['iters']:.2f}" if st["iters"] else "-"),
+        ("decode speed (native loop)", f"{st['tokens_per_sec']:.1f} tok/s"),
+        ("time: prefill / draft / verify / sample",
+         f"{t['prefill'] / 1e3:.1f} / {t['draft'] / 1e3:.1f} / {t['verify'] / 1e3:.1f} / {t['sample'] / 1e3:.1f} ms"),
+        ("wall time", f"{wall:.2f} s"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
+
+
+def _sampling_from(args) -> dict:
+    o = {"temp": args.temp}
+    if args.seed is not None:
+        o["seed"] = args.seed
+    for k in ("top_k", "top_p", "min_p"):
+        v = getattr(args, k, None)
+        if v is not None:
+            o[k] = v
+    return o
+
+
+def _load(path, args):
+    import mtp_cy
+    kw = {"progress": not args.quiet and sys.stderr.isatty()}
+    if getattr(args, "n_gpu_layers", None) is not None:
+        kw["n_gpu_layers"] = args.n_gpu_layers
+    return mtp_cy.Model(path, **kw)
+
+
+def _ctx_opts(args) -> dict:
+    o = {"n_ctx": args.n_ctx}
+    if args.threads is not None:
+        o["n_threads"] = args.threads
+    return o
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_demo(args) -> int:
+    import mtp_cy
+    from mtp_cy import synthetic
+    err = sys.stderr
+    err.write(f"mtp_cy {mtp_cy.__version__} (llama.cpp {mtp_cy.llama_cpp_commit}) - "
+              f"synthetic MTP demo model (acceptance {args.acceptance:.2f}, size {args.size})\n")
+    t0 = time.perf_counter()
+    sm = synthetic.cached_model(mtp=True, acceptance=args.acceptance, size=args.size)
+    err.write(f"model: {sm.path} ({sm.n_params / 1e6:.1f}M params, ready in {time.perf_counter() - t0:.1f} s)\n")
+    with _load(sm.path, args) as model, mtp_cy.MTP(model, n_draft=args.n_draft, **_ctx_opts(args)) as mtp:
+        prompt = args.prompt
+        err.write(f"prompt: {prompt!r}   n_draft={args.n_draft}  max_tokens={args.max_tokens}\n\n")
+        view = LiveView(mtp, every=args.stats_every)
+        t0 = time.perf_counter()
+        parts = []
+        try:
+            for piece in mtp.stream(prompt, max_tokens=args.max_tokens, temp=0):
+                parts.append(piece)
+                view.piece(piece)
+        finally:
+            view.finish()
+        wall = time.perf_counter() - t0
+        st = mtp.stats()
+        print("\nsummary:")
+        print(_summary(st, wall))
+        # the promise of speculative decoding: the same text as plain decoding, and the
+        # counters the synthetic model's oracle predicts
+        with mtp_cy.Session(model, **_ctx_opts(args)) as plain:
+            t1 = time.perf_counter()
+            plain_text = plain.generate(prompt, max_tokens=args.max_tokens, temp=0)
+            plain_wall = time.perf_counter() - t1
+            plain_st = plain.stats()
+        same = plain_text == "".join(parts)
+        want = sm.predict(model.tokenize(prompt, parse_special=True), args.max_tokens, args.n_draft,
+                          n_ctx=mtp.n_ctx)
+        exact = (want.iters, want.drafts_generated, want.drafts_accepted, want.tokens_emitted) == \
+                (st["iters"], st["drafts_generated"], st["drafts_accepted"], st["tokens_emitted"])
+        print(f"  {'plain decoding (same model)':<39}  {plain_st['tokens_per_sec']:.1f} tok/s "
+              f"(wall {plain_wall:.2f} s)")
+        print(f"  {'identical to plain greedy text':<39}  {'yes' if same else 'NO'}")
+        print(f"  {'statistics equal the oracle':<39}  {'yes' if exact else 'NO'}")
+        if args.upstream_stats:
+            mtp.print_stats()
+    return 0 if (same and exact) else 1
+
+
+def cmd_run(args) -> int:
+    import mtp_cy
+    model = _load(args.model, args)
+    with model:
+        use_mtp = model.has_mtp and not args.plain
+        if not use_mtp and not args.plain and not args.quiet:
+            sys.stderr.write("note: this model has no MTP head; using plain decoding\n")
+        eng = (mtp_cy.MTP(model, n_draft=args.n_draft, **_ctx_opts(args)) if use_mtp
+               else mtp_cy.Session(model, **_ctx_opts(args)))
+        with eng:
+            view = LiveView(eng, every=args.stats_every, live=False if args.quiet else None)
+            t0 = time.perf_counter()
+            try:
+                for piece in eng.stream(args.prompt, max_tokens=args.max_tokens, **_sampling_from(args)):
+                    view.piece(piece)
+            except KeyboardInterrupt:
+                view.finish()
+                sys.stderr.write("interrupted\n")
+                return 130
+            view.finish()
+            if not args.quiet:
+                sys.stderr.write("\n" + _summary(eng.stats(), time.perf_counter() - t0) + "\n")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from mtp_cy.bench import format_table, measure
+    model = _load(args.model, args)
+    with model:
+        drafts = [int(x) for x in args.n_draft.split(",") if x.strip()] if model.has_mtp else []
+        if not model.has_mtp:
+            sys.stderr.write("note: this model has no MTP head; measuring plain decoding only\n")
+
+        def prog(msg):
+            if not args.quiet:
+                sys.stderr.write(f"\r\x1b[K{msg}" if sys.stderr.isatty() else msg + "\n")
+                sys.stderr.flush()
+        rows = measure(model, args.prompt, max_tokens=args.max_tokens, n_drafts=drafts,
+                       repeats=args.repeats, n_threads=args.threads, progress=prog)
+        if sys.stderr.isatty() and not args.quiet:
+            sys.stderr.write("\r\x1b[K")
+        print(f"{model!r}\nprompt {args.prompt!r}, {args.max_tokens} tokens, greedy, "
+              f"median of {args.repeats} interleaved runs\n")
+        print(format_table(rows))
+    return 0
+
+
+def cmd_info(args) -> int:
+    import mtp_cy
+    mtp_cy.init()
+    print(f"mtp_cy {mtp_cy.__version__}, llama.cpp {mtp_cy.llama_cpp_commit}")
+    print(f"system: {mtp_cy.system_info()}")
+    for d in mtp_cy.devices():
+        mem = f", {d['memory_total'] / 2**30:.1f} GiB" if d.get("memory_total") else ""
+        print(f"device: {d['name']} ({d['type']}): {d['description']}{mem}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+def _positive_int(s):
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mtp_cy",
+                                description="MTP speculative decoding over llama.cpp (mtp_cy).")
+    sub = p.add_subparsers(dest="command", metavar="{demo,run,bench,info}")
+    sub.required = True
+
+    def common(sp, n_ctx=2048):
+        sp.add_argument("--n-ctx", type=_positive_int, default=n_ctx, help="context size (default %(default)s)")
+        sp.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: llama.cpp's)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar, live line or summary")
+
+    d = sub.add_parser("demo", help="stream from a synthetic MTP model with live statistics")
+    d.add_argument("--n-draft", type=_positive_int, default=3)
+    d.add_argument("--max-tokens", type=_positive_int, default=160)
+    d.add_argument("--acceptance", type=float, default=0.75, help="fraction of drafts that are right")
+    d.add_argument("--size", choices=["tiny", "bench"], default="tiny", help="tiny (~10 MB) or bench (>=200M params)")
+    d.add_argument("--prompt", default=DEMO_PROMPT)
+    d.add_argument("--stats-every", type=_positive_int, default=1, help="redraw the statistics every N tokens")
+    d.add_argument("--upstream-stats", action="store_true", help="also log llama.cpp's own speculative summary")
+    common(d)
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("run", help="stream a completion from a GGUF model")
+    r.add_argument("model", help="path to a .gguf file")
+    r.add_argument("prompt")
+    r.add_argument("--n-draft", type=_positive_int, default=3)
+    r.add_argument("--max-tokens", type=_positive_int, default=256)
+    r.add_argument("--temp", type=float, default=0.8)
+    r.add_argument("--top-k", type=int, default=None)
+    r.add_argument("--top-p", type=float, default=None)
+    r.add_argument("--min-p", type=float, default=None)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--plain", action="store_true", help="plain decoding even when the model has an MTP head")
+    r.add_argument("--n-gpu-layers", type=int, default=None, help="layers to offload (-1 = all, default)")
+    r.add_argument("--stats-every", type=_positive_int, default=4)
+    common(r)
+    r.set_defaults(func=cmd_run)
+
+    b = sub.add_parser("bench", help="plain vs MTP decoding speed on a GGUF model")
+    b.add_argument("model")
+    b.add_argument("--prompt", default="The quick brown fox")
+    b.add_argument("--max-tokens", type=_positive_int, default=128)
+    b.add_argument("--n-draft", default="1,2,3,4", help="comma-separated draft lengths (default %(default)s)")
+    b.add_argument("--repeats", type=_positive_int, default=3)
+    b.add_argument("--n-gpu-layers", type=int, default=None)
+    common(b)
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("info", help="versions, CPU features and devices")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    import mtp_cy
+    try:
+        return args.func(args)
+    except (mtp_cy.MTPError, ValueError, OSError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Type stubs for mtp_cy._core (the compiled extension)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict, Union
+
+import numpy as np
+import numpy.typing as npt
+
+Prompt = Union[str, Sequence[int]]
+FlashAttn = Literal["auto", "on", "off", True, False]
+KVType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+
+CONTEXT_DEFAULTS: Dict[str, Any]
+CONTEXT_OPTIONS: Tuple[str, ...]
+SAMPLER_DEFAULTS: Dict[str, Any]
+STREAM_DEFAULTS: Dict[str, Any]
+STREAM_OPTIONS: Tuple[str, ...]
+llama_cpp_commit: str
+
+
+class TimingUs(TypedDict):
+    draft: int
+    verify: int
+    sample: int
+    total: int
+    prefill: int
+
+
+class Stats(TypedDict):
+    iters: int
+    drafts_generated: int
+    drafts_accepted: int
+    acceptance_rate: float
+    tokens_emitted: int
+    tokens_per_sec: float
+    timing_us: TimingUs
+    n_draft: int
+    prompt_tokens: int
+    calls: int
+
+
+class FinalStats(Stats, total=False):
+    stop_reason: Literal["max_tokens", "ctx_full", "cancelled"]
+
+
+class Device(TypedDict):
+    name: str
+    description: str
+    type: Literal["cpu", "gpu", "igpu", "accel", "unknown"]
+    backend: str
+    memory_free: int
+    memory_total: int
+
+
+TokenEvent = Tuple[Literal["token"], int, str]
+StatsEvent = Tuple[Literal["stats"], Stats]
+DoneEvent = Tuple[Literal["done"], FinalStats]
+EogEvent = Tuple[Literal["eog"], None]
+Event = Union[TokenEvent, StatsEvent, DoneEvent, EogEvent]
+
+
+def init() -> None:
+    """Initialise llama.cpp's backends (idempotent; done lazily by Model too)."""
+
+
+def system_info() -> str:
+    """ggml's CPU feature string (e.g. ``"CPU : SSE3 = 1 | AVX2 = 1 | ..."``)."""
+
+
+def devices() -> List[Device]:
+    """The backend devices llama.cpp can use, with their memory."""
+
+
+class Model:
+    """A GGUF model loaded by llama.cpp (weights shared by every session on it)."""
+
+    def __init__(self, path: Union[str, os.PathLike[str]], *, n_gpu_layers: int = -1, use_mmap: bool = True,
+                 use_mlock: bool = False, load_mtp: Optional[bool] = None, main_gpu: int = 0,
+                 split_mode: Literal["none", "layer", "row", "tensor"] = "layer",
+                 tensor_split: Optional[Sequence[float]] = None, vocab_only: bool = False,
+                 progress: Union[None, bool, Callable[[float], Optional[bool]]] = None) -> None: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def metadata(self) -> Dict[str, str]: ...
+    @property
+    def arch(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def n_vocab(self) -> int: ...
+    @property
+    def n_ctx_train(self) -> int: ...
+    @property
+    def n_embd(self) -> int: ...
+    @property
+    def n_layer(self) -> int: ...
+    @property
+    def n_layer_nextn(self) -> int: ...
+    @property
+    def has_mtp(self) -> bool: ...
+    @property
+    def n_params(self) -> int: ...
+    @property
+    def size_bytes(self) -> int: ...
+    @property
+    def chat_template(self) -> Optional[str]: ...
+    @property
+    def bos_token_id(self) -> Optional[int]: ...
+    @property
+    def eos_token_id(self) -> Optional[int]: ...
+    def tokenize(self, text: Union[str, bytes], add_special: bool = True,
+                 parse_special: bool = False) -> npt.NDArray[np.int32]: ...
+    def token_to_piece(self, token_id: int, special: bool = True) -> bytes: ...
+    def detokenize(self, tokens: Sequence[int], remove_special: bool = False,
+                   unparse_special: bool = True) -> str: ...
+    def is_eog(self, token_id: int) -> bool: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Model: ...
+    def __exit__(self, *exc: object) -> bool: ...
+
+
+class _Stream(Iterator[Any]):
+    """The iterator returned by ``stream()`` / ``stream_events()``."""
+
+    def __iter__(self) -> _Stream: ...
+    def __next__(self) -> Any: ...
+    def close(self) -> None: ...
+    @property
+    def finish_reason(self) -> Optional[Literal["max_tokens", "eog", "ctx_full", "cancelled", "error"]]: ...
+
+
+class _Engine:
+    @property
+    def model(self) -> Model: ...
+    @property
+    def n_ctx(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def stats(self) -> Stats: ...
+    def reset_stats(self) -> None: ...
+    def cancel(self) -> None: ...
+    def close(self) -> None: ...
+    def stream(self, prompt: Prompt, *, max_tokens: int = 256, timeout: Optional[float] = 60.0,
+               temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+               seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
+               penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
+               grammar_root: str = "root", emit_stats_every: int = 0) -> Iterator[str]: ...
+    def stream_events(self, prompt: Prompt, emit_stats_every: int = 0, *, max_tokens: int = 256,
+                      timeout: Optional[float] = 60.0, temp: float = 0.8, top_k: int = 40,
+                      top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
+                      penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
+                      penalty_present: float = 0.0, grammar: Optional[str] = None,
+                      grammar_root: str = "root") -> Iterator[Event]: ...
+    def generate(self, prompt: Prompt, *, max_tokens: int = 256, timeout: Optional[float] = 60.0,
+                 temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
+                 penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
+                 grammar_root: str = "root", emit_stats_every: int = 0) -> str: ...
+
+
+class Session(_Engine):
+    """Plain (non-speculative) decoding: the baseline of every MTP result."""
+
+    def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: Optional[int] = None,
+                 n_ubatch: Optional[int] = None, n_threads: Optional[int] = None,
+                 n_threads_batch: Optional[int] = None, flash_attn: FlashAttn = "auto",
+                 type_k: KVType = "f16", type_v: KVType = "f16", offload_kqv: bool = True) -> None: ...
+    def __enter__(self) -> Session: ...
+    def __exit__(self, *exc: object) -> bool: ...
+
+
+class MTP(_Engine):
+    """Multi-Token Prediction speculative decoding with the model's own MTP head."""
+
+    def __init__(self, model: Model, *, n_draft: int = 3, n_ctx: int = 2048, n_batch: Optional[int] = None,
+                 n_ubatch: Optional[int] = None, n_threads: Optional[int] = None,
+                 n_threads_batch: Optional[int] = None, flash_attn: FlashAttn = "auto",
+                 type_k: KVType = "f16", type_v: KVType = "f16", offload_kqv: bool = True) -> None: ...
+    @property
+    def n_draft(self) -> int: ...
+    def print_stats(self) -> str: ...
+    def __enter__(self) -> MTP: ...
+    def __exit__(self, *exc: object) -> bool: ...
