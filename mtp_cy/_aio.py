@@ -25,8 +25,11 @@ import collections
 import concurrent.futures
 import os
 import threading
+from typing import Any, Callable, Generic, Optional, TypeVar
 
 __all__ = ["AsyncStream"]
+
+T = TypeVar("T")
 
 _executor = None
 _executor_lock = threading.Lock()
@@ -63,7 +66,7 @@ class _Once:
         return fn()
 
 
-class AsyncStream:
+class AsyncStream(Generic[T]):
     """Async iterator over one generation call of a :class:`Session` or :class:`MTP`.
 
     Returned by ``astream``, ``astream_events``, ``achat`` and ``achat_events``.
@@ -76,7 +79,7 @@ class AsyncStream:
 
     __slots__ = ("_opener", "_stream", "_items", "_future", "_done", "_cancel_requested", "__weakref__")
 
-    def __init__(self, opener):
+    def __init__(self, opener: Callable[[], Any]) -> None:
         self._opener = opener
         self._stream = None
         self._items = collections.deque()
@@ -129,10 +132,10 @@ class AsyncStream:
             self._stream.close()
 
     # -- async iterator -----------------------------------------------------------------
-    def __aiter__(self):
+    def __aiter__(self) -> "AsyncStream[T]":
         return self
 
-    async def __anext__(self):
+    async def __anext__(self) -> T:
         if self._items:
             return self._items.popleft()
         if self._done:
@@ -160,7 +163,7 @@ class AsyncStream:
         self._items.extend(items)
         return self._items.popleft()
 
-    async def aclose(self):
+    async def aclose(self) -> None:
         """Stop the stream; when this returns the native loop has stopped and the session is free."""
         cf = self._future
         if cf is not None and not cf.done():
@@ -168,10 +171,10 @@ class AsyncStream:
         else:
             self._finish()
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> "AsyncStream[T]":
         return self
 
-    async def __aexit__(self, *exc):
+    async def __aexit__(self, *exc: object) -> bool:
         await self.aclose()
         return False
 
@@ -185,17 +188,17 @@ class AsyncStream:
 
     # -- results ------------------------------------------------------------------------
     @property
-    def finish_reason(self):
+    def finish_reason(self) -> Optional[str]:
         """``None`` until the stream ended, then as :attr:`finish_reason` of the sync stream."""
         return None if self._stream is None else self._stream.finish_reason
 
     @property
-    def stop_string(self):
+    def stop_string(self) -> Optional[str]:
         """The stop string that ended the stream, or ``None``."""
         return None if self._stream is None else self._stream.stop_string
 
 
-async def collect(stream: AsyncStream) -> str:
+async def collect(stream: "AsyncStream[str]") -> str:
     """Join the pieces of an :class:`AsyncStream` (``agenerate``)."""
     parts = []
     try:

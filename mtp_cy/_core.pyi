@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict, Union
+from typing import (Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, TypedDict,
+                    Union)
 
 import numpy as np
 import numpy.typing as npt
 
+from mtp_cy._aio import AsyncStream
+
 Prompt = Union[str, Sequence[int]]
 FlashAttn = Literal["auto", "on", "off", True, False]
+Stop = Union[None, str, Sequence[str]]
+Message = Mapping[str, Any]       # {"role": str, "content": str | None | [{"type": "text", "text": str}], ...}
 KVType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
 CONTEXT_DEFAULTS: Dict[str, Any]
@@ -57,7 +62,8 @@ TokenEvent = Tuple[Literal["token"], int, str]
 StatsEvent = Tuple[Literal["stats"], Stats]
 DoneEvent = Tuple[Literal["done"], FinalStats]
 EogEvent = Tuple[Literal["eog"], None]
-Event = Union[TokenEvent, StatsEvent, DoneEvent, EogEvent]
+StopEvent = Tuple[Literal["stop"], str]
+Event = Union[TokenEvent, StatsEvent, DoneEvent, EogEvent, StopEvent]
 
 
 def init() -> None:
@@ -118,6 +124,8 @@ class Model:
     def detokenize(self, tokens: Sequence[int], remove_special: bool = False,
                    unparse_special: bool = True) -> str: ...
     def is_eog(self, token_id: int) -> bool: ...
+    def apply_chat_template(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+                            template: Optional[str] = None, **kwargs: Any) -> str: ...
     def close(self) -> None: ...
     def __enter__(self) -> Model: ...
     def __exit__(self, *exc: object) -> bool: ...
@@ -130,7 +138,11 @@ class _Stream(Iterator[Any]):
     def __next__(self) -> Any: ...
     def close(self) -> None: ...
     @property
-    def finish_reason(self) -> Optional[Literal["max_tokens", "eog", "ctx_full", "cancelled", "error"]]: ...
+    def finish_reason(self) -> Optional[Literal["max_tokens", "eog", "stop", "ctx_full", "cancelled", "error"]]: ...
+    @property
+    def stop_string(self) -> Optional[str]: ...
+    @property
+    def tokens_delivered(self) -> int: ...
 
 
 class _Engine:
@@ -148,18 +160,64 @@ class _Engine:
                temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
                penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
-               grammar_root: str = "root", emit_stats_every: int = 0) -> Iterator[str]: ...
+               grammar_root: str = "root", stop: Stop = None, emit_stats_every: int = 0) -> Iterator[str]: ...
     def stream_events(self, prompt: Prompt, emit_stats_every: int = 0, *, max_tokens: int = 256,
                       timeout: Optional[float] = 60.0, temp: float = 0.8, top_k: int = 40,
                       top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
                       penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                       penalty_present: float = 0.0, grammar: Optional[str] = None,
-                      grammar_root: str = "root") -> Iterator[Event]: ...
+                      grammar_root: str = "root", stop: Stop = None) -> Iterator[Event]: ...
     def generate(self, prompt: Prompt, *, max_tokens: int = 256, timeout: Optional[float] = 60.0,
                  temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                  seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
                  penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
-                 grammar_root: str = "root", emit_stats_every: int = 0) -> str: ...
+                 grammar_root: str = "root", stop: Stop = None, emit_stats_every: int = 0) -> str: ...
+    # chat: the conversation rendered with Model.apply_chat_template, then as stream()
+    def chat(self, messages: Sequence[Message], *, template: Optional[str] = None,
+             chat_template_kwargs: Optional[Mapping[str, Any]] = None, max_tokens: int = 256,
+             timeout: Optional[float] = 60.0, temp: float = 0.8, top_k: int = 40, top_p: float = 0.95,
+             min_p: float = 0.05, seed: Optional[int] = None, penalty_last_n: int = 64,
+             penalty_repeat: float = 1.0, penalty_freq: float = 0.0, penalty_present: float = 0.0,
+             grammar: Optional[str] = None, grammar_root: str = "root", stop: Stop = None,
+             emit_stats_every: int = 0) -> Iterator[str]: ...
+    def chat_events(self, messages: Sequence[Message], *, template: Optional[str] = None,
+                    chat_template_kwargs: Optional[Mapping[str, Any]] = None, emit_stats_every: int = 0,
+                    max_tokens: int = 256, timeout: Optional[float] = 60.0, temp: float = 0.8, top_k: int = 40,
+                    top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
+                    penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
+                    penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
+                    stop: Stop = None) -> Iterator[Event]: ...
+    # asyncio: the native steps run in a worker thread; see mtp_cy._aio
+    def astream(self, prompt: Prompt, *, max_tokens: int = 256, timeout: Optional[float] = 60.0,
+                temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
+                penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
+                grammar_root: str = "root", stop: Stop = None, emit_stats_every: int = 0) -> AsyncStream[str]: ...
+    def astream_events(self, prompt: Prompt, emit_stats_every: int = 0, *, max_tokens: int = 256,
+                       timeout: Optional[float] = 60.0, temp: float = 0.8, top_k: int = 40,
+                       top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
+                       penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
+                       penalty_present: float = 0.0, grammar: Optional[str] = None,
+                       grammar_root: str = "root", stop: Stop = None) -> AsyncStream[Event]: ...
+    async def agenerate(self, prompt: Prompt, *, max_tokens: int = 256, timeout: Optional[float] = 60.0,
+                        temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                        seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
+                        penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
+                        grammar_root: str = "root", stop: Stop = None, emit_stats_every: int = 0) -> str: ...
+    def achat(self, messages: Sequence[Message], *, template: Optional[str] = None,
+              chat_template_kwargs: Optional[Mapping[str, Any]] = None, max_tokens: int = 256,
+              timeout: Optional[float] = 60.0, temp: float = 0.8, top_k: int = 40, top_p: float = 0.95,
+              min_p: float = 0.05, seed: Optional[int] = None, penalty_last_n: int = 64,
+              penalty_repeat: float = 1.0, penalty_freq: float = 0.0, penalty_present: float = 0.0,
+              grammar: Optional[str] = None, grammar_root: str = "root", stop: Stop = None,
+              emit_stats_every: int = 0) -> AsyncStream[str]: ...
+    def achat_events(self, messages: Sequence[Message], *, template: Optional[str] = None,
+                     chat_template_kwargs: Optional[Mapping[str, Any]] = None, emit_stats_every: int = 0,
+                     max_tokens: int = 256, timeout: Optional[float] = 60.0, temp: float = 0.8, top_k: int = 40,
+                     top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
+                     penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
+                     penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
+                     stop: Stop = None) -> AsyncStream[Event]: ...
 
 
 class Session(_Engine):
