@@ -27,11 +27,15 @@ from setuptools.command.sdist import sdist
 ROOT = Path(__file__).resolve().parent
 
 
-def _fetcher():
-    spec = importlib.util.spec_from_file_location("fetch_llama_cpp", ROOT / "vendor" / "fetch_llama_cpp.py")
+def _vendor_module(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "vendor" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _fetcher():
+    return _vendor_module("fetch_llama_cpp")
 
 
 def llama_dir() -> Path:
@@ -55,6 +59,10 @@ def cmake_args(src: Path) -> list:
     if os.environ.get("CCACHE", "1") != "0" and shutil.which("ccache"):
         args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache",
                  "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
+    # a ninja that outlives pip's temporary build environment, so the tree can be rebuilt
+    ninja = _vendor_module("native_build").stable_tool("ninja")
+    if ninja:
+        args.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
     args += shlex.split(os.environ.get("CMAKE_ARGS", ""))
     return args
 
@@ -67,11 +75,14 @@ def build_native() -> tuple:
     args = cmake_args(src)
     stamp = bdir / ".mtp_cy_configure"
     key = hashlib.sha256(repr(args).encode()).hexdigest()
-    if not (bdir / "CMakeCache.txt").exists() or not stamp.exists() or stamp.read_text() != key:
-        subprocess.check_call(["cmake", "-S", str(ROOT / "vendor"), "-B", str(bdir)] + args)
+    nb = _vendor_module("native_build")
+    cmake = nb.stable_tool("cmake") or "cmake"
+    if (not (bdir / "CMakeCache.txt").exists() or not stamp.exists() or stamp.read_text() != key
+            or nb.tools_missing(bdir)):
+        subprocess.check_call([cmake, "-S", str(ROOT / "vendor"), "-B", str(bdir)] + args)
         stamp.write_text(key)
     jobs = os.environ.get("MTP_CY_JOBS") or str(os.cpu_count() or 2)
-    subprocess.check_call(["cmake", "--build", str(bdir), "--target", "llama-common", "-j", jobs])
+    subprocess.check_call([cmake, "--build", str(bdir), "--target", "llama-common", "-j", jobs])
     return bdir, src
 
 

@@ -53,8 +53,9 @@ def upstream_bin(name: str) -> Path:
     if not (bdir / "CMakeCache.txt").is_file():
         sys.exit(f"no native build tree at {bdir}: run `pip install -e .` (or python setup.py build_ext "
                  f"--inplace) first, or set MTP_CY_UPSTREAM_BIN")
-    subprocess.run(["cmake", "-DMTP_CY_UPSTREAM_TOOLS=ON", str(bdir)], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(bdir), "--target", name], check=True, stdout=subprocess.DEVNULL)
+    sys.path.insert(0, str(ROOT / "vendor"))
+    import native_build
+    native_build.build_targets(bdir, [name])
     return bdir / "bin" / name
 
 

@@ -79,17 +79,16 @@ def upstream_binary(name):
     static libraries, so this costs well under a minute.  Returns None when there is
     no build tree (e.g. testing an installed wheel) and ``$MTP_CY_UPSTREAM_BIN`` is unset.
     """
-    import subprocess
+    import importlib.util
     if name in _UPSTREAM:
         return _UPSTREAM[name]
     path = upstream_bin_dir() / name
     if not os.environ.get("MTP_CY_UPSTREAM_BIN"):
         bdir = path.parent.parent
-        if (bdir / "CMakeCache.txt").is_file():
-            jobs = os.environ.get("MTP_CY_JOBS") or str(os.cpu_count() or 2)
-            subprocess.run(["cmake", "-DMTP_CY_UPSTREAM_TOOLS=ON", str(bdir)], check=True,
-                           stdout=subprocess.DEVNULL)
-            subprocess.run(["cmake", "--build", str(bdir), "--target", name, "-j", jobs], check=True,
-                           stdout=subprocess.DEVNULL)
+        if (bdir / "CMakeCache.txt").is_file() and (ROOT / "vendor" / "native_build.py").is_file():
+            spec = importlib.util.spec_from_file_location("native_build", ROOT / "vendor" / "native_build.py")
+            nb = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(nb)
+            nb.build_targets(bdir, [name])
     _UPSTREAM[name] = path if path.is_file() else None
     return _UPSTREAM[name]

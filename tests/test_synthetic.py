@@ -393,11 +393,13 @@ def test_oracle_eog(tmp_path):
     g = m.greedy(prompt, 100)
     assert g.stop == "eog" and len(g.tokens) == 4 and g.tokens[-1] == sea
     r = m.predict(prompt, 100, 3)
-    # iteration 1: draft 3 (all right) + 1 -> 4 tokens; iteration 2: drafts [EOG, ...], target EOG
+    # iteration 1: draft 3 (all right) + 1 -> 4 tokens; iteration 2: drafts [EOG, ...], the
+    # target confirms EOG at the first position: acceptance stops there, as upstream's
+    # common_sampler_sample_and_accept_n does (the EOG is the target's own token)
     assert r.tokens == g.tokens and r.stop == "eog" and r.iters == 2
-    assert r.drafts_generated == 6 and r.drafts_accepted == 6
+    assert r.drafts_generated == 6 and r.drafts_accepted == 3
     u = m.predict(prompt, 100, 3, rules="upstream")
-    # upstream stops accepting after an EOG that is not the last draft token
+    # upstream: the same acceptance rule
     assert u.tokens == g.tokens and u.stop == "eog" and (u.n_predict, u.n_drafted, u.n_accept) == (5, 6, 3)
     assert m.predict(prompt, 4, 3).stop == "max_tokens"
 
