@@ -485,6 +485,12 @@ cdef class Model:
         ``raise_exception``).
         """
         self._check()
+        return self._apply_chat(messages, add_generation_prompt, template, kwargs)
+
+    cdef str _apply_chat(self, messages, add_generation_prompt, template, dict kwargs):
+        # sessions call this directly: a closed model whose weights a session keeps alive still renders
+        if self._model == NULL:
+            raise ClosedError("this Model is closed")
         if not isinstance(add_generation_prompt, bool):
             raise TypeError(f"add_generation_prompt must be True or False, got {add_generation_prompt!r}")
         msgs = _chat_messages_json(messages)

@@ -129,8 +129,14 @@ cdef class Session(_Engine):
         ``stop`` the pieces are the released chunks of text rather than one per
         token.  ``stream.finish_reason`` is then ``"stop"`` and
         ``stream.stop_string`` the string found.  An empty stop string raises
-        ``ValueError``.  See :class:`_Stream` for how held-back and partially
-        delivered tokens count in ``stats()["tokens_emitted"]``.
+        ``ValueError``.  ``stats()["tokens_emitted"]`` counts delivered tokens: a
+        token counts once all of its text was released; at a stop string, a token
+        whose text begins before it counts once (its piece cut there), tokens
+        inside or after it do not, nor do tokens generated after it (e.g. the rest
+        of an MTP verification batch).  If the stream ends for another reason
+        (``max_tokens``, end of generation, full context, ``cancel()``), the
+        held-back text is released first; if it ends with an error, the held-back
+        text is yielded before the exception is raised.
         """
         return self._open(prompt, options, False, "stream", 0)
 

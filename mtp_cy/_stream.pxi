@@ -248,7 +248,7 @@ cdef class _Engine:
             kw = dict(chat_template_kwargs)
         else:
             raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
-        return self.model.apply_chat_template(messages, add_generation_prompt=True, template=template, **kw)
+        return self.model._apply_chat(messages, True, template, kw)
 
     def chat(self, messages, *, template=None, chat_template_kwargs=None, **options):
         """Generate the assistant's reply to a conversation; an iterator of ``str`` pieces.
@@ -359,7 +359,6 @@ cdef class _Engine:
         s.queue = []
         s.stops = stops
         if stops is not None:
-            s.prefixes = frozenset(x[:i] for x in stops for i in range(1, len(x)))
             s.max_stop = max(len(x) for x in stops)
         return s
 
@@ -457,7 +456,6 @@ cdef class _Stream:
     cdef object deferred          # an error raised after the held-back text was flushed
     # stop strings (stops is None without them)
     cdef tuple stops
-    cdef object prefixes          # every proper prefix of every stop string
     cdef Py_ssize_t max_stop
     cdef str text                 # generated text from character `base` on
     cdef Py_ssize_t base
@@ -603,9 +601,18 @@ cdef class _Stream:
             self._finish_event(R_STOP)
             return True
         # hold back the longest tail that is still the beginning of a stop string
-        k = min(n - rel, self.max_stop - 1)
-        while k > 0 and self.text[n - k:] not in self.prefixes:
-            k -= 1
+        # (candidates start with the stop string's first character; the first
+        # one found is the longest for that string)
+        k = 0
+        w = max(rel, n - (self.max_stop - 1))
+        for x in self.stops:
+            c = (<str>x)[0]
+            i = self.text.find(c, w)
+            while 0 <= i and n - i > k:
+                if n - i < len(x) and (<str>x).startswith(self.text[i:]):
+                    k = n - i
+                    break
+                i = self.text.find(c, i + 1)
         self._release_to(self.total - k)
         return False
 

@@ -341,3 +341,21 @@ def test_chat_errors_leave_the_session_usable(engine, qwen_sm, qwen_model):
     rendered = qwen_model.apply_chat_template(CONV)
     _, want = expected_reply(kind, qwen_sm, qwen_model, rendered, 5)
     assert "".join(e.chat(CONV, max_tokens=5, temp=0)) == want.text
+
+
+def test_chat_on_a_session_outliving_its_closed_model(qwen_sm):
+    """model.close() is deferred while a session uses the weights: chat() keeps working."""
+    m = mtp_cy.Model(qwen_sm.path)
+    rendered = m.apply_chat_template(CONV)
+    with mtp_cy.MTP(m, n_draft=3, n_ctx=256, n_threads=1) as e:
+        m.close()
+        with pytest.raises(mtp_cy.ClosedError):
+            m.apply_chat_template(CONV)
+        want = qwen_sm.predict(_tokens(qwen_sm, rendered), 6, 3, n_ctx=256)
+        assert "".join(e.chat(CONV, max_tokens=6, temp=0)) == want.text
+    assert m.closed
+
+
+def _tokens(sm, text):
+    with mtp_cy.Model(sm.path, vocab_only=True) as v:
+        return list(v.tokenize(text, add_special=True, parse_special=True))

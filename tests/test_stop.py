@@ -336,3 +336,21 @@ def test_invalid_stop_raises_and_session_stays_usable(engine, mtp_sm, bad, exc):
         e.stream_events(p, max_tokens=4, stop=bad)
     assert e.generate(p, max_tokens=6, temp=0, stop=[]) == oracle(mtp_sm, p, 6).text
     assert e.generate(p, max_tokens=6, temp=0, stop=None) == oracle(mtp_sm, p, 6).text
+
+
+def test_long_stop_strings_stay_cheap(engine, mtp_sm):
+    """Holding back is linear in the stop strings' length (no table of every prefix)."""
+    import time
+    kind, e = engine
+    p = prompt_of(mtp_sm, 3)
+    text = oracle(mtp_sm, p, 200).text
+    never = [text[:3000] + "#", "x" * 20000, text[50:60] + "#" * 5000]
+    t0 = time.perf_counter()
+    assert e.generate(p, max_tokens=200, temp=0) == text
+    plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert e.generate(p, max_tokens=200, temp=0, stop=never) == text
+    held = time.perf_counter() - t0
+    assert held < 5 * plain + 0.5, (held, plain)
+    ref = check(kind, e, mtp_sm, p, 200, never + [text[700:2500]])
+    assert ref["hit"] == text[700:2500]
