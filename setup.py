@@ -55,6 +55,9 @@ def cmake_args(src: Path) -> list:
         f"-DCMAKE_BUILD_TYPE={'Debug' if debug else 'Release'}",
         f"-DGGML_NATIVE={'OFF' if portable else 'ON'}",
         "-DMTP_CY_UPSTREAM_TOOLS=ON",
+        # ggml's RPC backend (mtp_cy.Model(rpc_servers=...), python -m mtp_cy rpc-server);
+        # RDMA off: a static build does not link libibverbs (CMAKE_ARGS can override both)
+        "-DGGML_RPC=ON", "-DGGML_RPC_RDMA=OFF",
     ]
     if os.environ.get("CCACHE", "1") != "0" and shutil.which("ccache"):
         args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache",
@@ -151,7 +154,7 @@ def extensions():
         sources=["mtp_cy/_core.pyx"],
         language="c++",
         extra_compile_args=cflags,
-        depends=glob.glob("mtp_cy/*.pxi") + glob.glob("mtp_cy/includes/*.pxd") + ["mtp_cy/_native.h", "mtp_cy/_chat.h"],
+        depends=glob.glob("mtp_cy/*.pxi") + glob.glob("mtp_cy/includes/*.pxd") + ["mtp_cy/_native.h", "mtp_cy/_chat.h", "mtp_cy/_rpc.h"],
     )
     return cythonize([ext], language_level=3, include_path=[str(ROOT)],
                      compiler_directives={"embedsignature": True, "binding": False},

@@ -11,12 +11,12 @@ Quick start::
 """
 from mtp_cy._version import __version__, LLAMA_CPP_COMMIT as llama_cpp_commit
 from mtp_cy.errors import (MTPError, ModelLoadError, DecodeError, MTPUnsupportedError,
-                           SessionBusyError, ClosedError, GenerationTimeout, ChatTemplateError)
-from mtp_cy._core import Model, Session, MTP, init, system_info, devices
+                           SessionBusyError, ClosedError, GenerationTimeout, ChatTemplateError, RPCError)
+from mtp_cy._core import Model, Session, MTP, init, system_info, devices, rpc_server
 
 __all__ = [
-    "__version__", "llama_cpp_commit", "init", "system_info", "devices",
+    "__version__", "llama_cpp_commit", "init", "system_info", "devices", "rpc_server",
     "Model", "Session", "MTP",
     "MTPError", "ModelLoadError", "DecodeError", "MTPUnsupportedError",
-    "SessionBusyError", "ClosedError", "GenerationTimeout", "ChatTemplateError",
+    "SessionBusyError", "ClosedError", "GenerationTimeout", "ChatTemplateError", "RPCError",
 ]

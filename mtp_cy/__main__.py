@@ -1,4 +1,4 @@
-"""Command line: ``python -m mtp_cy {demo,run,bench,info}`` (also installed as ``mtp-cy``).
+"""Command line: ``python -m mtp_cy {demo,run,bench,info,rpc-server}`` (also installed as ``mtp-cy``).
 
 * ``demo``: generate (once, then cached) a small synthetic MTP model, stream an
   MTP generation with a live statistics line, then print a summary, including
@@ -7,6 +7,9 @@
   MTP head, plain decoding otherwise or with ``--plain``).
 * ``bench MODEL.gguf``: plain vs MTP (``--n-draft 1,2,3,4``) side by side.
 * ``info``: versions, CPU features and backend devices.
+* ``rpc-server``: serve this machine's devices to other hosts with llama.cpp's
+  RPC server, so that ``Model(path, rpc_servers=["this-host:50052"])`` (or
+  ``--rpc`` on the other commands) can place model layers here.
 """
 from __future__ import annotations
 
@@ -115,11 +118,19 @@ def _sampling_from(args) -> dict:
     return o
 
 
+def _rpc_list(value: Optional[str]) -> Optional[List[str]]:
+    if not value:
+        return None
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
 def _load(path, args):
     import mtp_cy
     kw = {"progress": not args.quiet and sys.stderr.isatty()}
     if getattr(args, "n_gpu_layers", None) is not None:
         kw["n_gpu_layers"] = args.n_gpu_layers
+    if getattr(args, "rpc", None):
+        kw["rpc_servers"] = _rpc_list(args.rpc)
     return mtp_cy.Model(path, **kw)
 
 
@@ -230,10 +241,96 @@ def cmd_info(args) -> int:
     mtp_cy.init()
     print(f"mtp_cy {mtp_cy.__version__}, llama.cpp {mtp_cy.llama_cpp_commit}")
     print(f"system: {mtp_cy.system_info()}")
-    for d in mtp_cy.devices():
+    for d in mtp_cy.devices(_rpc_list(args.rpc)):
         mem = f", {d['memory_total'] / 2**30:.1f} GiB" if d.get("memory_total") else ""
-        print(f"device: {d['name']} ({d['type']}): {d['description']}{mem}")
+        state = " (not answering)" if d.get("available") is False else ""
+        print(f"device: {d['name']} ({d['type']}): {d['description']}{mem}{state}")
     return 0
+
+
+RPC_SECURITY_WARNING = """\
+WARNING: the RPC server listens on {addr}, which is not a loopback address.
+         llama.cpp's RPC protocol has no authentication and no encryption:
+         anyone who can reach this port can allocate memory and run
+         computations on this machine, and read or write what is stored there.
+         Only do this on a trusted private network (or behind a firewall / an
+         SSH tunnel); bind to 127.0.0.1 otherwise.
+"""
+
+
+def rpc_bind_warning(host: str) -> Optional[str]:
+    """The security warning printed when ``rpc-server`` binds to a non-loopback address (else None)."""
+    import ipaddress
+    import socket
+    try:
+        ip = socket.gethostbyname(host)
+    except (OSError, UnicodeError):
+        return None            # rpc_server() reports the bad host
+    if ipaddress.ip_address(ip).is_loopback:
+        return None
+    return RPC_SECURITY_WARNING.format(addr=f"{host} ({ip})" if ip != host else ip)
+
+
+def _flush_c_stdio():
+    """Flush the C library's stdio buffers (upstream's server prints with printf)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
+def cmd_rpc_server(args) -> int:
+    import logging
+    import signal
+    import threading
+    import mtp_cy
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
+    warning = rpc_bind_warning(args.host)
+    if warning:
+        sys.stderr.write(warning)
+        sys.stderr.flush()
+    outcome = {}
+
+    def serve():
+        try:
+            mtp_cy.rpc_server(args.host, args.port, threads=args.threads, cache_dir=args.cache,
+                              devices=_rpc_list(args.device))
+        except BaseException as exc:            # reported by the main thread
+            outcome["error"] = exc
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, terminate)
+    sys.stderr.write(f"mtp_cy {mtp_cy.__version__} rpc-server on {args.host}:{args.port} "
+                     f"(llama.cpp {mtp_cy.llama_cpp_commit}); Ctrl-C or SIGTERM stops it\n")
+    sys.stderr.flush()
+    # upstream's server loop has no stop function: it runs in a daemon thread, and
+    # the process ends when a signal arrives (the operating system closes the
+    # sockets; clients see the connection close)
+    t = threading.Thread(target=serve, name="mtp_cy-rpc-server", daemon=True)
+    t.start()
+    try:
+        while t.is_alive():
+            t.join(0.25)
+    except KeyboardInterrupt:
+        sys.stderr.write("rpc-server: stopped\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _flush_c_stdio()
+        os._exit(0)
+    _flush_c_stdio()
+    exc = outcome.get("error")
+    if exc is None:
+        return 0
+    if isinstance(exc, (mtp_cy.MTPError, ValueError, TypeError, OSError)):
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    raise exc
 
 
 # ----------------------------------------------------------------------------- parser
@@ -248,10 +345,12 @@ def _positive_int(s):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mtp_cy",
                                 description="MTP speculative decoding over llama.cpp (mtp_cy).")
-    sub = p.add_subparsers(dest="command", metavar="{demo,run,bench,info}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,run,bench,info,rpc-server}")
     sub.required = True
+    rpc_help = "comma-separated RPC servers host:port (python -m mtp_cy rpc-server) to place layers on"
 
     def common(sp, n_ctx=2048):
+        sp.add_argument("--rpc", default=None, metavar="SERVERS", help=rpc_help)
         sp.add_argument("--n-ctx", type=_positive_int, default=n_ctx, help="context size (default %(default)s)")
         sp.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: llama.cpp's)")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar, live line or summary")
@@ -294,7 +393,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="versions, CPU features and devices")
+    i.add_argument("--rpc", default=None, metavar="SERVERS", help="also list the devices of these RPC servers")
     i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("rpc-server", help="serve this machine's devices to other hosts (llama.cpp RPC server)",
+                       description="Run llama.cpp's RPC server (the one of upstream's rpc-server program) so that "
+                                   "other machines can place model layers on this machine's devices "
+                                   "(Model(path, rpc_servers=['HOST:PORT']) or --rpc HOST:PORT). The protocol has "
+                                   "no authentication: it listens on loopback unless --host says otherwise.")
+    s.add_argument("--host", default="127.0.0.1", help="IPv4 address to listen on (default %(default)s: this "
+                   "machine only; another address exposes an unauthenticated service)")
+    s.add_argument("--port", type=int, default=50052, help="TCP port (default %(default)s)")
+    s.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: half the cores)")
+    s.add_argument("--cache", default=None, metavar="DIR",
+                   help="cache large tensors received in DIR, so that reloading a model skips sending them")
+    s.add_argument("--device", default=None, metavar="DEVS",
+                   help="comma-separated device names to serve (default: the GPUs, or the CPU when there is none)")
+    s.set_defaults(func=cmd_rpc_server)
     return p
 
 

@@ -38,15 +38,7 @@ _DEV_TYPES = {
 }
 
 
-def devices():
-    """List the backend devices llama.cpp can use.
-
-    Returns a list of dicts with keys ``name``, ``description``, ``type``
-    (``"cpu"``, ``"gpu"``, ``"igpu"``, ``"accel"``), ``backend`` (the registry
-    name, e.g. ``"CPU"``, ``"CUDA"``, ``"RPC"``), ``memory_free`` and
-    ``memory_total`` (bytes).
-    """
-    init()
+cdef list _local_devices():
     cdef size_t i, n = ggml_backend_dev_count()
     cdef size_t mfree = 0, mtotal = 0
     cdef ggml_backend_dev_t dev
@@ -62,6 +54,29 @@ def devices():
             "memory_free": mfree,
             "memory_total": mtotal,
         })
+    return out
+
+
+def devices(rpc_servers=None, *, timeout=5.0):
+    """List the backend devices llama.cpp can use.
+
+    Returns a list of dicts with keys ``name``, ``description``, ``type``
+    (``"cpu"``, ``"gpu"``, ``"igpu"``, ``"accel"``), ``backend`` (the registry
+    name, e.g. ``"CPU"``, ``"CUDA"``, ``"RPC"``), ``memory_free`` and
+    ``memory_total`` (bytes).
+
+    This machine's devices come first, then the devices of the RPC servers
+    used so far by this process (``Model(rpc_servers=...)``) and of
+    ``rpc_servers`` (a list of ``"host:port"``, connected now), with two more
+    keys: ``endpoint`` (the server) and ``available`` (``False`` when the
+    server does not answer within ``timeout`` seconds, or its connection
+    failed; its memory is then reported as 0).  An endpoint given in
+    ``rpc_servers`` that does not answer raises :class:`RPCError`.
+    """
+    init()
+    out = _local_devices()
+    if rpc_servers is not None or _rpc_known:
+        out += _rpc_devices(rpc_servers, timeout)
     return out
 
 

@@ -4,6 +4,7 @@
 
 The implementation is split by feature into ``.pxi`` files included below:
 ``_logging.pxi`` (log bridge), ``_backend.pxi`` (init, devices, system info),
+``_rpc.pxi`` (RPC servers: models split across hosts),
 ``_model.pxi`` (:class:`Model`), ``_sampling.pxi`` (sampler options),
 ``_stream.pxi`` (the generator machinery shared by both session kinds),
 ``_session.pxi`` (:class:`Session`, plain decoding) and ``_mtp.pxi``
@@ -34,9 +35,10 @@ import os
 import threading
 
 from mtp_cy.errors import (MTPError, ModelLoadError, DecodeError, MTPUnsupportedError,
-                           SessionBusyError, ClosedError, GenerationTimeout, ChatTemplateError)
+                           SessionBusyError, ClosedError, GenerationTimeout, ChatTemplateError, RPCError)
 
 include "_logging.pxi"
+include "_rpc.pxi"
 include "_backend.pxi"
 include "_chat.pxi"
 include "_model.pxi"

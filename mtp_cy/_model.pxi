@@ -29,6 +29,14 @@ cdef cbool _progress_cb(float progress, void * user_data) noexcept with gil:
         return False
 
 
+cdef str _watch_error(rpc.watch * w):
+    cdef bint to = False
+    cdef int i = w.failed()
+    if i < 0:
+        return "no error"
+    return _relay_error(w.relays[i], &to)
+
+
 _SPLIT_MODES = {"none": LLAMA_SPLIT_MODE_NONE, "layer": LLAMA_SPLIT_MODE_LAYER,
                 "row": LLAMA_SPLIT_MODE_ROW, "tensor": LLAMA_SPLIT_MODE_TENSOR}
 
@@ -54,7 +62,7 @@ cdef class Model:
 
     ``Model(path, *, n_gpu_layers=-1, use_mmap=True, use_mlock=False,
     load_mtp=None, main_gpu=0, split_mode="layer", tensor_split=None,
-    vocab_only=False, progress=None)``
+    vocab_only=False, progress=None, rpc_servers=None, rpc_timeout=30.0)``
 
     * ``n_gpu_layers``: layers to offload to the GPU, ``-1`` means all.
     * ``load_mtp``: ``None`` loads the MTP (NextN) layers when the GGUF has
@@ -63,6 +71,21 @@ cdef class Model:
     * ``tensor_split``: per-device proportions (at most ``llama_max_devices``).
     * ``progress``: ``None``, ``True`` (a progress bar on stderr) or a callable
       receiving a float in [0, 1]; returning ``False`` cancels loading.
+    * ``rpc_servers``: a list of ``"host:port"`` endpoints of llama.cpp RPC
+      servers (``python -m mtp_cy rpc-server`` on the other machines).  Their
+      devices come first in the device list, then this machine's GPUs, exactly
+      as with upstream's ``--rpc``, so ``n_gpu_layers`` / ``split_mode`` /
+      ``tensor_split`` (one entry per device, servers first) / ``main_gpu``
+      place the layers on them; layers not offloaded stay on this machine's CPU.
+      Every server must answer before anything is loaded; one that does not
+      raises :class:`ModelLoadError` naming it.
+    * ``rpc_timeout``: seconds to wait for a server to accept the connection
+      and to answer each request while connecting, loading and freeing
+      (``None`` = no limit).  While a stream runs, its own ``timeout`` applies.
+      A server that fails while the model is in use makes the current stream
+      raise :class:`RPCError` (:class:`GenerationTimeout` if it stopped
+      answering within the stream's ``timeout``); the model is then unusable
+      -- its layers on that server are gone -- and must be loaded again.
 
     Raises :class:`ModelLoadError` when the file cannot be loaded.  ``close()``
     is idempotent; the model is also a context manager and is freed on garbage
@@ -78,6 +101,9 @@ cdef class Model:
     cdef dict _meta_cache
     cdef common_chat_templates * _chat_tmpls   # the GGUF's own template, parsed on first use
     cdef object _chat_lock
+    cdef rpc.watch * _rpcw                     # the RPC servers this model depends on (NULL: none)
+    cdef readonly tuple rpc_servers
+    cdef str _rpc_error                         # set once a server failed: the model is unusable
     cdef object __weakref__
 
     def __cinit__(self):
@@ -87,9 +113,13 @@ cdef class Model:
         self._users = 0
         self._chat_tmpls = NULL
         self._chat_lock = threading.Lock()
+        self._rpcw = NULL
+        self.rpc_servers = ()
+        self._rpc_error = None
 
     def __init__(self, path, *, n_gpu_layers=-1, use_mmap=True, use_mlock=False, load_mtp=None,
-                 main_gpu=0, split_mode="layer", tensor_split=None, vocab_only=False, progress=None):
+                 main_gpu=0, split_mode="layer", tensor_split=None, vocab_only=False, progress=None,
+                 rpc_servers=None, rpc_timeout=30.0):
         if self._model != NULL:
             raise MTPError("Model.__init__ called twice")
         path = os.fspath(path)
@@ -109,6 +139,11 @@ cdef class Model:
             raise TypeError("load_mtp must be None, True or False")
         if progress is not None and progress is not True and progress is not False and not callable(progress):
             raise TypeError("progress must be None, True or a callable taking a float in [0, 1]")
+        cdef int64_t rpc_tus = _timeout_us(rpc_timeout, "rpc_timeout")
+        try:
+            endpoints = None if rpc_servers is None else _parse_endpoints(rpc_servers)
+        except RPCError as exc:
+            raise ModelLoadError(str(exc)) from exc
         init()
         cdef size_t max_dev = llama_max_devices()
         cdef vector[float] ts
@@ -124,6 +159,35 @@ cdef class Model:
         _check_gguf_file(path)
 
         cdef llama_model_params mp = llama_model_default_params()
+        cdef vector[ggml_backend_dev_t] devs
+        cdef vector[ggml_backend_dev_t] gpus
+        cdef rpc.relay * r
+        cdef ggml_backend_reg_t reg
+        cdef size_t di
+        cdef rpc.watch * w = NULL
+        if endpoints is not None:
+            try:
+                _require_rpc()
+            except MTPError as exc:
+                raise ModelLoadError(str(exc)) from None
+            w = new rpc.watch()
+            try:
+                for ip, port, ep in endpoints:
+                    reg = _rpc_connect(ip, port, ep, rpc_tus, &r)
+                    w.add(r)
+                    for di in range(ggml_backend_reg_dev_count(reg)):
+                        devs.push_back(ggml_backend_reg_dev_get(reg, di))
+            except RPCError as exc:
+                del w
+                raise ModelLoadError(f"failed to load model {path!r}: {exc}") from exc
+            except BaseException:
+                del w
+                raise
+            gpus = _local_gpus()
+            for di in range(gpus.size()):
+                devs.push_back(gpus[di])
+            devs.push_back(NULL)
+            mp.devices = devs.data()
         mp.n_gpu_layers = n_gpu_layers
         mp.main_gpu = main_gpu
         mp.split_mode = sm
@@ -154,7 +218,17 @@ cdef class Model:
         _take_errors()
         with nogil:
             m = llama_model_load_from_file(cpath, mp)
+        if w != NULL and w.any_failed():
+            # a server failed while loading: what was loaded is not usable
+            msg = _watch_error(w)
+            if m != NULL:
+                with nogil:
+                    llama_model_free(m)
+            del w
+            raise ModelLoadError(f"failed to load model {path!r}: {msg}")
         if m == NULL:
+            if w != NULL:
+                del w
             if errs:
                 raise ModelLoadError(f"loading {path!r} was interrupted by the progress callback") from errs[0]
             if progress is not None and progress is not True and progress is not False:
@@ -169,6 +243,49 @@ cdef class Model:
         self._closed = False
         self._meta_cache = None
         self._mtp_loaded = mp.load_mtp and llama_model_n_layer_nextn(m) > 0 and not vocab_only
+        if w != NULL:
+            self._rpcw = w
+            self.rpc_servers = tuple(ep for _, _, ep in endpoints)
+
+    cdef int _rpc_guard(self) except -1:
+        """Refuse to run anything on a model whose RPC server failed."""
+        if self._rpc_error is not None:
+            raise RPCError(f"{self._rpc_error}; this model cannot be used any more (its layers on that server are "
+                           f"gone): close it and load it again", endpoint=self._rpc_failed_endpoint())
+        return 0
+
+    cdef str _rpc_failed_endpoint(self):
+        cdef int i
+        if self._rpcw == NULL:
+            return None
+        i = self._rpcw.failed()
+        return self.rpc_servers[i] if 0 <= i < len(self.rpc_servers) else None
+
+    cdef int _rpc_check(self, str what, bint stream_timeout=False) except -1:
+        """Raise if one of the model's RPC servers failed (during ``what``); the model is then unusable."""
+        cdef bint to = False
+        cdef int i
+        if self._rpcw == NULL or not self._rpcw.any_failed():
+            return 0
+        i = self._rpcw.failed()
+        msg = _relay_error(self._rpcw.relays[i], &to)
+        self._rpc_error = msg
+        ep = self.rpc_servers[i] if 0 <= i < len(self.rpc_servers) else None
+        if to and stream_timeout:
+            raise GenerationTimeout(f"no token within the timeout while {what}: {msg}; the connection was "
+                                    f"dropped, so this model cannot be used any more: close it and load it again")
+        raise RPCError(f"{msg} (while {what}); this model cannot be used any more (its layers on that server "
+                       f"are gone): close it and load it again", endpoint=ep)
+
+    @property
+    def rpc_failed(self):
+        """``None``, or why the model cannot be used any more (one of its RPC servers failed)."""
+        if self._rpc_error is None and self._rpcw != NULL and self._rpcw.any_failed():
+            try:
+                self._rpc_check("checking the model")
+            except MTPError:
+                pass
+        return self._rpc_error
 
     cdef inline void _check(self) except *:
         if self._closed:
@@ -183,12 +300,15 @@ cdef class Model:
             self._free()
 
     cdef void _free(self):
+        cdef llama_model * m = self._model
         mtp_cy_chat_free(self._chat_tmpls)
         self._chat_tmpls = NULL
-        if self._model != NULL:
-            llama_model_free(self._model)
+        if m != NULL:
             self._model = NULL
             self._vocab = NULL
+            # RPC buffers are freed over the network (bounded by rpc_timeout)
+            with nogil:
+                llama_model_free(m)
 
     def close(self):
         """Release the model (idempotent).  Weights stay alive while a session uses them."""
@@ -215,12 +335,16 @@ cdef class Model:
         if self._model != NULL:
             llama_model_free(self._model)
             self._model = NULL
+        if self._rpcw != NULL:
+            del self._rpcw
+            self._rpcw = NULL
 
     def __repr__(self):
         if self._closed:
             return f"<mtp_cy.Model closed path={self.path!r}>"
         return (f"<mtp_cy.Model {self.arch} {self.n_params / 1e6:.1f}M params"
-                f"{' +MTP' if self.has_mtp else ''} path={self.path!r}>")
+                f"{' +MTP' if self.has_mtp else ''}"
+                f"{' rpc=' + ','.join(self.rpc_servers) if self.rpc_servers else ''} path={self.path!r}>")
 
     # -- metadata ---------------------------------------------------------------
     cdef str _meta_str(self, bytes key):

@@ -70,9 +70,15 @@ cdef class MTP(_Engine):
         cp.n_outputs_max_per_seq = cp.n_outputs_max
         cdef llama_context * ctx
         cdef llama_context * dft
+        model._rpc_guard()
         _take_errors()
         with nogil:
             ctx = llama_init_from_model(model._model, cp)
+        if model._rpcw != NULL and model._rpcw.any_failed():
+            if ctx != NULL:
+                with nogil:
+                    llama_free(ctx)
+            model._rpc_check("creating the target context")
         if ctx == NULL:
             raise MTPError(f"failed to create the target context: {_take_errors() or 'unknown error'}")
         cp.ctx_type = LLAMA_CONTEXT_TYPE_MTP
@@ -80,6 +86,12 @@ cdef class MTP(_Engine):
         cp.ctx_other = ctx
         with nogil:
             dft = llama_init_from_model(model._model, cp)
+        if model._rpcw != NULL and model._rpcw.any_failed():
+            with nogil:
+                if dft != NULL:
+                    llama_free(dft)
+                llama_free(ctx)
+            model._rpc_check("creating the MTP draft context")
         if dft == NULL:
             llama_free(ctx)
             raise MTPUnsupportedError(f"failed to create the MTP draft context for {model.path!r}: "
@@ -100,6 +112,7 @@ cdef class MTP(_Engine):
         self.n_batch = llama_n_batch(ctx)
         # fail now, not at the first call, if upstream refuses the speculative state
         self._new_spec()
+        model._rpc_check("creating the speculative state")
 
     cdef void _free_native(self) noexcept:
         if self.spec != NULL:
@@ -203,6 +216,8 @@ cdef class MTP(_Engine):
         cdef int rc = 0, n = s.prompt.size() - 1, i = 0, j, m
         cdef bint ok = True
         cdef int64_t t0
+        cdef rpc.watch * w = self.model._rpcw
+        cdef bint rpc_bad = False
         # upstream's server keeps one speculative state per slot across requests and
         # calls begin() per request; we do the same, unless a step was interrupted
         if self.spec == NULL or self.spec_dirty:
@@ -229,12 +244,15 @@ cdef class MTP(_Engine):
                 if not ok:
                     break
                 i += m
-            if rc == 0 and ok:
+            rpc_bad = w != NULL and w.any_failed()
+            if rc == 0 and ok and not rpc_bad:
                 common_speculative_begin(self.spec, 0, s.history)
             mtp_cy_add(self.st.t_prefill_us, ggml_time_us() - t0)
         self._running = 0
-        if rc != 0 or not ok:
+        if rc != 0 or not ok or rpc_bad:
             self.spec_dirty = True
+        if rpc_bad:
+            self.model._rpc_check("processing the prompt", True)
         if rc != 0 or (not ok and self._aborted()):
             return self._raise_rc(rc, "processing the prompt")
         if not ok:
@@ -251,6 +269,8 @@ cdef class MTP(_Engine):
         cdef vector[llama_token] ids
         cdef llama_memory_t mem_tgt = llama_get_memory(self.ctx)
         cdef llama_memory_t mem_dft = llama_get_memory(self.ctx_dft)
+        cdef rpc.watch * w = self.model._rpcw
+        cdef bint rpc_bad = False
         if s.n_past + 1 > self.n_ctx - 1:
             return R_CTX
         n_max = min(self.n_draft, s.max_tokens - s.emitted - 1, self.n_ctx - s.n_past - 2)
@@ -281,8 +301,10 @@ cdef class MTP(_Engine):
             t2 = ggml_time_us()
             if rc == 0:
                 ok = common_speculative_process(self.spec, self.batch[0])
+            # a failed RPC server answered with placeholders: nothing of this step is used
+            rpc_bad = w != NULL and w.any_failed()
             t3 = ggml_time_us()
-            if rc == 0 and ok:
+            if rc == 0 and ok and not rpc_bad:
                 ids = common_sampler_sample_and_accept_n(s.smpl, self.ctx, s.draft, False)
                 n_acc = <int>ids.size() - 1
                 common_speculative_accept(self.spec, 0, <uint16_t>n_acc)
@@ -303,8 +325,10 @@ cdef class MTP(_Engine):
             mtp_cy_add(self.st.t_sample_us, t4 - t3)
             mtp_cy_add(self.st.t_total_us, t4 - t0)
         self._running = 0
-        if rc != 0 or not ok or self._aborted():
+        if rc != 0 or not ok or self._aborted() or rpc_bad:
             self.spec_dirty = True
+        if rpc_bad:
+            self.model._rpc_check("verifying a draft", True)
         # an abort inside the MTP head's own decode (ok == False) is reported the same way
         if rc != 0 or (not ok and self._aborted()):
             return self._raise_rc(rc, "verifying a draft")

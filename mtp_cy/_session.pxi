@@ -37,9 +37,15 @@ cdef class Session(_Engine):
         cp.abort_callback = _abort_cb
         cp.abort_callback_data = <void *>self.ab
         cdef llama_context * ctx
+        model._rpc_guard()
         _take_errors()
         with nogil:
             ctx = llama_init_from_model(model._model, cp)
+        if model._rpcw != NULL and model._rpcw.any_failed():
+            if ctx != NULL:
+                with nogil:
+                    llama_free(ctx)
+            model._rpc_check("creating the context")
         if ctx == NULL:
             raise MTPError(f"failed to create the context: {_take_errors() or 'unknown error'}")
         self.ctx = ctx
@@ -63,13 +69,18 @@ cdef class Session(_Engine):
     cdef int _start(self, _Stream s) except -1:
         cdef int rc, n = s.prompt.size()
         cdef int64_t t0
+        cdef rpc.watch * w = self.model._rpcw
+        cdef bint rpc_bad = False
         self._running = 1
         with nogil:
             t0 = ggml_time_us()
             llama_memory_clear(llama_get_memory(self.ctx), True)
             rc = _prefill(self.ctx, self.batch, s.prompt.data(), n, self.n_batch, True, &s.out_idx)
+            rpc_bad = w != NULL and w.any_failed()
             mtp_cy_add(self.st.t_prefill_us, ggml_time_us() - t0)
         self._running = 0
+        if rpc_bad:
+            self.model._rpc_check("processing the prompt", True)
         if rc != 0:
             return self._raise_rc(rc, "processing the prompt")
         s.n_past = n
@@ -80,6 +91,8 @@ cdef class Session(_Engine):
         cdef int rc = 0
         cdef llama_token tok
         cdef int64_t t0, t1, t2
+        cdef rpc.watch * w = self.model._rpcw
+        cdef bint rpc_bad = False
         if s.need_decode and s.n_past >= self.n_ctx:
             return R_CTX
         self._running = 1
@@ -89,12 +102,13 @@ cdef class Session(_Engine):
                 self.batch.clear()
                 self.batch.add(s.last, s.n_past, 0, True)
                 rc = llama_process(self.ctx, LLAMA_PROCESS_TYPE_DECODE, self.batch.get())
-                if rc == 0:
+                rpc_bad = w != NULL and w.any_failed()
+                if rc == 0 and not rpc_bad:
                     s.n_past += 1
                     s.out_idx = 0
                     mtp_cy_add(self.st.iters, 1)
             t1 = ggml_time_us()
-            if rc == 0:
+            if rc == 0 and not rpc_bad:
                 tok = common_sampler_sample(s.smpl, self.ctx, s.out_idx, False)
                 common_sampler_accept(s.smpl, tok, True)
                 s.last = tok
@@ -105,6 +119,8 @@ cdef class Session(_Engine):
             mtp_cy_add(self.st.t_sample_us, t2 - t1)
             mtp_cy_add(self.st.t_total_us, t2 - t0)
         self._running = 0
+        if rpc_bad:
+            self.model._rpc_check("decoding", True)
         if rc != 0:
             return self._raise_rc(rc, "decoding")
         return R_NONE

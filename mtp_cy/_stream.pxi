@@ -671,6 +671,7 @@ cdef class _Stream:
         """Run one native step (prefill + first step, or one decode / draft-verify iteration)."""
         cdef _Engine eng = self.engine
         cdef int r
+        cdef rpc.watch * w
         if eng._closed:
             self._end(R_CANCEL)
             raise ClosedError(f"the {type(eng).__name__} was closed during the stream")
@@ -680,16 +681,25 @@ cdef class _Stream:
             self._finish_event(R_CANCEL)
             return 0
         eng._arm(self)
+        w = eng.model._rpcw
         try:
-            if not self.started:
-                self.started = True
-                mtp_cy_add(eng.st.calls, 1)
-                mtp_cy_add(eng.st.prompt_tokens, self.prompt.size())
-                r = eng._start(self)
-                if r == R_NONE:
+            if w != NULL:
+                eng.model._rpc_guard()
+                # the stream's timeout also bounds every wait for an RPC server
+                w.arm(self.timeout_us)
+            try:
+                if not self.started:
+                    self.started = True
+                    mtp_cy_add(eng.st.calls, 1)
+                    mtp_cy_add(eng.st.prompt_tokens, self.prompt.size())
+                    r = eng._start(self)
+                    if r == R_NONE:
+                        r = eng._step(self)
+                else:
                     r = eng._step(self)
-            else:
-                r = eng._step(self)
+            finally:
+                if w != NULL:
+                    w.disarm()
         except Exception as exc:
             # text held back for a possible stop string was produced before the
             # error: deliver it first, then raise

@@ -7,7 +7,7 @@ or :class:`TypeError` naming the argument and the allowed range.
 
 __all__ = [
     "MTPError", "ModelLoadError", "DecodeError", "MTPUnsupportedError",
-    "SessionBusyError", "ClosedError", "GenerationTimeout", "ChatTemplateError",
+    "SessionBusyError", "ClosedError", "GenerationTimeout", "ChatTemplateError", "RPCError",
 ]
 
 
@@ -47,3 +47,18 @@ class ChatTemplateError(MTPError, ValueError):
     the Jinja template does not parse, or when rendering fails (for example the
     template's own ``raise_exception(...)`` rejecting the conversation).
     """
+
+
+class RPCError(MTPError, ConnectionError):
+    """An RPC server (``Model(rpc_servers=...)``, :func:`mtp_cy.devices`) did not answer, or
+    its connection failed (also a builtin :class:`ConnectionError`).
+
+    ``endpoint`` is the server's ``"host:port"`` (``None`` when the error is not about
+    one server).  A model whose server failed mid-way cannot be used again (its
+    layers on that server are gone): every later stream on it raises this error;
+    ``close()`` it and load it again.
+    """
+
+    def __init__(self, message, endpoint=None):
+        super().__init__(message)
+        self.endpoint = endpoint

@@ -1,0 +1,319 @@
+# ggml's RPC backend: models split across hosts (Model(rpc_servers=...)), the RPC
+# devices in devices(), and upstream's RPC server (rpc_server()).  ggml connects to
+# every server through mtp_cy's connection guard (_rpc.h), which keeps a failing
+# server from aborting the process; see the comment at the top of _rpc.h.
+
+cimport mtp_cy.includes.rpc as rpc
+
+import socket as _socket
+
+cdef object _rpc_lock = threading.Lock()
+cdef dict _rpc_known = {}        # "ip:port" -> (relay address, reg address): servers registered so far
+DEFAULT_RPC_PORT = 50052
+
+
+def _rpc_available():
+    """``True`` when this build has ggml's RPC backend and mtp_cy's connection guard."""
+    init()
+    return rpc.rpc_reg() != NULL and rpc.guard_supported()
+
+
+cdef tuple _parse_endpoint(ep):
+    """``"host:port"`` -> (IPv4 address, port, ``"ip:port"``); ValueError/TypeError for bad input,
+    RPCError when the host name does not resolve."""
+    if not isinstance(ep, str):
+        raise TypeError(f"RPC endpoints must be 'host:port' strings, got {type(ep).__name__}")
+    s = (<str>ep).strip()
+    if s.startswith("[") or s.count(":") > 1:
+        raise ValueError(f"RPC endpoint {ep!r}: IPv6 addresses are not supported by llama.cpp's RPC transport "
+                         "(use an IPv4 address or a host name)")
+    host, sep, port_s = s.rpartition(":")
+    if not sep or not host or not port_s:
+        raise ValueError(f"RPC endpoint {ep!r} must be 'host:port', e.g. '192.168.1.10:{DEFAULT_RPC_PORT}'")
+    try:
+        port = int(port_s, 10)
+    except ValueError:
+        raise ValueError(f"RPC endpoint {ep!r}: the port must be a number") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"RPC endpoint {ep!r}: the port must be in 1..65535")
+    try:
+        ip = _socket.gethostbyname(host)
+    except (OSError, UnicodeError) as exc:
+        raise RPCError(f"RPC server {s}: cannot resolve host {host!r}: {exc}", endpoint=s) from None
+    return ip, port, f"{ip}:{port}"
+
+
+cdef list _parse_endpoints(servers):
+    if isinstance(servers, str):
+        servers = [x for x in servers.split(",")]
+    try:
+        items = list(servers)
+    except TypeError:
+        raise TypeError(f"rpc_servers must be a list of 'host:port' strings, got {type(servers).__name__}") from None
+    if not items:
+        raise ValueError("rpc_servers is empty; pass None to use only this machine's devices")
+    out = []
+    seen = set()
+    for ep in items:
+        t = _parse_endpoint(ep)
+        if t[2] in seen:
+            raise ValueError(f"RPC endpoint {ep!r} is listed twice")
+        seen.add(t[2])
+        out.append(t)
+    return out
+
+
+cdef int64_t _timeout_us(timeout, str name) except -2:
+    """Seconds (> 0, or None / inf for no limit) -> microseconds (0 = no limit)."""
+    if timeout is None:
+        return 0
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, got {type(timeout).__name__}")
+    t = float(timeout)
+    if t != t or t <= 0:
+        raise ValueError(f"{name} must be > 0 (seconds) or None, got {timeout!r}")
+    if t > 1e9:
+        return 0
+    return <int64_t>(t * 1e6)
+
+
+cdef rpc.relay * _relay(str ip, int port, str ep) except NULL:
+    cdef string err
+    cdef rpc.relay * r = rpc.get_relay(ip.encode(), port, err)
+    if r == NULL:
+        raise RPCError(f"RPC server {ep}: {err.decode('utf-8', 'replace')}", endpoint=ep)
+    return r
+
+
+cdef str _relay_error(rpc.relay * r, bint * timed_out):
+    cdef cbool to = False
+    cdef string e = rpc.relay_error(r, &to)
+    timed_out[0] = to
+    return e.decode("utf-8", "replace")
+
+
+cdef int _require_rpc() except -1:
+    init()
+    if rpc.rpc_reg() == NULL:
+        raise MTPError("this build of mtp_cy has no RPC backend (it was built with GGML_RPC=OFF); "
+                       "rebuild without -DGGML_RPC=OFF in CMAKE_ARGS")
+    if not rpc.guard_supported():
+        raise MTPError("RPC servers are not supported on this platform by mtp_cy")
+    return 0
+
+
+cdef ggml_backend_reg_t _rpc_connect(str ip, int port, str ep, int64_t timeout_us, rpc.relay ** out) except NULL:
+    """Check that the server at ``ep`` answers (bounded by ``timeout_us``) and register its devices
+    with ggml (through the relay).  Raises RPCError naming the server."""
+    cdef rpc.relay * r = _relay(ip, port, ep)
+    cdef string why
+    cdef cbool to = False
+    cdef bint bto = False
+    cdef ggml_backend_reg_t reg
+    cdef string local = rpc.relay_local(r)
+    cdef int64_t base
+    if rpc.relay_dead_open(r) > 0:
+        raise RPCError(f"RPC server {ep}: the connection of a model loaded earlier failed "
+                       f"({_relay_error(r, &bto)}) and that model is still open; llama.cpp would reuse its "
+                       "connection: close that model and its sessions first", endpoint=ep)
+    rpc.relay_set_io_timeout(r, timeout_us)
+    with nogil:
+        why = rpc.probe(r, timeout_us, &to)
+    if why.size() > 0:
+        raise RPCError(f"RPC server {ep} did not answer: {why.decode('utf-8', 'replace')}", endpoint=ep)
+    base = rpc.relay_failures(r)
+    with nogil:
+        reg = rpc.add_server(local)
+    if rpc.relay_failures(r) != base:
+        raise RPCError(f"{_relay_error(r, &bto)}", endpoint=ep)
+    if reg == NULL:
+        raise RPCError(f"RPC server {ep} reported no devices", endpoint=ep)
+    with _rpc_lock:
+        _rpc_known[ep] = (<size_t>r, <size_t>reg)
+    out[0] = r
+    return reg
+
+
+cdef dict _rpc_device_dict(ggml_backend_dev_t dev, str ep, bint query):
+    cdef size_t mfree = 0, mtotal = 0
+    if query:
+        with nogil:
+            ggml_backend_dev_memory(dev, &mfree, &mtotal)
+    return {
+        "name": (<bytes>ggml_backend_dev_name(dev)).decode("utf-8", "replace"),
+        "description": f"RPC server {ep}",
+        "type": _DEV_TYPES.get(<int>ggml_backend_dev_type(dev), "unknown"),
+        "backend": "RPC",
+        "memory_free": mfree,
+        "memory_total": mtotal,
+        "endpoint": ep,
+        "available": query,
+    }
+
+
+cdef list _rpc_devices(rpc_servers, timeout):
+    """The devices of the servers registered so far (and of ``rpc_servers``, registered now)."""
+    cdef int64_t tus = _timeout_us(timeout, "timeout")
+    cdef rpc.relay * r
+    cdef ggml_backend_reg_t reg
+    cdef size_t i, n
+    cdef string why
+    cdef cbool to = False
+    cdef int64_t base
+    cdef bint ok
+    fresh = set()
+    if rpc_servers is not None:
+        _require_rpc()
+        for ip, port, ep in _parse_endpoints(rpc_servers):
+            _rpc_connect(ip, port, ep, tus, &r)
+            fresh.add(ep)
+    with _rpc_lock:
+        known = list(_rpc_known.items())
+    out = []
+    for ep, (raddr, regaddr) in known:
+        r = <rpc.relay *><size_t>raddr
+        reg = <ggml_backend_reg_t><size_t>regaddr
+        ok = rpc.relay_dead_open(r) == 0
+        if ok and rpc.relay_live(r) == 0 and ep not in fresh:
+            # not connected: make sure it answers before ggml connects (ggml would abort otherwise)
+            with nogil:
+                why = rpc.probe(r, tus, &to)
+            ok = why.size() == 0
+        n = ggml_backend_reg_dev_count(reg)
+        for i in range(n):
+            base = rpc.relay_failures(r)
+            d = _rpc_device_dict(ggml_backend_reg_dev_get(reg, i), ep, ok)
+            if ok and rpc.relay_failures(r) != base:
+                ok = False
+                d["memory_free"] = d["memory_total"] = 0
+                d["available"] = False
+            out.append(d)
+    return out
+
+
+cdef vector[ggml_backend_dev_t] _local_gpus():
+    """This machine's GPUs as llama.cpp's default device selection picks them (llama.cpp's
+    llama_prepare_model_devices): discrete GPUs (one per device id), else integrated ones."""
+    cdef vector[ggml_backend_dev_t] gpus, igpus
+    cdef size_t i, j, n = ggml_backend_dev_count()
+    cdef ggml_backend_dev_t dev
+    cdef ggml_backend_dev_props p, q
+    cdef bint dup
+    for i in range(n):
+        dev = ggml_backend_dev_get(i)
+        t = ggml_backend_dev_type(dev)
+        if t == GGML_BACKEND_DEVICE_TYPE_GPU:
+            if (<bytes>ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev))) == b"RPC":
+                continue
+            ggml_backend_dev_get_props(dev, &p)
+            dup = False
+            for j in range(gpus.size()):
+                ggml_backend_dev_get_props(gpus[j], &q)
+                if p.device_id != NULL and q.device_id != NULL and (<bytes>p.device_id) == (<bytes>q.device_id):
+                    dup = True
+            if not dup:
+                gpus.push_back(dev)
+        elif t == GGML_BACKEND_DEVICE_TYPE_IGPU:
+            if igpus.size() == 0 or ggml_backend_dev_backend_reg(dev) == ggml_backend_dev_backend_reg(igpus.back()):
+                igpus.push_back(dev)
+    if gpus.size() == 0:
+        return igpus
+    return gpus
+
+
+def rpc_server(host="127.0.0.1", port=DEFAULT_RPC_PORT, *, threads=None, cache_dir=None, devices=None):
+    """Serve this machine's devices to other hosts with llama.cpp's RPC server (blocks).
+
+    This is upstream's own server (``ggml_backend_rpc_start_server``, what
+    llama.cpp's ``rpc-server`` program runs), so any llama.cpp RPC client of the
+    same protocol version -- ``mtp_cy.Model(path, rpc_servers=[...])`` on
+    another machine, or llama.cpp's ``--rpc`` -- can place model layers on this
+    machine's devices.  ``python -m mtp_cy rpc-server`` runs it from the command
+    line and stops it on Ctrl-C / SIGTERM.
+
+    * ``host``: IPv4 address to listen on (default loopback only).  **The
+      protocol has no authentication or encryption**: whoever can reach the
+      port can allocate memory and run computations here.  Bind to another
+      address only on a trusted private network.
+    * ``port``: TCP port (default 50052).
+    * ``threads``: CPU threads of the CPU device (default: half the cores).
+    * ``cache_dir``: directory where the server caches large tensors it
+      received (by hash), so that a client loading the same model again skips
+      sending them (upstream's ``rpc-server -c``); ``None`` disables the cache.
+    * ``devices``: names of the devices to serve (see :func:`devices`);
+      default as upstream: every GPU / accelerator-class device, or the CPU
+      when there is none.
+
+    The calling thread blocks (with the GIL released) for as long as the
+    server runs: upstream's server has no stop function, so run it in a
+    process of its own and stop that process.  Raises ``ValueError`` /
+    ``TypeError`` for bad arguments, ``OSError`` when the address cannot be
+    bound (e.g. the port is taken), :class:`RPCError` when the server stops.
+    """
+    _require_rpc()
+    if not isinstance(host, str) or not host:
+        raise TypeError("host must be a non-empty str (an IPv4 address)")
+    try:
+        ip = _socket.gethostbyname(host)
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"cannot resolve host {host!r}: {exc}") from None
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ValueError(f"port must be an int in 1..65535, got {port!r}")
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 2) // 2)
+    threads = _as_int("threads", threads, 1, 4096)
+    cdef bytes bcache = None
+    cdef const char * ccache = NULL
+    if cache_dir is not None:
+        cache_dir = os.fspath(cache_dir)
+        os.makedirs(cache_dir, exist_ok=True)
+        bcache = os.path.abspath(cache_dir).encode()
+        ccache = bcache
+    cdef vector[ggml_backend_dev_t] devs
+    cdef ggml_backend_dev_t dev
+    cdef size_t i
+    if devices is not None:
+        if isinstance(devices, str):
+            devices = [d for d in devices.split(",") if d]
+        for name in devices:
+            if not isinstance(name, str):
+                raise TypeError(f"device names must be str, got {type(name).__name__}")
+            dev = ggml_backend_dev_by_name(name.encode())
+            if dev == NULL:
+                raise ValueError(f"unknown device {name!r}; available: "
+                                 f"{', '.join(d['name'] for d in _local_devices())}")
+            devs.push_back(dev)
+        if devs.size() == 0:
+            raise ValueError("devices is empty")
+    else:
+        for i in range(ggml_backend_dev_count()):
+            dev = ggml_backend_dev_get(i)
+            if ggml_backend_dev_type(dev) not in (GGML_BACKEND_DEVICE_TYPE_CPU, GGML_BACKEND_DEVICE_TYPE_ACCEL):
+                devs.push_back(dev)
+        if devs.size() == 0:
+            for i in range(ggml_backend_dev_count()):
+                dev = ggml_backend_dev_get(i)
+                if ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU:
+                    devs.push_back(dev)
+                    break
+    if devs.size() == 0:
+        raise MTPError("no device to serve")
+    # upstream reports a bind failure only as "Failed to create server socket": check first
+    probe_sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    try:
+        probe_sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        probe_sock.bind((ip, port))
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {ip}:{port}: {exc.strerror}") from None
+    finally:
+        probe_sock.close()
+    cdef string endpoint = f"{ip}:{port}".encode()
+    cdef size_t nthreads = threads
+    cdef cbool started
+    _take_errors()
+    with nogil:
+        started = rpc.start_server(endpoint, ccache, nthreads, devs)
+    if not started:
+        raise MTPError("this build's RPC backend has no ggml_backend_rpc_start_server")
+    raise RPCError(f"the RPC server on {ip}:{port} stopped: {_take_errors() or 'see its output'}",
+                   endpoint=f"{ip}:{port}")
