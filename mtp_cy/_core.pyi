@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import (Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, TypedDict,
-                    Union)
+from typing import (Any, Callable, Dict, Iterator, List, Literal, Mapping, NoReturn, Optional, Sequence, Tuple,
+                    TypedDict, Union)
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +22,7 @@ SAMPLER_DEFAULTS: Dict[str, Any]
 STREAM_DEFAULTS: Dict[str, Any]
 STREAM_OPTIONS: Tuple[str, ...]
 llama_cpp_commit: str
+DEFAULT_RPC_PORT: int
 
 
 class TimingUs(TypedDict):
@@ -49,13 +50,18 @@ class FinalStats(Stats, total=False):
     stop_reason: Literal["max_tokens", "ctx_full", "cancelled"]
 
 
-class Device(TypedDict):
+class _DeviceBase(TypedDict):
     name: str
     description: str
     type: Literal["cpu", "gpu", "igpu", "accel", "unknown"]
     backend: str
     memory_free: int
     memory_total: int
+
+
+class Device(_DeviceBase, total=False):
+    endpoint: str          # RPC devices only: the server's "host:port"
+    available: bool        # RPC devices only: False when the server does not answer
 
 
 TokenEvent = Tuple[Literal["token"], int, str]
@@ -74,8 +80,15 @@ def system_info() -> str:
     """ggml's CPU feature string (e.g. ``"CPU : SSE3 = 1 | AVX2 = 1 | ..."``)."""
 
 
-def devices() -> List[Device]:
-    """The backend devices llama.cpp can use, with their memory."""
+def devices(rpc_servers: Union[None, str, Sequence[str]] = None, *,
+            timeout: Optional[float] = 5.0) -> List[Device]:
+    """The backend devices llama.cpp can use, with their memory (RPC servers' devices included)."""
+
+
+def rpc_server(host: str = "127.0.0.1", port: int = 50052, *, threads: Optional[int] = None,
+               cache_dir: Union[None, str, os.PathLike[str]] = None,
+               devices: Union[None, str, Sequence[str]] = None) -> NoReturn:
+    """Serve this machine's devices with llama.cpp's RPC server (blocks; unauthenticated protocol)."""
 
 
 class Model:
@@ -85,9 +98,15 @@ class Model:
                  use_mlock: bool = False, load_mtp: Optional[bool] = None, main_gpu: int = 0,
                  split_mode: Literal["none", "layer", "row", "tensor"] = "layer",
                  tensor_split: Optional[Sequence[float]] = None, vocab_only: bool = False,
-                 progress: Union[None, bool, Callable[[float], Optional[bool]]] = None) -> None: ...
+                 progress: Union[None, bool, Callable[[float], Optional[bool]]] = None,
+                 rpc_servers: Union[None, str, Sequence[str]] = None,
+                 rpc_timeout: Optional[float] = 30.0) -> None: ...
     @property
     def path(self) -> str: ...
+    @property
+    def rpc_servers(self) -> Tuple[str, ...]: ...
+    @property
+    def rpc_failed(self) -> Optional[str]: ...
     @property
     def closed(self) -> bool: ...
     @property

@@ -171,6 +171,14 @@ static inline std::string errno_text(int e) {
     return std::string(strerror(e));
 }
 
+// why a send/recv on the server connection failed, in words
+static inline std::string lost_text(int e, const char * what) {
+    if (e == EPIPE || e == ECONNRESET || e == ENOTCONN) {
+        return std::string("the server closed the connection (it stopped or crashed) while ") + what;
+    }
+    return std::string("connection lost while ") + what + " (" + errno_text(e) + ")";
+}
+
 // wait until fd is ready for `events`; 1 ready, 0 deadline passed, -1 error
 static inline int wait_fd(int fd, short events, int64_t deadline) {
     for (;;) {
@@ -281,7 +289,7 @@ struct upstream {
                 }
                 continue;
             }
-            why = std::string("connection lost while ") + what + " (" + errno_text(errno) + ")";
+            why = lost_text(errno, what);
             return false;
         }
         return true;
@@ -315,7 +323,7 @@ struct upstream {
                 }
                 continue;
             }
-            why = std::string("connection lost while ") + what + " (" + errno_text(errno) + ")";
+            why = lost_text(errno, what);
             return 0;
         }
     }

@@ -12,6 +12,27 @@ cdef dict _rpc_known = {}        # "ip:port" -> (relay address, reg address): se
 DEFAULT_RPC_PORT = 50052
 
 
+def _rpc_local_endpoint(ep):
+    """The loopback address of the relay that ggml connects to for server ``ep`` (``"ip:port"``),
+    or ``None`` when mtp_cy has not connected to it (for tests and diagnostics)."""
+    with _rpc_lock:
+        t = _rpc_known.get(ep)
+    if t is None:
+        return None
+    return rpc.relay_local(<rpc.relay *><size_t>t[0]).decode()
+
+
+def _rpc_connections(ep):
+    """``(links, live, failed_open)`` of the relay of ``ep``: connections from ggml, those
+    forwarding to the server, failed ones ggml still holds (for tests and diagnostics)."""
+    with _rpc_lock:
+        t = _rpc_known.get(ep)
+    if t is None:
+        return None
+    cdef rpc.relay * r = <rpc.relay *><size_t>t[0]
+    return (rpc.relay_links(r), rpc.relay_live(r), rpc.relay_dead_open(r))
+
+
 def _rpc_available():
     """``True`` when this build has ggml's RPC backend and mtp_cy's connection guard."""
     init()
