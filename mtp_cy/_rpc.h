@@ -437,7 +437,20 @@ static inline void placeholder(uint8_t cmd, const uint8_t * head, uint8_t * out,
     }
 }
 
+static void link_serve(relay * r, int cfd);
+
+// one thread per connection from ggml; nothing may escape it (std::terminate would abort)
 static void link_main(relay * r, int cfd) {
+    try {
+        link_serve(r, cfd);
+    } catch (...) {
+        // only reachable when memory is exhausted (std::bad_alloc); an exception escaping a
+        // thread would terminate the process, a closed connection is what ggml would see anyway
+        close(cfd);
+    }
+}
+
+static void link_serve(relay * r, int cfd) {
     set_nodelay(cfd);
     r->links.fetch_add(1);
     upstream up;
@@ -470,7 +483,12 @@ static void link_main(relay * r, int cfd) {
             go_dead(why, to);
         }
     }
-    std::vector<uint8_t> buf(1 << 20);
+    std::vector<uint8_t> buf;
+    try {
+        buf.resize(1 << 20);
+    } catch (const std::bad_alloc &) {
+        buf.resize(1 << 12);
+    }
     for (;;) {
         uint8_t cmd;
         uint64_t size;
@@ -618,7 +636,11 @@ static void listener_main(relay * r) {
             continue;
         }
         fcntl(c, F_SETFD, FD_CLOEXEC);
-        std::thread(link_main, r, c).detach();
+        try {
+            std::thread(link_main, r, c).detach();
+        } catch (...) {
+            close(c);                    // no thread to serve it (resource exhaustion)
+        }
     }
 }
 
@@ -660,7 +682,14 @@ static inline relay * get_relay(const std::string & host, int port, std::string 
     r->endpoint = key;
     r->local = "127.0.0.1:" + std::to_string(ntohs(addr.sin_port));
     r->lfd = fd;
-    std::thread(listener_main, r).detach();
+    try {
+        std::thread(listener_main, r).detach();
+    } catch (const std::exception & e) {
+        err = std::string("cannot start the connection guard's thread: ") + e.what();
+        close(fd);
+        delete r;
+        return nullptr;
+    }
     relays[key] = r;
     return r;
 #else

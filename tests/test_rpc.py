@@ -235,6 +235,18 @@ def test_session_and_mtp_async_on_split_model(servers, mtp_sm):
             assert asyncio.run(run(m)) == asyncio.run(run(s)) == mtp_sm.greedy(p, 20).text
 
 
+def test_cli_run_with_rpc(servers, mtp_sm):
+    a, b = servers
+    r = subprocess.run([sys.executable, "-m", "mtp_cy", "run", str(mtp_sm.path), "the sea", "--temp", "0",
+                        "--max-tokens", "12", "--n-ctx", "128", "--threads", "1", "--rpc", f"{a.endpoint},{b.endpoint}"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == mtp_sm.predict(mtp_sm.encode("the sea"), 12, 3, n_ctx=128).text
+    r = subprocess.run([sys.executable, "-m", "mtp_cy", "run", str(mtp_sm.path), "x", "--rpc", f"{HOST}:{free_port()}"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
 # ---------------------------------------------------------------------------------- unreachable
 
 def test_closed_port_is_a_clean_bounded_error():
@@ -319,6 +331,29 @@ def test_endpoint_that_does_not_answer_properly(fake_server, mtp_sm, mode, words
     assert time.monotonic() - t0 < 6
     msg = str(ei.value)
     assert f.endpoint in msg and words in msg, msg
+
+
+def test_server_busy_with_another_client(start_server, mtp_sm):
+    """An rpc-server serves one client at a time: while another client holds it, loading
+    reports it as busy within rpc_timeout instead of waiting forever."""
+    s = start_server()
+    other = socket.create_connection((HOST, s.port), timeout=5)
+    try:
+        # a complete HELLO: the server is now serving this client
+        other.sendall(bytes([14]) + (24).to_bytes(8, "little") + bytes(24))
+        size = int.from_bytes(other.recv(8), "little")
+        assert size == 28 and len(other.recv(28)) == 28
+        t0 = time.monotonic()
+        with pytest.raises(mtp_cy.ModelLoadError, match="busy") as ei:
+            mtp_cy.Model(mtp_sm.path, rpc_servers=[s.endpoint], rpc_timeout=1.0)
+        assert time.monotonic() - t0 < 6 and s.endpoint in str(ei.value)
+    finally:
+        other.close()
+    # once the other client is gone, the server is ours
+    with mtp_cy.Model(mtp_sm.path, rpc_servers=[s.endpoint], n_gpu_layers=-1, rpc_timeout=10) as m, \
+            mtp_cy.Session(m, n_ctx=128, n_threads=1) as sess:
+        p = prompt_of(mtp_sm, 2)
+        assert sess.generate(p, max_tokens=6, temp=0) == mtp_sm.greedy(p, 6).text
 
 
 def test_bad_rpc_arguments_raise_before_connecting(mtp_sm):
