@@ -58,7 +58,6 @@ cdef extern from "ggml-backend.h" nogil:
     void ggml_backend_dev_get_props(ggml_backend_dev_t device, ggml_backend_dev_props * props)
     size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg)
     ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index)
-    ggml_backend_reg_t ggml_backend_reg_by_name(const char * name)
     ggml_backend_dev_t ggml_backend_dev_by_name(const char * name)
     const char * ggml_backend_dev_name(ggml_backend_dev_t device)
     const char * ggml_backend_dev_description(ggml_backend_dev_t device)
