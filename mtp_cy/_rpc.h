@@ -24,8 +24,8 @@
 // exception that names the server.  Freeing a model whose server is gone is
 // then safe too: its "free buffer" requests are absorbed by the relay.
 //
-// The relay only knows the framing of upstream's protocol (version
-// RPC_PROTO_MAJOR_VERSION 7, checked at compile time below): a request is
+// The relay only knows the framing of upstream's protocol (version 7.0,
+// checked at compile time below): a request is
 // | cmd (1 byte) | size (8 bytes) | payload |, a reply | size (8 bytes) | payload |,
 // and which commands have a reply of which size.
 #pragma once
@@ -64,7 +64,9 @@
 #define MSG_NOSIGNAL 0
 #endif
 
-static_assert(RPC_PROTO_MAJOR_VERSION == 7,
+// a new protocol version may add commands (with replies the relay must forward): review the
+// command table below against ggml-rpc.cpp, then update these two numbers
+static_assert(RPC_PROTO_MAJOR_VERSION == 7 && RPC_PROTO_MINOR_VERSION == 0,
               "llama.cpp's RPC protocol changed: update the command table of mtp_cy/_rpc.h");
 
 namespace mtp_cy_rpc {
