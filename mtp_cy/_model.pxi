@@ -161,6 +161,8 @@ cdef class Model:
         cdef llama_model_params mp = llama_model_default_params()
         cdef vector[ggml_backend_dev_t] devs
         cdef vector[ggml_backend_dev_t] gpus
+        cdef vector[ggml_backend_dev_t] first_devs    # one device per RPC server
+        cdef size_t mfree = 0, mtotal = 0
         cdef rpc.relay * r
         cdef ggml_backend_reg_t reg
         cdef size_t di
@@ -175,6 +177,8 @@ cdef class Model:
                 for ip, port, ep in endpoints:
                     reg = _rpc_connect(ip, port, ep, rpc_tus, &r)
                     w.add(r)
+                    if ggml_backend_reg_dev_count(reg) > 0:
+                        first_devs.push_back(ggml_backend_reg_dev_get(reg, 0))
                     for di in range(ggml_backend_reg_dev_count(reg)):
                         devs.push_back(ggml_backend_reg_dev_get(reg, di))
             except RPCError as exc:
@@ -218,6 +222,12 @@ cdef class Model:
         _take_errors()
         with nogil:
             m = llama_model_load_from_file(cpath, mp)
+            if m != NULL:
+                # a request with a reply on every server's connection: the server answers only
+                # after it has processed everything sent before (the weights), and a connection
+                # that broke while they were sent (they have no replies) shows up now
+                for di in range(first_devs.size()):
+                    ggml_backend_dev_memory(first_devs[di], &mfree, &mtotal)
         if w != NULL and w.any_failed():
             # a server failed while loading: what was loaded is not usable
             msg = _watch_error(w)

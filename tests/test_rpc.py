@@ -452,6 +452,143 @@ CHILD = textwrap.dedent("""
 """)
 
 
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 in front of a real rpc-server that breaks a connection at a
+    chosen byte: after ``cut_c2s`` bytes from the client (None = never), or -- once
+    :meth:`cut_replies_after` was called -- after that many more bytes of replies."""
+
+    def __init__(self, target_port, cut_c2s=None):
+        self.target = target_port
+        self.cut_c2s = cut_c2s
+        self.s2c_budget = None
+        self.lock = threading.Lock()
+        self.cuts = 0
+        self.sock = socket.socket()
+        self.sock.bind((HOST, 0))
+        self.sock.listen(8)
+        self.endpoint = f"{HOST}:{self.sock.getsockname()[1]}"
+        self.pairs = []
+        self.stopped = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def cut_replies_after(self, n):
+        with self.lock:
+            self.s2c_budget = n
+
+    def _accept(self):
+        while not self.stopped:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            u = socket.create_connection((HOST, self.target))
+            self.pairs.append((c, u))
+            threading.Thread(target=self._pump, args=(c, u, "c2s"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c, "s2c"), daemon=True).start()
+
+    def _cut(self, a, b):
+        """Break both connections the way a dying server does (closed sockets)."""
+        with self.lock:
+            self.cuts += 1
+        for x in (a, b):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            x.close()
+
+    def _pump(self, src, dst, direction):
+        sent = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if direction == "c2s" and self.cut_c2s is not None and sent + len(data) > self.cut_c2s:
+                    dst.sendall(data[:self.cut_c2s - sent])
+                    self._cut(src, dst)
+                    return
+                if direction == "s2c":
+                    with self.lock:
+                        budget = self.s2c_budget
+                        if budget is not None:
+                            self.s2c_budget = budget - len(data)
+                    if budget is not None and len(data) > budget:
+                        dst.sendall(data[:max(budget, 0)])
+                        self._cut(src, dst)
+                        return
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for x in (src, dst):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.stopped = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        for c, u in self.pairs:
+            c.close()
+            u.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def cutting_proxy():
+    made = []
+
+    def make(*a, **kw):
+        p = CuttingProxy(*a, **kw)
+        made.append(p)
+        return p
+    yield make
+    for p in made:
+        p.close()
+
+
+def test_connection_lost_while_loading(servers, cutting_proxy, mtp_sm):
+    """The connection breaks in the middle of sending the weights: a clean ModelLoadError, and
+    the server behind it serves the next client."""
+    a, _ = servers
+    proxy = cutting_proxy(a.port, cut_c2s=2_000_000)
+    t0 = time.monotonic()
+    with pytest.raises(mtp_cy.ModelLoadError) as ei:
+        mtp_cy.Model(mtp_sm.path, rpc_servers=[proxy.endpoint], n_gpu_layers=-1)
+    assert time.monotonic() - t0 < 30
+    assert proxy.cuts == 1 and proxy.endpoint in str(ei.value) and "closed the connection" in str(ei.value)
+    assert wait_disconnected(proxy.endpoint)[proxy.endpoint] == (0, 0, 0)
+    with mtp_cy.Model(mtp_sm.path, rpc_servers=[a.endpoint], n_gpu_layers=-1) as m, \
+            mtp_cy.Session(m, n_ctx=128, n_threads=1) as s:
+        p = prompt_of(mtp_sm, 2)
+        assert s.generate(p, max_tokens=6, temp=0) == mtp_sm.greedy(p, 6).text
+
+
+def test_connection_lost_in_the_middle_of_a_reply(servers, cutting_proxy, mtp_sm):
+    """The connection breaks while a reply (e.g. the logits) is being received."""
+    a, b = servers
+    proxy = cutting_proxy(b.port)
+    p = prompt_of(mtp_sm, 3)
+    with mtp_cy.Model(mtp_sm.path, rpc_servers=[a.endpoint, proxy.endpoint], n_gpu_layers=-1) as model, \
+            mtp_cy.MTP(model, n_draft=3, n_ctx=512, n_threads=1) as mtp:
+        it = mtp.stream(p, max_tokens=300, temp=0, timeout=20)
+        got = [next(it) for _ in range(8)]
+        proxy.cut_replies_after(50_000)
+        with pytest.raises(mtp_cy.RPCError) as ei:
+            for piece in it:
+                got.append(piece)
+        assert proxy.cuts == 1 and ei.value.endpoint == proxy.endpoint
+        assert "".join(got) == mtp_sm.greedy(p, len(got)).text
+    assert wait_disconnected(a.endpoint, proxy.endpoint) == {a.endpoint: (0, 0, 0), proxy.endpoint: (0, 0, 0)}
+
+
 @pytest.mark.parametrize("kill_after", [10, 150])
 def test_server_killed_mid_generation(servers, start_server, mtp_sm, tmp_path, kill_after):
     """The server is killed while a native step is running (upstream's client would abort the
