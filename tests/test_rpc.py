@@ -43,6 +43,20 @@ def child_env():
     return env
 
 
+# On Linux the servers also die with the test process, should it itself be killed (the
+# fixtures cannot stop them then): PR_SET_PDEATHSIG, set before exec-ing the command.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGKILL); "
+                    "os.getppid() == int(sys.argv[1]) or os._exit(1); "
+                    "os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
+
+
+def server_command(*args):
+    cmd = [sys.executable, "-m", "mtp_cy", "rpc-server", *args]
+    if sys.platform.startswith("linux"):
+        return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid())] + cmd[1:]
+    return cmd
+
+
 class Server:
     """One ``python -m mtp_cy rpc-server`` process on 127.0.0.1."""
 
@@ -52,8 +66,7 @@ class Server:
         self.log = Path(logdir) / f"rpc-server-{self.port}.log"
         self._out = open(self.log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mtp_cy", "rpc-server", "--host", HOST, "--port", str(self.port),
-             "--threads", "1", *args],
+            server_command("--host", HOST, "--port", str(self.port), "--threads", "1", *args),
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=child_env())
 
     def wait_ready(self, timeout=60.0):
