@@ -525,7 +525,7 @@ def test_print_stats_reports_upstream_summary(mtp, mtp_sm, caplog):
 
 def test_no_leak_over_1000_calls_and_50_sessions(mtp_model, mtp_sm):
     p = prompt_of(mtp_sm, 2)
-    with mtp_cy.MTP(mtp_model, n_draft=2, n_ctx=64) as m:
+    with mtp_cy.MTP(mtp_model, n_draft=2, n_ctx=64, n_threads=1) as m:
         for _ in range(100):
             m.generate(p, max_tokens=3, temp=0)
         gc.collect()
@@ -537,11 +537,11 @@ def test_no_leak_over_1000_calls_and_50_sessions(mtp_model, mtp_sm):
         assert m.stats()["tokens_emitted"] == 1100 * 3
     assert grown < 8 * 2**20, grown
     for _ in range(5):
-        mtp_cy.MTP(mtp_model, n_draft=2, n_ctx=64).close()
+        mtp_cy.MTP(mtp_model, n_draft=2, n_ctx=64, n_threads=1).close()
     gc.collect()
     before = rss_bytes()
     for _ in range(50):
-        with mtp_cy.MTP(mtp_model, n_draft=2, n_ctx=64) as m:
+        with mtp_cy.MTP(mtp_model, n_draft=2, n_ctx=64, n_threads=1) as m:
             m.generate(p, max_tokens=2, temp=0)
     gc.collect()
     assert rss_bytes() - before < 16 * 2**20

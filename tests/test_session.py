@@ -180,7 +180,7 @@ def test_context_full_ends_cleanly(plain_model, plain_sm):
 
 
 def test_no_leak_over_1000_calls(plain_model, plain_sm):
-    s = mtp_cy.Session(plain_model, n_ctx=64)
+    s = mtp_cy.Session(plain_model, n_ctx=64, n_threads=1)
     p = prompt_of(plain_sm, 2)
     for _ in range(100):
         s.generate(p, max_tokens=2, temp=0)
@@ -194,6 +194,6 @@ def test_no_leak_over_1000_calls(plain_model, plain_sm):
     assert grown < 8 * 2**20, grown
     before = rss_bytes()
     for _ in range(50):
-        mtp_cy.Session(plain_model, n_ctx=64).close()
+        mtp_cy.Session(plain_model, n_ctx=64, n_threads=1).close()
     gc.collect()
     assert rss_bytes() - before < 16 * 2**20
