@@ -24,6 +24,23 @@ def test_init_is_idempotent_and_system_info():
     assert "CPU" in info
 
 
+def test_build_info_names_the_loaded_cpu_backend():
+    from pathlib import Path
+    info = mtp_cy.build_info()
+    assert set(info) == {"backend_dl", "backends", "cpu_variant"}
+    assert info["backends"].get("CPU")
+    if info["backend_dl"]:
+        # portable build (wheels): the CPU module picked for this CPU, from the package dir
+        cpu = Path(info["backends"]["CPU"])
+        assert cpu.parent == Path(mtp_cy.__file__).resolve().parent
+        assert cpu.name.startswith("libggml-cpu") and info["cpu_variant"]
+        assert f"CPU variant = {info['cpu_variant']}" in mtp_cy.system_info()
+    else:
+        # static developer build: the backend lives in _core itself
+        assert info["cpu_variant"] is None
+        assert Path(info["backends"]["CPU"]).name.startswith("_core")
+
+
 def test_devices_lists_the_cpu():
     devs = mtp_cy.devices()
     assert any(d["type"] == "cpu" for d in devs)
