@@ -121,12 +121,13 @@ _SHLIB_SUFFIXES = (".so", ".dylib", ".dll")
 
 
 def dl_libraries(bdir: Path) -> list:
-    """The shared libraries and backend modules of a MTP_CY_BACKEND_DL build (in bin/)."""
-    out = []
-    for p in sorted((bdir / "bin").iterdir()):
-        if p.is_file() and not p.is_symlink() and p.suffix in _SHLIB_SUFFIXES \
-                and p.name.startswith(("libggml", "libllama", "ggml", "llama")):
-            out.append(p)
+    """The shared libraries and backend modules of a MTP_CY_BACKEND_DL build, as listed
+    by vendor/CMakeLists.txt for the current configuration."""
+    listing = bdir / "mtp_cy_shared_libs.txt"
+    out = [Path(line) for line in listing.read_text().splitlines() if line.strip()]
+    missing = [str(p) for p in out if not p.is_file()]
+    if missing:
+        raise SystemExit(f"not built: {', '.join(missing)}")
     return out
 
 
