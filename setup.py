@@ -136,9 +136,26 @@ class BuildExt(build_ext):
     statically (default), or against its shared libraries (``MTP_CY_BACKEND_DL=1``),
     which are then copied next to ``_core``."""
 
+    def _remove_stale_outputs(self):
+        # The build directory (build/lib.*) outlives builds with other settings: an
+        # in-place static _core.cpython-3XX-*.so next to an abi3 build, or the shared
+        # libraries of a MTP_CY_BACKEND_DL build next to a static one.  Whatever is
+        # there ends up in the wheel, so remove what this build does not make.
+        for ext in self.extensions:
+            target = Path(self.get_ext_fullpath(ext.name))
+            if not target.parent.is_dir():
+                continue
+            stem = ext.name.rsplit(".", 1)[-1] + "."
+            for old in target.parent.iterdir():
+                if old == target or old.suffix not in _SHLIB_SUFFIXES:
+                    continue
+                if old.name.startswith(stem) or old.name.startswith(("libggml", "libllama")):
+                    old.unlink()
+
     def run(self):
         bdir, src = build_native()
         cache = cmake_cache(bdir)
+        self._remove_stale_outputs()
         if backend_dl():
             self._run_dl(bdir, src)
             return
@@ -190,9 +207,6 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             dest = Path(self.get_ext_fullpath(ext.name)).parent
             dest.mkdir(parents=True, exist_ok=True)
-            for old in dest.iterdir():  # modules of an earlier build with other options
-                if old.suffix in _SHLIB_SUFFIXES and old.name.startswith(("libggml", "libllama")):
-                    old.unlink()
             for p in libs:
                 shutil.copy2(p, dest / p.name)
 
