@@ -65,7 +65,7 @@ whl, variants = sys.argv[1], sys.argv[2]
 names = zipfile.ZipFile(whl).namelist()
 cpu = sorted(n for n in names if n.startswith("mtp_cy/libggml-cpu"))
 print("== CPU modules in the wheel:", ", ".join(n.split("/")[-1] for n in cpu))
-cores = [n for n in names if n.startswith("mtp_cy/_core.")]
+cores = [n for n in names if n.startswith("mtp_cy/_core.") and n.endswith((".so", ".pyd", ".dylib"))]
 assert cores == ["mtp_cy/_core.abi3.so"], cores
 grafted = [n for n in names if ".libs/" in n and not n.endswith("/")]
 print("== libraries grafted by auditwheel:", ", ".join(n.split("/")[-1] for n in grafted) or "none")
