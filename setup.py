@@ -4,7 +4,16 @@ Build knobs (environment variables):
 
 * ``MTP_CY_LLAMA_CPP_DIR``: use this llama.cpp checkout instead of fetching the pinned one.
 * ``MTP_CY_PORTABLE=1``: no ``-march=native`` (``GGML_NATIVE=OFF``), for wheels.
-* ``MTP_CY_BUILD_DIR``: CMake build directory (default ``build/native``).
+* ``MTP_CY_BACKEND_DL=1`` (implies ``MTP_CY_PORTABLE=1``; the Linux wheels): ggml and
+  llama as shared libraries and ggml's backends as modules loaded at run time
+  (``GGML_BACKEND_DL``), with one CPU module per instruction-set level
+  (``GGML_CPU_ALL_VARIANTS``), all copied next to ``mtp_cy/_core`` (run path
+  ``$ORIGIN``); ``mtp_cy.init()`` loads the best CPU module for the machine.
+* ``MTP_CY_CPU_VARIANTS``: with ``MTP_CY_BACKEND_DL``, ``ALL`` (default) or ``ONE``
+  (a single baseline CPU module: a much cheaper build, for CI's packaging check).
+* ``MTP_CY_LIMITED_API=1``: build ``_core`` for CPython's stable ABI (abi3, 3.10+).
+* ``MTP_CY_BUILD_DIR``: CMake build directory (default ``build/native``, or
+  ``build/native-dl`` with ``MTP_CY_BACKEND_DL=1``).
 * ``MTP_CY_DEBUG=1``: debug build of llama.cpp and the extension (``make debug``).
 * ``CMAKE_ARGS``: passed to CMake as is, e.g. ``-DGGML_CUDA=ON``, ``-DGGML_METAL=ON``.
 * ``MTP_CY_JOBS``: parallel build jobs (default: all cores).
@@ -42,13 +51,23 @@ def llama_dir() -> Path:
     return _fetcher().ensure()
 
 
+def backend_dl() -> bool:
+    return os.environ.get("MTP_CY_BACKEND_DL") == "1"
+
+
+def limited_api() -> bool:
+    return os.environ.get("MTP_CY_LIMITED_API") == "1"
+
+
 def build_dir() -> Path:
-    return Path(os.environ.get("MTP_CY_BUILD_DIR", ROOT / "build" / "native")).resolve()
+    default = ROOT / "build" / ("native-dl" if backend_dl() else "native")
+    return Path(os.environ.get("MTP_CY_BUILD_DIR", default)).resolve()
 
 
 def cmake_args(src: Path) -> list:
     debug = os.environ.get("MTP_CY_DEBUG") == "1"
-    portable = os.environ.get("MTP_CY_PORTABLE") == "1"
+    dl = backend_dl()
+    portable = os.environ.get("MTP_CY_PORTABLE") == "1" or dl
     args = [
         "-G", "Ninja",
         f"-DMTP_CY_LLAMA_DIR={src}",
@@ -58,7 +77,10 @@ def cmake_args(src: Path) -> list:
         # ggml's RPC backend (mtp_cy.Model(rpc_servers=...), python -m mtp_cy rpc-server);
         # RDMA off: a static build does not link libibverbs (CMAKE_ARGS can override both)
         "-DGGML_RPC=ON", "-DGGML_RPC_RDMA=OFF",
+        f"-DMTP_CY_BACKEND_DL={'ON' if dl else 'OFF'}",
     ]
+    if dl:
+        args.append(f"-DMTP_CY_CPU_VARIANTS={os.environ.get('MTP_CY_CPU_VARIANTS', 'ALL')}")
     if os.environ.get("CCACHE", "1") != "0" and shutil.which("ccache"):
         args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache",
                  "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
@@ -98,12 +120,48 @@ def cmake_cache(bdir: Path) -> dict:
     return out
 
 
+_SHLIB_SUFFIXES = (".so", ".dylib", ".dll")
+
+
+def dl_libraries(bdir: Path) -> list:
+    """The shared libraries and backend modules of a MTP_CY_BACKEND_DL build, as listed
+    by vendor/CMakeLists.txt for the current configuration."""
+    listing = bdir / "mtp_cy_shared_libs.txt"
+    out = [Path(line) for line in listing.read_text().splitlines() if line.strip()]
+    missing = [str(p) for p in out if not p.is_file()]
+    if missing:
+        raise SystemExit(f"not built: {', '.join(missing)}")
+    return out
+
+
 class BuildExt(build_ext):
-    """Builds llama.cpp out of tree with CMake + Ninja, then links it statically."""
+    """Builds llama.cpp out of tree with CMake + Ninja, then links it into ``_core``:
+    statically (default), or against its shared libraries (``MTP_CY_BACKEND_DL=1``),
+    which are then copied next to ``_core``."""
+
+    def _remove_stale_outputs(self):
+        # The build directory (build/lib.*) outlives builds with other settings: an
+        # in-place static _core.cpython-3XX-*.so next to an abi3 build, or the shared
+        # libraries of a MTP_CY_BACKEND_DL build next to a static one.  Whatever is
+        # there ends up in the wheel, so remove what this build does not make.
+        for ext in self.extensions:
+            target = Path(self.get_ext_fullpath(ext.name))
+            if not target.parent.is_dir():
+                continue
+            stem = ext.name.rsplit(".", 1)[-1] + "."
+            for old in target.parent.iterdir():
+                if old == target or old.suffix not in _SHLIB_SUFFIXES:
+                    continue
+                if old.name.startswith(stem) or old.name.startswith(("libggml", "libllama")):
+                    old.unlink()
 
     def run(self):
         bdir, src = build_native()
         cache = cmake_cache(bdir)
+        self._remove_stale_outputs()
+        if backend_dl():
+            self._run_dl(bdir, src)
+            return
         libs = sorted(glob.glob(str(bdir / "**" / "*.a"), recursive=True))
         # the upstream programs' objects are not libraries we want
         libs = [l for l in libs if "/examples/" not in l and "/tools/" not in l]
@@ -132,6 +190,29 @@ class BuildExt(build_ext):
             ext.depends += libs
         super().run()
 
+    def _run_dl(self, bdir: Path, src: Path):
+        if sys.platform == "win32":
+            raise SystemExit("MTP_CY_BACKEND_DL=1 is not supported on Windows yet")
+        libs = dl_libraries(bdir)
+        if not any(p.name.startswith(("libggml-cpu", "ggml-cpu")) for p in libs):
+            raise SystemExit(f"no CPU backend module in {bdir / 'bin'}")
+        origin = "@loader_path" if sys.platform == "darwin" else "$ORIGIN"
+        for ext in self.extensions:
+            ext.include_dirs += [str(src / "include"), str(src / "ggml" / "include"),
+                                 str(src / "common"), str(ROOT / "mtp_cy")]
+            ext.define_macros += [("MTP_CY_BACKEND_DL", "1")]
+            ext.library_dirs += [str(bdir / "bin")]
+            ext.libraries += ["llama-common", "llama", "ggml", "ggml-base"]
+            ext.extra_link_args += [f"-Wl,-rpath,{origin}"]
+            ext.depends += [str(p) for p in libs]
+        super().run()
+        # ship the libraries and the backend modules next to the extension
+        for ext in self.extensions:
+            dest = Path(self.get_ext_fullpath(ext.name)).parent
+            dest.mkdir(parents=True, exist_ok=True)
+            for p in libs:
+                shutil.copy2(p, dest / p.name)
+
 
 class SDist(sdist):
     """The sdist carries the fetched llama.cpp source so that installing it needs no fetch."""
@@ -149,16 +230,24 @@ def extensions():
     cflags = ["-std=c++17", "-O0" if debug else "-O2"]
     if debug:
         cflags += ["-g"]
+    macros = []
+    if limited_api():
+        macros.append(("Py_LIMITED_API", "0x030A0000"))  # CPython 3.10+
     ext = Extension(
         "mtp_cy._core",
         sources=["mtp_cy/_core.pyx"],
         language="c++",
         extra_compile_args=cflags,
-        depends=glob.glob("mtp_cy/*.pxi") + glob.glob("mtp_cy/includes/*.pxd") + ["mtp_cy/_native.h", "mtp_cy/_chat.h", "mtp_cy/_rpc.h"],
+        define_macros=macros,
+        py_limited_api=limited_api(),
+        depends=glob.glob("mtp_cy/*.pxi") + glob.glob("mtp_cy/includes/*.pxd") + glob.glob("mtp_cy/*.h"),
     )
     return cythonize([ext], language_level=3, include_path=[str(ROOT)],
                      compiler_directives={"embedsignature": True, "binding": False},
                      gdb_debug=debug)
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt, "sdist": SDist})
+options = {}
+if limited_api():
+    options["bdist_wheel"] = {"py_limited_api": "cp310"}
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt, "sdist": SDist}, options=options)

@@ -2,31 +2,100 @@
 
 from mtp_cy._version import LLAMA_CPP_COMMIT as _LLAMA_CPP_COMMIT
 
+cdef extern from "_dl.h" nogil:
+    const int MTP_CY_IS_BACKEND_DL
+    const char * mtp_cy_module_path(const void * addr)
+
 cdef bint _initialized = False
 cdef object _init_lock = threading.Lock()
+
+
+cdef _load_backend_modules():
+    # Portable builds (MTP_CY_BACKEND_DL): ggml's backends are modules in the
+    # package directory; load the best CPU variant (and CUDA, ...) from there,
+    # before llama_backend_init() would search the executable's directory and
+    # the current directory instead.
+    pkg_dir = os.path.dirname(os.path.abspath(__file__))
+    cdef bytes bdir = os.fsencode(pkg_dir)
+    cdef const char * cdir = bdir
+    with nogil:
+        ggml_backend_load_all_from_path(cdir)
+    if ggml_backend_reg_by_name(b"CPU") == NULL:
+        raise MTPError(f"no usable ggml CPU backend module (libggml-cpu-*) in {pkg_dir}; "
+                       f"{_take_errors() or 'is the installation complete?'}")
 
 
 def init():
     """Initialise llama.cpp's backends (idempotent, thread-safe).
 
     Importing mtp_cy does not need it: :class:`Model` calls it on first use.
-    Returns ``None``.
+    In a portable build (the Linux wheels) it first loads ggml's backend
+    modules from the package directory, picking the CPU variant that best
+    fits this CPU (see :func:`build_info`).  Returns ``None``.
     """
     global _initialized
     if _initialized:
         return
     with _init_lock:
         if not _initialized:
+            if MTP_CY_IS_BACKEND_DL:
+                _load_backend_modules()
             with nogil:
                 llama_backend_init()
                 ggml_time_init()
             _initialized = True
 
 
-def system_info():
-    """Return ggml's feature string for this build (e.g. ``"CPU : SSE3 = 1 | AVX2 = 1 | ..."``)."""
+def _variant_of(path):
+    # libggml-cpu-haswell.so -> "haswell"; libggml-cpu.so (a single module) -> "default"
+    name = os.path.basename(path).split(".")[0]
+    for prefix in ("libggml-cpu", "ggml-cpu"):
+        if name.startswith(prefix):
+            return name[len(prefix) + 1:] or "default"
+    return None
+
+
+def build_info():
+    """Describe how this mtp_cy was built and which backends are loaded.
+
+    Returns a dict with ``backend_dl`` (``True`` for a portable build whose
+    backends are modules loaded at run time, ``False`` for a static build),
+    ``backends`` (registry name -> path of the file the backend was loaded
+    from; for a static build that is ``_core`` itself) and ``cpu_variant``
+    (the CPU module that was picked for this CPU, e.g. ``"haswell"`` or
+    ``"icelake"``; ``None`` for a static build).
+    """
     init()
-    return (<bytes>llama_print_system_info()).decode("utf-8", "replace").strip()
+    cdef size_t i
+    cdef ggml_backend_reg_t reg
+    cdef const char * path
+    backends = {}
+    for i in range(ggml_backend_reg_count()):
+        reg = ggml_backend_reg_get(i)
+        path = mtp_cy_module_path(<const void *>reg)
+        backends[(<bytes>ggml_backend_reg_name(reg)).decode("utf-8", "replace")] = \
+            os.fsdecode(<bytes>path) if path != NULL else None
+    cpu = backends.get("CPU")
+    return {
+        "backend_dl": bool(MTP_CY_IS_BACKEND_DL),
+        "backends": backends,
+        "cpu_variant": _variant_of(cpu) if (MTP_CY_IS_BACKEND_DL and cpu) else None,
+    }
+
+
+def system_info():
+    """Return ggml's feature string for this build (e.g. ``"CPU : SSE3 = 1 | AVX2 = 1 | ..."``).
+
+    In a portable build it ends with the CPU variant that was loaded, e.g.
+    ``"| CPU variant = haswell (libggml-cpu-haswell.so)"``.
+    """
+    init()
+    info = (<bytes>llama_print_system_info()).decode("utf-8", "replace").strip()
+    if MTP_CY_IS_BACKEND_DL:
+        b = build_info()
+        cpu = b["backends"].get("CPU")
+        info = f"{info.rstrip(' |')} | CPU variant = {b['cpu_variant']} ({os.path.basename(cpu or '?')})"
+    return info
 
 
 _DEV_TYPES = {

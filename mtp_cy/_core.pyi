@@ -64,6 +64,12 @@ class Device(_DeviceBase, total=False):
     available: bool        # RPC devices only: False when the server does not answer
 
 
+class BuildInfo(TypedDict):
+    backend_dl: bool
+    backends: Dict[str, Optional[str]]
+    cpu_variant: Optional[str]
+
+
 TokenEvent = Tuple[Literal["token"], int, str]
 StatsEvent = Tuple[Literal["stats"], Stats]
 DoneEvent = Tuple[Literal["done"], FinalStats]
@@ -78,6 +84,11 @@ def init() -> None:
 
 def system_info() -> str:
     """ggml's CPU feature string (e.g. ``"CPU : SSE3 = 1 | AVX2 = 1 | ..."``)."""
+
+
+def build_info() -> BuildInfo:
+    """How mtp_cy was built (static, or portable with backend modules) and which file
+    each loaded backend came from; ``cpu_variant`` is the CPU module picked for this CPU."""
 
 
 def devices(rpc_servers: Union[None, str, Sequence[str]] = None, *,

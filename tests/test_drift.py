@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
+import mtp_cy
+
 ROOT = Path(__file__).resolve().parents[1]
-INCLUDES = ROOT / "mtp_cy" / "includes"
+# the .pxd files of the mtp_cy under test (the source tree's in a developer
+# install, the installed ones when testing a wheel)
+INCLUDES = Path(mtp_cy.__file__).resolve().parent / "includes"
 
 
 def llama_root():

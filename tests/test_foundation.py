@@ -24,6 +24,23 @@ def test_init_is_idempotent_and_system_info():
     assert "CPU" in info
 
 
+def test_build_info_names_the_loaded_cpu_backend():
+    from pathlib import Path
+    info = mtp_cy.build_info()
+    assert set(info) == {"backend_dl", "backends", "cpu_variant"}
+    assert info["backends"].get("CPU")
+    if info["backend_dl"]:
+        # portable build (wheels): the CPU module picked for this CPU, from the package dir
+        cpu = Path(info["backends"]["CPU"])
+        assert cpu.parent == Path(mtp_cy.__file__).resolve().parent
+        assert cpu.name.startswith("libggml-cpu") and info["cpu_variant"]
+        assert f"CPU variant = {info['cpu_variant']}" in mtp_cy.system_info()
+    else:
+        # static developer build: the backend lives in _core itself
+        assert info["cpu_variant"] is None
+        assert Path(info["backends"]["CPU"]).name.startswith("_core")
+
+
 def test_devices_lists_the_cpu():
     devs = mtp_cy.devices()
     assert any(d["type"] == "cpu" for d in devs)
@@ -222,6 +239,8 @@ def test_fetch_is_cached_and_verified(tmp_path, monkeypatch):
     import importlib.util
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
+    if not (root / "vendor" / "fetch_llama_cpp.py").is_file():
+        pytest.skip("not a source checkout (testing an installed wheel)")
     spec = importlib.util.spec_from_file_location("fetch", root / "vendor" / "fetch_llama_cpp.py")
     fetch = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fetch)

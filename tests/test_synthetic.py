@@ -143,6 +143,8 @@ def test_validation(tmp_path, kwargs, match):
 
 def test_vocab_path_and_env(tmp_path, monkeypatch):
     vp = ROOT / "vendor" / "llama.cpp" / "models" / "ggml-vocab-gpt-2.gguf"
+    if not vp.is_file():
+        pytest.skip("not a source checkout with vendor/llama.cpp (testing an installed wheel)")
     m = syn.make_model(tmp_path / "a.gguf", vocab_path=vp)
     assert m.n_vocab == 50257
     with pytest.raises(ValueError, match="vocab_path"):

@@ -68,6 +68,10 @@ cdef extern from "ggml-backend.h" nogil:
     size_t ggml_backend_dev_count()
     ggml_backend_dev_t ggml_backend_dev_get(size_t index)
     void ggml_backend_load_all()
+    void ggml_backend_load_all_from_path(const char * dir_path)
+    size_t ggml_backend_reg_count()
+    ggml_backend_reg_t ggml_backend_reg_get(size_t index)
+    ggml_backend_reg_t ggml_backend_reg_by_name(const char * name)
 
 
 cdef extern from "ggml-cpu.h" nogil:
