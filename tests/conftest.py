@@ -92,3 +92,22 @@ def upstream_binary(name):
             nb.build_targets(bdir, [name])
     _UPSTREAM[name] = path if path.is_file() else None
     return _UPSTREAM[name]
+
+
+def check_interrupt_stops_prefill(engine, long_prompt):
+    """Ctrl-C (``_thread.interrupt_main``) 10% into a long prefill on ``engine`` raises
+    KeyboardInterrupt well before the prefill would have finished."""
+    import _thread
+    import threading
+    import time
+    t0 = time.perf_counter()
+    engine.generate(long_prompt, max_tokens=1, temp=0)
+    full = time.perf_counter() - t0
+    timer = threading.Timer(full * 0.1, _thread.interrupt_main)
+    timer.start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(long_prompt, max_tokens=1, temp=0)
+    took = time.perf_counter() - t0
+    timer.join()
+    assert took < full * 0.8, (took, full)
