@@ -258,6 +258,21 @@ static inline int connect_timeout(const std::string & host, int port, int64_t ti
 }
 
 // the connection to the server: non-blocking fd, every wait bounded by the relay's deadline
+// read exactly n bytes with `some(ptr, max)` (bytes read, 0 on failure or end of stream)
+template <typename F>
+static inline bool recv_fully(void * data, size_t n, F && some) {
+    uint8_t * p = (uint8_t *) data;
+    while (n > 0) {
+        size_t k = some(p, n);
+        if (k == 0) {
+            return false;
+        }
+        p += k;
+        n -= k;
+    }
+    return true;
+}
+
 struct upstream {
     relay * r;
     int fd = -1;
@@ -331,16 +346,7 @@ struct upstream {
     }
 
     bool recv_all(void * data, size_t n, const char * what) {
-        uint8_t * p = (uint8_t *) data;
-        while (n > 0) {
-            size_t k = recv_some(p, n, what);
-            if (k == 0) {
-                return false;
-            }
-            p += k;
-            n -= k;
-        }
-        return true;
+        return recv_fully(data, n, [&](uint8_t * p, size_t k) { return recv_some(p, k, what); });
     }
 };
 
@@ -372,16 +378,7 @@ static inline size_t client_recv_some(int fd, void * data, size_t n) {
 }
 
 static inline bool client_recv_all(int fd, void * data, size_t n) {
-    uint8_t * p = (uint8_t *) data;
-    while (n > 0) {
-        size_t k = client_recv_some(fd, p, n);
-        if (k == 0) {
-            return false;
-        }
-        p += k;
-        n -= k;
-    }
-    return true;
+    return recv_fully(data, n, [fd](uint8_t * p, size_t k) { return client_recv_some(fd, p, k); });
 }
 
 // Placeholder reply bytes [from, from + n) of command `cmd` after the server failed:
