@@ -32,6 +32,7 @@
 #   BUILD_DIR       default build/cuda
 #   MTP_CY_JOBS     parallel jobs (default 1)
 #   PYTEST_ARGS     extra pytest arguments (stage 3)
+#   TEST_TIMEOUT    stop the test run after this many seconds (stage 3; default: no limit)
 #   BENCH_ARGS      arguments of benchmarks/bench_mtp.py (stage 3; default: its defaults)
 # cuBLAS: when the toolkit has no cuBLAS headers and libraries (a pip-installed
 # toolkit), they are taken from an installed NVIDIA pip wheel (nvidia-cublas for
@@ -217,7 +218,10 @@ if not any("CUDA" in str(d) for d in devs):
     print("== WARNING:", msg)
 PYEOF
 t0=$(date +%s)
-"$VENV/bin/python" -m pytest -ra -p no:cacheprovider ${PYTEST_ARGS:-} tests || echo "== TESTS FAILED"
+# TEST_TIMEOUT (seconds): Ctrl-C the test run then (pytest still reports what ran), so the
+# benchmark below runs even when a GPU machine is lent for a few minutes only
+${TEST_TIMEOUT:+timeout -s INT "$TEST_TIMEOUT"} "$VENV/bin/python" -m pytest -ra -p no:cacheprovider ${PYTEST_ARGS:-} tests \
+    || echo "== TESTS FAILED OR INTERRUPTED"
 echo "== tests: $(( $(date +%s) - t0 )) s"
 if [ -f "$ROOT/benchmarks/bench_mtp.py" ]; then
     t0=$(date +%s)
