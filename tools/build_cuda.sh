@@ -120,7 +120,8 @@ if [ "$SKIP_BUILD" != 1 ] && [ ! -f "$CUDA_HOME/include/cublas_v2.h" ]; then
 fi
 if [ "$SKIP_BUILD" != 1 ] && ! ls "$CUDA_HOME"/lib64/stubs/libcuda.so "$CUDA_HOME"/targets/*/lib/stubs/libcuda.so >/dev/null 2>&1 \
         && ! ldconfig -p | grep -q 'libcuda.so '; then
-    echo 'void mtp_cy_libcuda_link_stub(void) {}' > "$OVERLAY/stub.c"
+    # (a stub from an earlier run already defines the driver functions: keep it)
+    [ -f "$OVERLAY/stub.c" ] || echo 'void mtp_cy_libcuda_link_stub(void) {}' > "$OVERLAY/stub.c"
     cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$OVERLAY/lib/libcuda.so" "$OVERLAY/stub.c"
     echo "== no libcuda.so here: linking against an empty stub (SONAME libcuda.so.1)"
 fi
@@ -145,6 +146,21 @@ if [ "$SKIP_BUILD" != 1 ]; then
     t1=$(date +%s)
     cmake --build "$BUILD_DIR/native" --target ggml-cuda -j "$JOBS"
     t2=$(date +%s)
+    # The module calls the driver API (cuMemCreate, ...): it must record libcuda.so.1 as
+    # NEEDED, or it fails to load ("undefined symbol: cuMemCreate").  An empty link stub
+    # gets dropped by the linker (as-needed), so give the stub exactly the driver
+    # functions the module uses and relink.
+    driver_syms=$(nm -D --undefined-only "$LIB" | awk '$2 ~ /^cu[A-Z]/ {print $2}' | sort -u)
+    if [ -n "$driver_syms" ] && ! readelf -d "$LIB" | grep -q 'libcuda\.so\.1'; then
+        [ -f "$OVERLAY/stub.c" ] || { echo "libggml-cuda.so does not record libcuda.so.1"; exit 1; }
+        for sym in $driver_syms; do echo "void $sym(void) {}"; done > "$OVERLAY/stub.c"
+        cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$OVERLAY/lib/libcuda.so" "$OVERLAY/stub.c"
+        echo "== link stub now defines the $(echo $driver_syms | wc -w) driver functions the module uses; relinking"
+        cmake --build "$BUILD_DIR/native" --target ggml-cuda -j "$JOBS"
+        t2=$(date +%s)
+    fi
+    readelf -d "$LIB" | grep -q 'libcuda\.so\.1' || [ -z "$driver_syms" ] \
+        || { echo "libggml-cuda.so does not record libcuda.so.1"; exit 1; }
     echo "== configure: $((t1 - t0)) s, build (ggml-cuda + ggml-base): $((t2 - t1)) s"
     echo "== $LIB: $(stat -c %s "$LIB") bytes ($(du -h "$LIB" | cut -f1))"
     readelf -d "$LIB" | grep -E 'NEEDED|RUNPATH|RPATH'
