@@ -36,9 +36,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import mtp_cy  # noqa: E402
+try:
+    import mtp_cy  # the installed package (pip install [-e] .), e.g. a wheel under test
+except ImportError:  # a checkout built in place (python setup.py build_ext --inplace)
+    sys.path.insert(0, str(ROOT))
+    import mtp_cy  # noqa: E402
 from mtp_cy import synthetic  # noqa: E402
 from mtp_cy.bench import format_table, measure  # noqa: E402
 

@@ -58,13 +58,22 @@ def server_command(*args):
 
 
 class Server:
-    """One ``python -m mtp_cy rpc-server`` process on 127.0.0.1."""
+    """One ``python -m mtp_cy rpc-server`` process on 127.0.0.1.
+
+    It serves this machine's CPU (``--device CPU``), also where there is a GPU: these tests
+    check mtp_cy's side of RPC, and upstream's RPC client claims that a server supports every
+    operation (ggml_backend_rpc_device_supports_op), so a GPU server would have to run ops
+    its backend may lack for the synthetic models (flash attention with 32-wide heads on
+    CUDA, for one) and abort.  A CPU server runs everything the client sends.
+    """
 
     def __init__(self, logdir, port=None, args=()):
         self.port = port or free_port()
         self.endpoint = f"{HOST}:{self.port}"
         self.log = Path(logdir) / f"rpc-server-{self.port}.log"
         self._out = open(self.log, "wb")
+        if "--device" not in args:
+            args = ("--device", "CPU", *args)
         self.proc = subprocess.Popen(
             server_command("--host", HOST, "--port", str(self.port), "--threads", "1", *args),
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=child_env())
@@ -119,7 +128,7 @@ def start_server(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def _server_pool(tmp_path_factory):
     """Two rpc-server processes shared by the tests of this module."""
     d = tmp_path_factory.mktemp("rpc")
     started = []
@@ -132,6 +141,21 @@ def servers(tmp_path_factory):
     finally:
         for s in started:
             s.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def servers(_server_pool):
+    """The two shared servers, alive.  One that dies during a test fails that test (with the
+    server's output) and is replaced, so that it does not take the following tests with it."""
+    for i, s in enumerate(_server_pool):
+        if not s.alive():
+            s.stop()
+            _server_pool[i] = Server(s.log.parent).wait_ready()
+    yield list(_server_pool)
+    dead = [s for s in _server_pool if not s.alive()]
+    if dead:
+        pytest.fail("rpc-server died during this test:\n" +
+                    "\n".join(f"--- {s.endpoint}:\n{s.output()[-4000:]}" for s in dead))
 
 
 def counters(st):
