@@ -374,6 +374,18 @@ cdef class _Engine:
     cdef bint _aborted(self):
         return self.ab.cancel.load() != 0 or self.ab.timed_out != 0 or self.ab.interrupted != 0
 
+    cdef int _raise_interrupt(self) except -1:
+        """Raise a Ctrl-C that the abort callback took during a step that finished anyway.
+
+        The callback runs only where a graph has CPU nodes; on a GPU the graph that would
+        have stopped on the sticky flag may have none left, so a step can complete after the
+        callback consumed the signal.  The KeyboardInterrupt must not be lost then."""
+        if self.ab.interrupted and _interrupt_holder:
+            exc = _interrupt_holder.pop()
+            del _interrupt_holder[:]
+            raise exc
+        return 0
+
     cdef int _raise_rc(self, int rc, str what) except -1:
         """Map a llama_process return code to an exception."""
         if rc == 2 or self.ab.cancel.load() or self.ab.timed_out or self.ab.interrupted:
@@ -700,6 +712,7 @@ cdef class _Stream:
             finally:
                 if w != NULL:
                     w.disarm()
+            eng._raise_interrupt()
         except Exception as exc:
             # text held back for a possible stop string was produced before the
             # error: deliver it first, then raise

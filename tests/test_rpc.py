@@ -500,6 +500,7 @@ class CuttingProxy:
         self.s2c_budget = None
         self.lock = threading.Lock()
         self.cuts = 0
+        self.c2s_total = 0          # bytes forwarded from clients to the server
         self.sock = socket.socket()
         self.sock.bind((HOST, 0))
         self.sock.listen(8)
@@ -557,6 +558,9 @@ class CuttingProxy:
                         return
                 dst.sendall(data)
                 sent += len(data)
+                if direction == "c2s":
+                    with self.lock:
+                        self.c2s_total += len(data)
         except OSError:
             pass
         for x in (src, dst):
@@ -595,7 +599,13 @@ def test_connection_lost_while_loading(servers, cutting_proxy, mtp_sm):
     """The connection breaks in the middle of sending the weights: a clean ModelLoadError, and
     the server behind it serves the next client."""
     a, _ = servers
-    proxy = cutting_proxy(a.port, cut_c2s=2_000_000)
+    # what a whole load sends to this server depends on the devices here (a local GPU takes a
+    # share of the layers): measure it, then break the connection half-way through
+    probe = cutting_proxy(a.port)
+    mtp_cy.Model(mtp_sm.path, rpc_servers=[probe.endpoint], n_gpu_layers=-1).close()
+    wait_disconnected(probe.endpoint)
+    assert probe.c2s_total > 0
+    proxy = cutting_proxy(a.port, cut_c2s=probe.c2s_total // 2)
     t0 = time.monotonic()
     with pytest.raises(mtp_cy.ModelLoadError) as ei:
         mtp_cy.Model(mtp_sm.path, rpc_servers=[proxy.endpoint], n_gpu_layers=-1)
