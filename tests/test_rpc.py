@@ -177,6 +177,14 @@ def wait_disconnected(*endpoints, timeout=5.0):
         time.sleep(0.02)
 
 
+def assert_serves(server, sm, n_tokens, **model_kw):
+    """A model loaded on ``server`` alone generates the oracle's greedy text (it serves)."""
+    with mtp_cy.Model(sm.path, rpc_servers=[server.endpoint], n_gpu_layers=-1, **model_kw) as m, \
+            mtp_cy.Session(m, n_ctx=128, n_threads=1) as sess:
+        p = prompt_of(sm, 2)
+        assert sess.generate(p, max_tokens=n_tokens, temp=0) == sm.greedy(p, n_tokens).text
+
+
 def n_threads_now():
     return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else threading.active_count()
 
@@ -299,39 +307,30 @@ def test_closed_port_is_a_clean_bounded_error():
     assert ei.value.endpoint == ep
 
 
-class FakeServer:
-    """A TCP listener on 127.0.0.1 that is not an rpc-server: ``mode`` says what it does
-    with each connection ("silent": keeps it open and says nothing, "close": closes it,
-    "garbage": sends a malformed reply)."""
+class LoopbackListener:
+    """A TCP listener on 127.0.0.1 whose connections a daemon thread hands to ``_on_connection``;
+    ``close()`` stops it and closes every socket it kept in ``self.conns``."""
 
-    def __init__(self, mode):
-        self.mode = mode
+    def __init__(self):
+        self.conns = []
+        self.stopped = False
         self.sock = socket.socket()
         self.sock.bind((HOST, 0))
         self.sock.listen(8)
         self.endpoint = f"{HOST}:{self.sock.getsockname()[1]}"
-        self.conns = []
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
-    def _run(self):
+    def _accept(self):
         while not self.stopped:
             try:
                 c, _ = self.sock.accept()
             except OSError:
                 return
-            if self.mode == "close":
-                c.close()
-            elif self.mode == "garbage":
-                try:
-                    c.recv(64)
-                    c.sendall((5).to_bytes(8, "little") + b"hello")
-                except OSError:
-                    pass
-                self.conns.append(c)
-            else:
-                self.conns.append(c)
+            self._on_connection(c)
+
+    def _on_connection(self, c):
+        raise NotImplementedError
 
     def close(self):
         self.stopped = True
@@ -343,6 +342,28 @@ class FakeServer:
         for c in self.conns:
             c.close()
         self.thread.join(5)
+
+
+class FakeServer(LoopbackListener):
+    """A TCP listener on 127.0.0.1 that is not an rpc-server: ``mode`` says what it does
+    with each connection ("silent": keeps it open and says nothing, "close": closes it,
+    "garbage": sends a malformed reply)."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        super().__init__()
+
+    def _on_connection(self, c):
+        if self.mode == "close":
+            c.close()
+            return
+        if self.mode == "garbage":
+            try:
+                c.recv(64)
+                c.sendall((5).to_bytes(8, "little") + b"hello")
+            except OSError:
+                pass
+        self.conns.append(c)
 
 
 @pytest.fixture
@@ -387,10 +408,7 @@ def test_server_busy_with_another_client(start_server, mtp_sm):
     finally:
         other.close()
     # once the other client is gone, the server is ours
-    with mtp_cy.Model(mtp_sm.path, rpc_servers=[s.endpoint], n_gpu_layers=-1, rpc_timeout=10) as m, \
-            mtp_cy.Session(m, n_ctx=128, n_threads=1) as sess:
-        p = prompt_of(mtp_sm, 2)
-        assert sess.generate(p, max_tokens=6, temp=0) == mtp_sm.greedy(p, 6).text
+    assert_serves(s, mtp_sm, 6, rpc_timeout=10)
 
 
 def test_bad_rpc_arguments_raise_before_connecting(mtp_sm):
@@ -489,7 +507,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-class CuttingProxy:
+class CuttingProxy(LoopbackListener):
     """A TCP proxy on 127.0.0.1 in front of a real rpc-server that breaks a connection at a
     chosen byte: after ``cut_c2s`` bytes from the client (None = never), or -- once
     :meth:`cut_replies_after` was called -- after that many more bytes of replies."""
@@ -501,29 +519,21 @@ class CuttingProxy:
         self.lock = threading.Lock()
         self.cuts = 0
         self.c2s_total = 0          # bytes forwarded from clients to the server
-        self.sock = socket.socket()
-        self.sock.bind((HOST, 0))
-        self.sock.listen(8)
-        self.endpoint = f"{HOST}:{self.sock.getsockname()[1]}"
-        self.pairs = []
-        self.stopped = False
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        super().__init__()
 
     def cut_replies_after(self, n):
         with self.lock:
             self.s2c_budget = n
 
-    def _accept(self):
-        while not self.stopped:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
+    def _on_connection(self, c):
+        try:
             u = socket.create_connection((HOST, self.target))
-            self.pairs.append((c, u))
-            threading.Thread(target=self._pump, args=(c, u, "c2s"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(u, c, "s2c"), daemon=True).start()
+        except OSError:             # the server is gone: so is this connection
+            c.close()
+            return
+        self.conns += [c, u]
+        threading.Thread(target=self._pump, args=(c, u, "c2s"), daemon=True).start()
+        threading.Thread(target=self._pump, args=(u, c, "s2c"), daemon=True).start()
 
     def _cut(self, a, b):
         """Break both connections the way a dying server does (closed sockets)."""
@@ -569,17 +579,6 @@ class CuttingProxy:
             except OSError:
                 pass
 
-    def close(self):
-        self.stopped = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        for c, u in self.pairs:
-            c.close()
-            u.close()
-        self.thread.join(5)
 
 
 @pytest.fixture
@@ -612,10 +611,7 @@ def test_connection_lost_while_loading(servers, cutting_proxy, mtp_sm):
     assert time.monotonic() - t0 < 30
     assert proxy.cuts == 1 and proxy.endpoint in str(ei.value) and "closed the connection" in str(ei.value)
     assert wait_disconnected(proxy.endpoint)[proxy.endpoint] == (0, 0, 0)
-    with mtp_cy.Model(mtp_sm.path, rpc_servers=[a.endpoint], n_gpu_layers=-1) as m, \
-            mtp_cy.Session(m, n_ctx=128, n_threads=1) as s:
-        p = prompt_of(mtp_sm, 2)
-        assert s.generate(p, max_tokens=6, temp=0) == mtp_sm.greedy(p, 6).text
+    assert_serves(a, mtp_sm, 6)
 
 
 def test_connection_lost_in_the_middle_of_a_reply(servers, cutting_proxy, mtp_sm):
@@ -675,10 +671,7 @@ def test_server_killed_mid_generation(servers, start_server, mtp_sm, tmp_path, k
     assert result["t_error"] - t_kill < timeout
     assert result["close_s"] < 5
     assert a.alive()
-    with mtp_cy.Model(mtp_sm.path, rpc_servers=[a.endpoint], n_gpu_layers=-1) as m, \
-            mtp_cy.Session(m, n_ctx=128, n_threads=1) as s:
-        p = prompt_of(mtp_sm, 2)
-        assert s.generate(p, max_tokens=10, temp=0) == mtp_sm.greedy(p, 10).text
+    assert_serves(a, mtp_sm, 10)
 
 
 def test_server_that_stops_answering_times_out(servers, start_server, mtp_sm):
@@ -772,9 +765,6 @@ def test_rpc_server_cache_dir(start_server, tmp_path, mtp_sm):
     cache = tmp_path / "cache"
     s = start_server(args=("--cache", str(cache)))
     assert cache.is_dir()
-    with mtp_cy.Model(mtp_sm.path, rpc_servers=[s.endpoint], n_gpu_layers=-1) as m, \
-            mtp_cy.Session(m, n_ctx=128, n_threads=1) as sess:
-        p = prompt_of(mtp_sm, 2)
-        assert sess.generate(p, max_tokens=8, temp=0) == mtp_sm.greedy(p, 8).text
+    assert_serves(s, mtp_sm, 8)
     assert s.stop() == 0
     assert f"local cache    : {cache}" in s.output()        # upstream's own start-up report
