@@ -48,17 +48,14 @@ PROMPT_WORDS = "the sea moon star"
 
 
 def upstream_bin(name: str) -> Path:
-    d = os.environ.get("MTP_CY_UPSTREAM_BIN")
-    if d:
-        return Path(d) / name
-    bdir = Path(os.environ.get("MTP_CY_BUILD_DIR", ROOT / "build" / "native"))
-    if not (bdir / "CMakeCache.txt").is_file():
-        sys.exit(f"no native build tree at {bdir}: run `pip install -e .` (or python setup.py build_ext "
-                 f"--inplace) first, or set MTP_CY_UPSTREAM_BIN")
     sys.path.insert(0, str(ROOT / "vendor"))
     import native_build
-    native_build.build_targets(bdir, [name])
-    return bdir / "bin" / name
+    path = native_build.upstream_program(name, ROOT)
+    if path is None:
+        sys.exit(f"upstream's {name} not found: set MTP_CY_UPSTREAM_BIN to a directory holding it, or "
+                 f"run `pip install -e .` (or python setup.py build_ext --inplace) first to make the "
+                 f"native build tree it is built in")
+    return path
 
 
 def run_spec(binary, sm, text, n_draft, n, n_ctx, threads):

@@ -71,26 +71,21 @@ def upstream_bin_dir():
 
 
 def upstream_binary(name):
-    """Path of upstream's ``name`` program, built on first use from the vendored source.
-
-    The native build tree that ``pip install`` / ``setup.py build_ext`` configured
-    (``build/native`` or ``$MTP_CY_BUILD_DIR``) already has the targets
-    ``llama-speculative-simple`` and ``llama-completion``; building them reuses the
-    static libraries, so this costs well under a minute.  Returns None when there is
-    no build tree (e.g. testing an installed wheel) and ``$MTP_CY_UPSTREAM_BIN`` is unset.
-    """
+    """Path of upstream's ``name`` program, built on first use from the vendored source
+    (``vendor/native_build.upstream_program``), or None (no build tree, e.g. testing an
+    installed wheel, and ``$MTP_CY_UPSTREAM_BIN`` unset)."""
     import importlib.util
-    if name in _UPSTREAM:
-        return _UPSTREAM[name]
-    path = upstream_bin_dir() / name
-    if not os.environ.get("MTP_CY_UPSTREAM_BIN"):
-        bdir = path.parent.parent
-        if (bdir / "CMakeCache.txt").is_file() and (ROOT / "vendor" / "native_build.py").is_file():
+    if name not in _UPSTREAM:
+        path = None
+        if os.environ.get("MTP_CY_UPSTREAM_BIN"):
+            path = upstream_bin_dir() / name
+            path = path if path.is_file() else None
+        elif (ROOT / "vendor" / "native_build.py").is_file():
             spec = importlib.util.spec_from_file_location("native_build", ROOT / "vendor" / "native_build.py")
             nb = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(nb)
-            nb.build_targets(bdir, [name])
-    _UPSTREAM[name] = path if path.is_file() else None
+            path = nb.upstream_program(name, ROOT)
+        _UPSTREAM[name] = path
     return _UPSTREAM[name]
 
 

@@ -69,3 +69,23 @@ def build_targets(bdir: Path, targets: Sequence[str], jobs: Optional[str] = None
     jobs = jobs or os.environ.get("MTP_CY_JOBS") or str(os.cpu_count() or 2)
     subprocess.run([cmake, "--build", str(bdir), "--target", *targets, "-j", jobs], check=True,
                    stdout=subprocess.DEVNULL if quiet else None)
+
+
+def upstream_program(name: str, root: Path) -> Optional[Path]:
+    """Path of upstream's program ``name`` (``llama-speculative-simple``, ``llama-completion``).
+
+    ``$MTP_CY_UPSTREAM_BIN`` names a directory of prebuilt programs; otherwise the program is
+    built (on first use; the targets reuse the libraries already built) in the native build
+    tree, ``$MTP_CY_BUILD_DIR`` or ``root/build/native``.  None when neither has it, e.g. when
+    testing an installed wheel without ``$MTP_CY_UPSTREAM_BIN``.
+    """
+    d = os.environ.get("MTP_CY_UPSTREAM_BIN")
+    if d:
+        path = Path(d) / name
+    else:
+        bdir = Path(os.environ.get("MTP_CY_BUILD_DIR", Path(root) / "build" / "native"))
+        if not (bdir / "CMakeCache.txt").is_file():
+            return None
+        build_targets(bdir, [name])
+        path = bdir / "bin" / name
+    return path if path.is_file() else None
