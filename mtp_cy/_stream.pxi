@@ -5,6 +5,7 @@
 _KV_TYPES = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16, "bf16": GGML_TYPE_BF16,
              "q8_0": GGML_TYPE_Q8_0, "q4_0": GGML_TYPE_Q4_0, "q4_1": GGML_TYPE_Q4_1,
              "iq4_nl": GGML_TYPE_IQ4_NL, "q5_0": GGML_TYPE_Q5_0, "q5_1": GGML_TYPE_Q5_1}
+_FLOAT_KV_TYPES = ("f32", "f16", "bf16")
 _FLASH_ATTN = {"auto": LLAMA_FLASH_ATTN_TYPE_AUTO, True: LLAMA_FLASH_ATTN_TYPE_ENABLED,
                False: LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": LLAMA_FLASH_ATTN_TYPE_ENABLED,
                "off": LLAMA_FLASH_ATTN_TYPE_DISABLED}
@@ -46,10 +47,14 @@ cdef llama_context_params _context_params(dict o) except *:
     ntb = nt if ntb is None else _as_int("n_threads_batch", ntb, 1, 1024)
     fa = o["flash_attn"]
     if fa not in _FLASH_ATTN or (isinstance(fa, int) and not isinstance(fa, bool)):
-        raise ValueError(f"flash_attn must be 'auto', True or False, got {fa!r}")
+        raise ValueError(f"flash_attn must be 'auto', True/'on' or False/'off', got {fa!r}")
     for name in ("type_k", "type_v"):
         if o[name] not in _KV_TYPES:
             raise ValueError(f"{name} must be one of {', '.join(_KV_TYPES)}, got {o[name]!r}")
+    # llama.cpp refuses this at context creation ("quantized V cache requires flash_attn")
+    if o["type_v"] not in _FLOAT_KV_TYPES and _FLASH_ATTN[fa] == LLAMA_FLASH_ATTN_TYPE_DISABLED:
+        raise ValueError(f"type_v={o['type_v']!r} (a quantized V cache) needs flash attention: "
+                         f"use flash_attn='auto' or True, not {fa!r}")
     cp.n_ctx = n_ctx
     cp.n_batch = n_batch
     cp.n_ubatch = n_ubatch

@@ -176,6 +176,8 @@ def test_session_argument_errors(plain_model, plain_sm):
         mtp_cy.Session(plain_model, type_k="q9_9")
     with pytest.raises(ValueError, match="flash_attn"):
         mtp_cy.Session(plain_model, flash_attn="sometimes")
+    with pytest.raises(ValueError, match="quantized V cache"):
+        mtp_cy.Session(plain_model, type_v="q8_0", flash_attn=False)
     with pytest.raises(TypeError, match="n_ctxx"):
         mtp_cy.Session(plain_model, n_ctxx=5)
     s = mtp_cy.Session(plain_model, n_ctx=64)

@@ -255,8 +255,16 @@ def test_constructor_errors(mtp_model, plain_model, mtp_sm):
         mtp_cy.MTP(mtp_model, n_draft=4, n_ctx=4)
     with pytest.raises(ValueError, match="n_ubatch"):
         mtp_cy.MTP(mtp_model, n_draft=3, n_ubatch=4)
-    with pytest.raises(mtp_cy.MTPError, match="flash_attn"):
-        mtp_cy.MTP(mtp_model, type_v="q4_0", flash_attn="off")
+    # a quantized V cache needs flash attention (llama.cpp would refuse the context)
+    for off in ("off", False):
+        with pytest.raises(ValueError, match=r"type_v='q4_0' \(a quantized V cache\) needs flash attention"):
+            mtp_cy.MTP(mtp_model, type_v="q4_0", flash_attn=off)
+    with pytest.raises(ValueError, match="flash_attn must be"):
+        mtp_cy.MTP(mtp_model, flash_attn="yes")
+    # with 'auto' llama.cpp turns flash attention on for it, and the output is unchanged
+    p = prompt_of(mtp_sm, 3)
+    with mtp_cy.MTP(mtp_model, n_draft=3, n_ctx=256, type_k="q8_0", type_v="q8_0") as m:
+        assert m.generate(p, max_tokens=12, temp=0) == sm_predict(mtp_sm, p, 12, 3, 256).text
 
 
 def test_long_drafts(mtp_model, mtp_sm):
