@@ -540,7 +540,6 @@ static void link_serve(relay * r, int cfd) {
             continue;
         }
         uint64_t sent = 0;
-        bool hdr_sent = false;
         if (!dead) {
             uint64_t usize = 0;
             if (!up.recv_all(&usize, 8, "waiting for a reply")) {
@@ -568,42 +567,24 @@ static void link_serve(relay * r, int cfd) {
                     }
                     continue;
                 }
-            } else {
-                if (!client_send(cfd, &usize, 8)) {
-                    break;
-                }
-                hdr_sent = true;
-                while (sent < (uint64_t) rs) {
-                    size_t k = up.recv_some(buf.data(), (size_t) std::min<uint64_t>((uint64_t) rs - sent, buf.size()),
-                                            "receiving a reply");
-                    if (k == 0) {
-                        go_dead(up.why, up.timed_out);
-                        break;
-                    }
-                    if (!client_send(cfd, buf.data(), k)) {
-                        client_gone = true;
-                        break;
-                    }
-                    sent += k;
-                }
-                if (client_gone) {
-                    break;
-                }
-                if (sent == (uint64_t) rs) {
-                    continue;
-                }
             }
         }
-        // the server failed: answer (the rest of) this request ourselves
-        if (!hdr_sent) {
-            uint64_t s = (uint64_t) rs;
-            if (!client_send(cfd, &s, 8)) {
-                break;
-            }
+        uint64_t rsize = (uint64_t) rs;              // what the server announced, or would have
+        if (!client_send(cfd, &rsize, 8)) {
+            break;
         }
+        // forward the reply; once the server failed (before or during it), answer the rest ourselves
         while (sent < (uint64_t) rs) {
             size_t k = (size_t) std::min<uint64_t>((uint64_t) rs - sent, buf.size());
-            placeholder(cmd, head, buf.data(), k, sent);
+            if (!dead) {
+                k = up.recv_some(buf.data(), k, "receiving a reply");
+                if (k == 0) {
+                    go_dead(up.why, up.timed_out);   // dead from now on: placeholders for the rest
+                    continue;
+                }
+            } else {
+                placeholder(cmd, head, buf.data(), k, sent);
+            }
             if (!client_send(cfd, buf.data(), k)) {
                 client_gone = true;
                 break;
