@@ -29,12 +29,16 @@ cdef cbool _progress_cb(float progress, void * user_data) noexcept with gil:
         return False
 
 
-cdef str _watch_error(rpc.watch * w):
+cdef str _watch_error(rpc.watch * w, bint * timed_out=NULL):
+    """Why the first failed server of ``w`` failed (``*timed_out``: it stopped answering)."""
     cdef bint to = False
     cdef int i = w.failed()
     if i < 0:
         return "no error"
-    return _relay_error(w.relays[i], &to)
+    msg = _relay_error(w.relays[i], &to)
+    if timed_out != NULL:
+        timed_out[0] = to
+    return msg
 
 
 _SPLIT_MODES = {"none": LLAMA_SPLIT_MODE_NONE, "layer": LLAMA_SPLIT_MODE_LAYER,
@@ -274,13 +278,11 @@ cdef class Model:
     cdef int _rpc_check(self, str what, bint stream_timeout=False) except -1:
         """Raise if one of the model's RPC servers failed (during ``what``); the model is then unusable."""
         cdef bint to = False
-        cdef int i
         if self._rpcw == NULL or not self._rpcw.any_failed():
             return 0
-        i = self._rpcw.failed()
-        msg = _relay_error(self._rpcw.relays[i], &to)
+        msg = _watch_error(self._rpcw, &to)
         self._rpc_error = msg
-        ep = self.rpc_servers[i] if 0 <= i < len(self.rpc_servers) else None
+        ep = self._rpc_failed_endpoint()
         if to and stream_timeout:
             raise GenerationTimeout(f"no token within the timeout while {what}: {msg}; the connection was "
                                     f"dropped, so this model cannot be used any more: close it and load it again")

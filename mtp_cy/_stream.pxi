@@ -394,10 +394,7 @@ cdef class _Engine:
     cdef int _raise_rc(self, int rc, str what) except -1:
         """Map a llama_process return code to an exception."""
         if rc == 2 or self.ab.cancel.load() or self.ab.timed_out or self.ab.interrupted:
-            if self.ab.interrupted and _interrupt_holder:
-                exc = _interrupt_holder.pop()
-                del _interrupt_holder[:]
-                raise exc
+            self._raise_interrupt()
             if self.ab.timed_out:
                 raise GenerationTimeout(f"no token within the timeout while {what}")
             return R_CANCEL
