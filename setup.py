@@ -111,15 +111,6 @@ def build_native() -> tuple:
     return bdir, src
 
 
-def cmake_cache(bdir: Path) -> dict:
-    out = {}
-    for line in (bdir / "CMakeCache.txt").read_text().splitlines():
-        if "=" in line and not line.startswith(("#", "//")):
-            k, v = line.split("=", 1)
-            out[k.split(":")[0]] = v
-    return out
-
-
 _SHLIB_SUFFIXES = (".so", ".dylib", ".dll")
 
 
@@ -157,11 +148,11 @@ class BuildExt(build_ext):
 
     def run(self):
         bdir, src = build_native()
-        cache = cmake_cache(bdir)
         self._remove_stale_outputs()
         if backend_dl():
             self._run_dl(bdir, src)
             return
+        cache = _vendor_module("native_build").read_cache(bdir)
         libs = sorted(glob.glob(str(bdir / "**" / "*.a"), recursive=True))
         # the upstream programs' objects are not libraries we want
         libs = [l for l in libs if "/examples/" not in l and "/tools/" not in l]

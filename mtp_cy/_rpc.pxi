@@ -66,7 +66,7 @@ cdef tuple _parse_endpoint(ep):
 
 cdef list _parse_endpoints(servers):
     if isinstance(servers, str):
-        servers = [x for x in servers.split(",")]
+        servers = servers.split(",")
     try:
         items = list(servers)
     except TypeError:
