@@ -104,3 +104,28 @@ def test_cuda_flavour_rename(tmp_path):
         {k: v for k, v in original.items() if k not in ("name", "dependencies")}
     again = subprocess.run(run, capture_output=True, text=True)
     assert again.returncode != 0 and "already renamed" in again.stderr
+
+
+def test_sdist_carries_the_pinned_llama_cpp(tmp_path):
+    """The sdist holds the fetched llama.cpp source (so that installing it fetches nothing,
+    tools/sdist_check.sh proves the offline install) and no build outputs."""
+    import json
+    import tarfile
+    marker = ROOT / "vendor" / "llama.cpp" / ".mtp_cy_fetched"
+    if not marker.is_file():
+        pytest.skip("vendor/llama.cpp not fetched yet (pip install -e . fetches it)")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sdist,) = tmp_path.glob("mtp_cy-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        fetched = json.loads(tar.extractfile(tar.getmember(
+            f"{sdist.name[:-len('.tar.gz')]}/vendor/llama.cpp/.mtp_cy_fetched")).read())
+    assert fetched == json.loads(marker.read_text())           # the pinned commit and sha256
+    for f in ("vendor/llama.cpp/include/llama.h", "vendor/llama.cpp/ggml/src/ggml.c",
+              "vendor/llama.cpp/common/speculative.h", "vendor/llama.cpp/models/ggml-vocab-gpt-2.gguf",
+              "vendor/CMakeLists.txt", "vendor/fetch_llama_cpp.py", "vendor/native_build.py",
+              "setup.py", "pyproject.toml", "mtp_cy/_core.pyx", "mtp_cy/_core.pyi", "mtp_cy/py.typed"):
+        assert f in names, f
+    assert not [n for n in names if n.endswith((".so", ".o", ".a")) or n.startswith("build/")]

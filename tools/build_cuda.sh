@@ -123,7 +123,7 @@ if [ "$SKIP_BUILD" != 1 ] && ! ls "$CUDA_HOME"/lib64/stubs/libcuda.so "$CUDA_HOM
     # (a stub from an earlier run already defines the driver functions: keep it)
     [ -f "$OVERLAY/stub.c" ] || echo 'void mtp_cy_libcuda_link_stub(void) {}' > "$OVERLAY/stub.c"
     cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$OVERLAY/lib/libcuda.so" "$OVERLAY/stub.c"
-    echo "== no libcuda.so here: linking against an empty stub (SONAME libcuda.so.1)"
+    echo "== no libcuda.so here: linking against a stub with the SONAME libcuda.so.1"
 fi
 
 flags=""
