@@ -43,7 +43,7 @@ def test_stub_parses_and_py_typed_ships():
 def test_every_public_runtime_name_is_stubbed():
     classes = _stub_classes()
     funcs = {n.name for n in _stub_tree().body if isinstance(n, ast.FunctionDef)}
-    for fname in ("init", "system_info", "build_info", "devices"):
+    for fname in ("init", "system_info", "build_info", "devices", "rpc_server"):
         assert fname in funcs
     for cname in ("Model", "Session", "MTP"):
         runtime = {k for k in dir(getattr(_core, cname)) if not k.startswith("_")}
