@@ -176,7 +176,7 @@ class BuildExt(build_ext):
             extra_link += ["-lcudart", "-lcublas", "-lcublasLt", "-lcuda"]
         for ext in self.extensions:
             ext.include_dirs += [str(src / "include"), str(src / "ggml" / "include"),
-                                 str(src / "common"), str(ROOT / "mtp_cy")]
+                                 str(src / "common"), str(src / "src"), str(ROOT / "mtp_cy")]
             ext.extra_link_args += extra_link
             ext.depends += libs
         super().run()
@@ -190,7 +190,7 @@ class BuildExt(build_ext):
         origin = "@loader_path" if sys.platform == "darwin" else "$ORIGIN"
         for ext in self.extensions:
             ext.include_dirs += [str(src / "include"), str(src / "ggml" / "include"),
-                                 str(src / "common"), str(ROOT / "mtp_cy")]
+                                 str(src / "common"), str(src / "src"), str(ROOT / "mtp_cy")]
             ext.define_macros += [("MTP_CY_BACKEND_DL", "1")]
             ext.library_dirs += [str(bdir / "bin")]
             ext.libraries += ["llama-common", "llama", "ggml", "ggml-base"]

@@ -10,13 +10,13 @@ Quick start::
     print(mtp.stats()["acceptance_rate"])
 """
 from mtp_cy._version import __version__, LLAMA_CPP_COMMIT as llama_cpp_commit
-from mtp_cy.errors import (MTPError, ModelLoadError, DecodeError, MTPUnsupportedError,
+from mtp_cy.errors import (MTPError, ModelLoadError, DecodeError, MTPUnsupportedError, NativeError,
                            SessionBusyError, ClosedError, GenerationTimeout, ChatTemplateError, RPCError)
 from mtp_cy._core import Model, Session, MTP, init, system_info, build_info, devices, rpc_server
 
 __all__ = [
     "__version__", "llama_cpp_commit", "init", "system_info", "build_info", "devices", "rpc_server",
     "Model", "Session", "MTP",
-    "MTPError", "ModelLoadError", "DecodeError", "MTPUnsupportedError",
+    "MTPError", "ModelLoadError", "DecodeError", "MTPUnsupportedError", "NativeError",
     "SessionBusyError", "ClosedError", "GenerationTimeout", "ChatTemplateError", "RPCError",
 ]

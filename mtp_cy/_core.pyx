@@ -6,7 +6,9 @@ The implementation is split by feature into ``.pxi`` files included below:
 ``_logging.pxi`` (log bridge), ``_backend.pxi`` (init, devices, system info),
 ``_rpc.pxi`` (RPC servers: models split across hosts),
 ``_model.pxi`` (:class:`Model`), ``_sampling.pxi`` (sampler options),
-``_stream.pxi`` (the generator machinery shared by both session kinds),
+``_engine.pxi`` (the engine shared by both session kinds: contexts, thread
+pool, native step driver, prompt cache, the generation API), ``_stream.pxi``
+(the token stream: stop strings, events),
 ``_session.pxi`` (:class:`Session`, plain decoding) and ``_mtp.pxi``
 (:class:`MTP`, speculative decoding with the model's MTP head).
 """
@@ -23,7 +25,6 @@ from mtp_cy.includes.ggml cimport *
 from mtp_cy.includes.llama cimport *
 from mtp_cy.includes.common cimport *
 from mtp_cy.includes.sampling cimport *
-from mtp_cy.includes.speculative cimport *
 from mtp_cy.includes.native cimport *
 from mtp_cy.includes.chat cimport *
 from libcpp.map cimport map as cmap
@@ -34,7 +35,7 @@ import logging
 import os
 import threading
 
-from mtp_cy.errors import (MTPError, ModelLoadError, DecodeError, MTPUnsupportedError,
+from mtp_cy.errors import (MTPError, ModelLoadError, DecodeError, MTPUnsupportedError, NativeError,
                            SessionBusyError, ClosedError, GenerationTimeout, ChatTemplateError, RPCError)
 
 include "_logging.pxi"
@@ -43,6 +44,7 @@ include "_backend.pxi"
 include "_chat.pxi"
 include "_model.pxi"
 include "_sampling.pxi"
+include "_engine.pxi"
 include "_stream.pxi"
 include "_session.pxi"
 include "_mtp.pxi"

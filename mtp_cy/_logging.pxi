@@ -15,14 +15,22 @@ cdef dict _LEVELS = {
 
 cdef object _log_lock = threading.Lock()
 cdef dict _partial = {}          # thread id -> (level, pending text without newline)
-_recent_errors = []              # last error/warning lines, used in exception messages
+# thread id -> the last warning/error lines llama.cpp logged on that thread: an
+# exception raised for a failed call quotes the lines of the thread that made
+# the call, never another thread's
+cdef dict _recent_errors = {}
 
 
-cdef void _emit_line(int level, str line):
+cdef void _emit_line(int level, str line, tid):
     if level >= logging.WARNING:
-        _recent_errors.append(line)
-        if len(_recent_errors) > 20:
-            del _recent_errors[:-20]
+        lines = _recent_errors.get(tid)
+        if lines is None:
+            if len(_recent_errors) >= 256:      # threads that never asked (e.g. finished ones)
+                del _recent_errors[next(iter(_recent_errors))]
+            lines = _recent_errors[tid] = []
+        lines.append(line)
+        if len(lines) > 20:
+            del lines[:-20]
     if logger.isEnabledFor(level):
         logger.log(level, "%s", line)
 
@@ -39,14 +47,14 @@ cdef void _log_callback(ggml_log_level level, const char * text, void * user_dat
                 msg = prev[1] + msg
             elif prev is not None:
                 # a new message while a previous line was unterminated: flush it
-                _emit_line(prev[0], prev[1])
+                _emit_line(prev[0], prev[1], tid)
                 pylevel = _LEVELS.get(level, logging.INFO)
             else:
                 pylevel = _LEVELS.get(level, logging.INFO)
             lines = msg.split("\n")
             for line in lines[:-1]:
                 if line:
-                    _emit_line(pylevel, line)
+                    _emit_line(pylevel, line, tid)
             if lines[-1]:
                 _partial[tid] = (pylevel, lines[-1])
     except BaseException:
@@ -54,14 +62,16 @@ cdef void _log_callback(ggml_log_level level, const char * text, void * user_dat
 
 
 cdef str _take_errors():
-    """Return (and clear) the recent warning/error log lines, for exception messages."""
+    """Return (and clear) the recent warning/error log lines of the calling thread, for
+    exception messages."""
+    tid = threading.get_ident()
     with _log_lock:
-        for tid, (lvl, txt) in list(_partial.items()):
-            if lvl >= logging.WARNING:
-                _recent_errors.append(txt)
-        msg = "; ".join(_recent_errors[-5:])
-        del _recent_errors[:]
-    return msg
+        lines = _recent_errors.pop(tid, None) or []
+        part = _partial.get(tid)
+        if part is not None and part[0] >= logging.WARNING:
+            lines.append(part[1])
+            del _partial[tid]
+        return "; ".join(lines[-5:])
 
 
 cdef void _install_log_bridge():

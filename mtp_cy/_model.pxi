@@ -102,6 +102,7 @@ cdef class Model:
     cdef bint _closed
     cdef int _users
     cdef bint _mtp_loaded
+    cdef bint _vocab_only
     cdef dict _meta_cache
     cdef common_chat_templates * _chat_tmpls   # the GGUF's own template, parsed on first use
     cdef object _chat_lock
@@ -256,6 +257,7 @@ cdef class Model:
         self.path = path
         self._closed = False
         self._meta_cache = None
+        self._vocab_only = bool(vocab_only)
         self._mtp_loaded = mp.load_mtp and llama_model_n_layer_nextn(m) > 0 and not vocab_only
         if w != NULL:
             self._rpcw = w
@@ -302,6 +304,18 @@ cdef class Model:
     cdef inline void _check(self) except *:
         if self._closed:
             raise ClosedError("this Model is closed")
+
+    cdef bint _has_sidecar(self):
+        return False
+
+    cdef const llama_model * _mtp_model(self):
+        """The llama_model whose NextN block drafts (the model itself, or its MTP sidecar)."""
+        return self._model
+
+    @property
+    def vocab_only(self):
+        """``True`` when only the vocabulary was loaded (no weights: no Session/MTP)."""
+        return self._vocab_only
 
     cdef void _retain(self):
         self._users += 1

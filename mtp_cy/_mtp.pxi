@@ -1,29 +1,47 @@
-# MTP: speculative decoding where the draft model is the MTP head inside the same GGUF.
+# MTP: speculative decoding where the draft model is the MTP head of the same GGUF.
 
+_MAX_N_DRAFT = 64        # a fixed draft length
+_AUTO_MAX = 16           # n_draft="auto": mtp_cy_policy::KMAX
+_AUTO_MAX_DEFAULT = 4
+
+
+@cython.no_gc_clear
 cdef class MTP(_Engine):
     """Multi-Token Prediction speculative decoding (the Python ``LlamaCppEx.MTP``).
 
-    ``MTP(model, *, n_draft=3, n_ctx=2048, **context_options)`` builds the
-    target context, the MTP draft context (``LLAMA_CONTEXT_TYPE_MTP`` against
-    the same model) and upstream's ``common_speculative`` state (type
-    draft-mtp).  Context options are those of :class:`Session` and apply to both
-    contexts.  One sequence at a time; the same object serves any number of
-    calls and clears both KV caches on each call.
+    ``MTP(model, *, n_draft=3, p_min=0.0, n_ctx=2048, **context_options)`` builds
+    the target context and the MTP draft context (``LLAMA_CONTEXT_TYPE_MTP``
+    against the same model, or against the model's MTP sidecar).  Context
+    options are those of :class:`Session` (prompt cache included) and apply to
+    both contexts.  One sequence at a time; the same object serves any number
+    of calls.
+
+    * ``n_draft``: the number of tokens the MTP head drafts per iteration
+      (1..64), or ``"auto"``: the loop picks the length every iteration --
+      including 0, a plain decoding step -- from what it measures in this
+      session (the cost of a draft token, of verifying k+1 tokens, of feeding
+      the head, and the acceptance by draft position), to maximise tokens per
+      second; ``n_draft_max`` (1..16, default 4) bounds it.  The output is the same
+      for every setting: only the speed changes.
+    * ``p_min``: drafting stops at the first draft token whose probability
+      (as the MTP head's top-10 sampler computes it, upstream's
+      ``--spec-draft-p-min``) is below it; 0.0 (default) never stops early.
 
     Raises :class:`MTPUnsupportedError` when the model has no MTP layers or was
-    loaded with ``load_mtp=False``, ``ValueError`` when ``n_draft < 1``.
+    loaded with ``load_mtp=False``, ``ValueError`` for bad options.
 
     The loop (one *iteration* = one verification decode of the target):
 
-    1. the prompt minus its last token is prefilled (target + MTP head);
-    2. ``n_max = min(n_draft, max_tokens - emitted - 1, n_ctx - n_past - 2)``
-       tokens are drafted by the MTP head (no draft call when ``n_max <= 0``);
+    1. the prompt minus its last token is processed (target + MTP head);
+    2. ``k = min(n_draft, max_tokens - emitted - 1, n_ctx - n_past - 1)``
+       tokens are drafted by the MTP head (``p_min`` may stop it earlier; no
+       draft when ``k <= 0``);
     3. ``[last, drafts...]`` is verified in one target decode;
     4. the longest prefix of drafts the sampler agrees with is accepted, plus
        the sampler's own next token, and they are emitted in order, so
        ``max_tokens`` is never exceeded.  The recurrent state of hybrid models
        (Qwen3.5/3.6 Gated-DeltaNet layers) is rolled back with llama.cpp's
-       per-sequence snapshots (``n_rs_seq = n_draft``), as upstream does.
+       per-sequence snapshots (``n_rs_seq`` = the longest draft), as upstream does.
 
     When the target samples an end-of-generation token inside a verified batch,
     generation ends there: acceptance stops at that token (as upstream's
@@ -35,344 +53,280 @@ cdef class MTP(_Engine):
     emitted).
     """
     cdef llama_context * ctx_dft
-    cdef common_speculative * spec
-    cdef bint spec_dirty        # a native step was interrupted: rebuild the speculative state
-    cdef readonly int n_draft
+    cdef mtp_cy_drafter * drafter
+    cdef mtp_cy_policy * policy
+    cdef bint auto
+    cdef int k_max               # the longest draft (n_draft, or n_draft_max with "auto")
+    cdef readonly float p_min
+    cdef object _n_draft
 
-    def __init__(self, Model model not None, *, n_draft=3, **options):
-        model._check()
-        self.n_draft = _as_int("n_draft", n_draft)
-        if self.n_draft < 1:
-            raise ValueError(f"n_draft must be >= 1, got {n_draft}")
-        if self.n_draft > 64:
-            raise ValueError(f"n_draft must be <= 64, got {n_draft}")
-        if model.n_layer_nextn <= 0:
+    def __cinit__(self, *args, **kwargs):
+        self.ctx_dft = NULL
+        self.drafter = new mtp_cy_drafter()
+        self.policy = new mtp_cy_policy()
+
+    def __dealloc__(self):
+        # the drafter's sampler and batch refer to the draft context: free them first
+        del self.drafter
+        self.drafter = NULL
+        del self.policy
+        self.policy = NULL
+        if self.ctx_dft != NULL:
+            llama_free(self.ctx_dft)
+            self.ctx_dft = NULL
+
+    def __init__(self, Model model not None, *, n_draft=3, p_min=0.0, n_draft_max=None, **options):
+        o = self._begin_init(model, options, "MTP")
+        if isinstance(n_draft, str):
+            if n_draft != "auto":
+                raise ValueError(f"n_draft must be an int in [1, {_MAX_N_DRAFT}] or 'auto', got {n_draft!r}")
+            self.auto = True
+            self.k_max = _AUTO_MAX_DEFAULT if n_draft_max is None else \
+                _as_int("n_draft_max", n_draft_max, 1, _AUTO_MAX)
+        else:
+            if isinstance(n_draft, bool) or not isinstance(n_draft, int):
+                raise ValueError(f"n_draft must be an int in [1, {_MAX_N_DRAFT}] or 'auto', got {n_draft!r}")
+            if not 1 <= n_draft <= _MAX_N_DRAFT:
+                raise ValueError(f"n_draft must be an int in [1, {_MAX_N_DRAFT}] or 'auto', got {n_draft!r}")
+            if n_draft_max is not None:
+                raise ValueError("n_draft_max only applies to n_draft='auto'")
+            self.auto = False
+            self.k_max = n_draft
+        self._n_draft = n_draft
+        self.p_min = _as_float("p_min", p_min, 0.0, 1.0)
+        if model.n_layer_nextn <= 0 and not model._has_sidecar():
             raise MTPUnsupportedError(
                 f"{model.path!r} has no MTP (NextN) layers (architecture {model.arch!r}, "
                 f"nextn_predict_layers = 0): MTP speculative decoding needs a GGUF that ships the MTP "
-                f"head, e.g. an '*-MTP-GGUF' conversion of Qwen3.5/3.6; use mtp_cy.Session for plain decoding")
+                f"head, e.g. an '*-MTP-GGUF' conversion of Qwen3.5/3.6, or an MTP sidecar "
+                f"(Model(path, mtp_head='mtp-....gguf')); use mtp_cy.Session for plain decoding")
         if not model.has_mtp:
             raise MTPUnsupportedError(
                 f"{model.path!r} was loaded with load_mtp=False, so its MTP layers are not in memory; "
                 f"load it with mtp_cy.Model(path) (load_mtp=None or True)")
-        o = _with_defaults(options, CONTEXT_DEFAULTS, "MTP")
         cdef llama_context_params cp = _context_params(o)
-        # a verification batch is [last, drafts...] and, on hybrid/recurrent models, its
-        # trailing n_draft + 1 tokens must stay in one ubatch (llama.cpp asserts otherwise)
-        if <int>cp.n_ubatch < self.n_draft + 2:
+        # A verification batch is [last, drafts...] and, on hybrid/recurrent models, its
+        # trailing k + 1 tokens must stay in one ubatch (llama.cpp asserts otherwise):
+        # the effective ubatch (llama.cpp clamps it to n_batch) must exceed k + 1.
+        if <int>cp.n_ubatch < self.k_max + 2:
+            limit = "n_ubatch" if o["n_ubatch"] is not None else ("n_batch" if o["n_batch"] is not None
+                                                                  else "n_ctx")
             raise ValueError(
-                f"n_ubatch is {cp.n_ubatch} but MTP with n_draft={self.n_draft} needs n_ubatch >= "
-                f"n_draft + 2 = {self.n_draft + 2} (raise n_ubatch / n_batch / n_ctx, or lower n_draft)")
-        cp.abort_callback = _abort_cb
-        cp.abort_callback_data = <void *>self.ab
-        cp.n_rs_seq = self.n_draft
-        cp.n_outputs_max = min(cp.n_batch, 1 + self.n_draft)
+                f"MTP with n_draft={self.k_max} verifies {self.k_max + 1} tokens at once and needs "
+                f"n_ubatch >= n_draft + 2 = {self.k_max + 2}, but n_ubatch is {cp.n_ubatch} (from {limit}="
+                f"{o[limit]}): raise {limit}, or lower n_draft")
+        cp.n_rs_seq = self.k_max
+        cp.n_outputs_max = min(cp.n_batch, 1 + self.k_max)
         cp.n_outputs_max_per_seq = cp.n_outputs_max
-        cdef llama_context * ctx
-        cdef llama_context * dft
-        model._rpc_guard()
-        _take_errors()
-        with nogil:
-            ctx = llama_init_from_model(model._model, cp)
-        if model._rpcw != NULL and model._rpcw.any_failed():
-            if ctx != NULL:
-                with nogil:
-                    llama_free(ctx)
-            model._rpc_check("creating the target context")
-        if ctx == NULL:
-            raise MTPError(f"failed to create the target context: {_take_errors() or 'unknown error'}")
+        self.model = model
+        cdef llama_context * ctx = self._new_context(model._model, cp, "the target context", MTPError)
+        cdef llama_context * dft = NULL
         cp.ctx_type = LLAMA_CONTEXT_TYPE_MTP
         cp.n_rs_seq = 0
         cp.ctx_other = ctx
-        with nogil:
-            dft = llama_init_from_model(model._model, cp)
-        if model._rpcw != NULL and model._rpcw.any_failed():
-            with nogil:
-                if dft != NULL:
-                    llama_free(dft)
-                llama_free(ctx)
-            model._rpc_check("creating the MTP draft context")
-        if dft == NULL:
+        try:
+            dft = self._new_context(model._mtp_model(), cp, "the MTP draft context", MTPUnsupportedError)
+            if llama_model_n_embd_out(llama_get_model(dft)) != llama_model_n_embd_out(llama_get_model(ctx)):
+                raise MTPUnsupportedError("MTP head width does not match the target's hidden width")
+            try:
+                self.drafter.init(ctx, dft)
+            except Exception as exc:
+                raise MTPUnsupportedError(f"cannot drive the MTP head: {exc}") from None
+        except BaseException:
+            if dft != NULL:
+                llama_free(dft)
             llama_free(ctx)
-            raise MTPUnsupportedError(f"failed to create the MTP draft context for {model.path!r}: "
-                                      f"{_take_errors() or 'unknown error'}")
-        if llama_model_n_embd_out(llama_get_model(dft)) != llama_model_n_embd_out(llama_get_model(ctx)):
-            llama_free(dft)
-            llama_free(ctx)
-            raise MTPUnsupportedError("MTP head width does not match the target's hidden width")
-        self.ctx = ctx
+            if self.tp != NULL:
+                mtp_cy_threadpool_free(self.tp)
+                self.tp = NULL
+            raise
         self.ctx_dft = dft
-        self.batch = new common_batch(ctx)
-        self.spec = NULL
-        self.model = model
-        model._retain()
-        self._closed = False
-        # llama.cpp pads n_ctx up (to 256); the limit we enforce is what the caller asked for
-        self.n_ctx = min(<int>llama_n_ctx(ctx), <int>cp.n_ctx)
-        self.n_batch = llama_n_batch(ctx)
-        # fail now, not at the first call, if upstream refuses the speculative state
-        self._new_spec()
-        model._rpc_check("creating the speculative state")
+        self.policy.configure(self.k_max)
+        self._finish_init(model, ctx, o)
 
     cdef void _free_native(self) noexcept:
-        if self.spec != NULL:
-            common_speculative_free(self.spec)
-            self.spec = NULL
+        # the drafter's sampler and batch belong to the draft context
+        if self.drafter != NULL:
+            self.drafter.release()
         if self.ctx_dft != NULL:
             llama_free(self.ctx_dft)
             self.ctx_dft = NULL
         _Engine._free_native(self)
 
-    cdef int _new_spec(self) except -1:
-        cdef common_params_speculative p
-        if self.spec != NULL:
-            common_speculative_free(self.spec)
-            self.spec = NULL
-        p.types.clear()
-        p.types.push_back(COMMON_SPECULATIVE_TYPE_DRAFT_MTP)
-        p.draft.n_max = self.n_draft
-        p.draft.n_min = 0
-        p.draft.p_min = 0.0
-        p.draft.ctx_tgt = self.ctx
-        p.draft.ctx_dft = self.ctx_dft
-        try:
-            self.spec = common_speculative_init(p, 1)
-        except Exception as exc:
-            raise MTPUnsupportedError(f"upstream refused MTP speculative decoding: {exc}") from None
-        if self.spec == NULL:
-            raise MTPUnsupportedError(f"common_speculative_init failed: {_take_errors() or 'unknown error'}")
-        return 0
+    @property
+    def n_draft(self):
+        """The configured draft length: an int, or ``"auto"``."""
+        return self._n_draft
+
+    @property
+    def n_draft_max(self):
+        """The longest draft this session may make (``n_draft``, or the bound of ``"auto"``)."""
+        return self.k_max
 
     def __repr__(self):
-        return f"<mtp_cy.MTP n_draft={self.n_draft} n_ctx={self.n_ctx}{' closed' if self._closed else ''}>"
+        return (f"<mtp_cy.MTP n_draft={self._n_draft!r} n_ctx={self.n_ctx}"
+                f"{' closed' if self.closed else ''}>")
 
-    def stats(self):
-        """A snapshot of the cumulative statistics (lock-free; safe from any thread, any time).
+    cdef void _more_stats(self, dict d) except *:
+        cdef int k
+        cdef double cf = 0, cp = 0
+        d["n_draft"] = self._n_draft
+        d["p_min"] = self.p_min
+        if not self.auto:
+            return
+        pol = self.policy
+        self.policy.catch_up_fit(cf, cp)
+        d["policy"] = {
+            "chosen": {k: self.policy.chosen[k] for k in range(self.k_max + 1)},
+            "current": self.policy.best,
+            "iterations": self.policy.iter,
+            "verify_us": {k + 1: round(self.policy.verify_cost(k + 1), 1) for k in range(self.k_max + 1)},
+            "draft_token_us": round(self.policy.d_us, 1),
+            "catch_up_us": {"fixed": round(cf, 1), "per_token": round(cp, 1)},
+            "sample_us": round(self.policy.s_us, 1),
+            "acceptance_by_position": {k: round(self.policy.accept(k), 4) for k in range(1, self.k_max + 1)},
+            "expected_tokens_per_sec": {k: round(self.policy.score(k) * 1e6, 1) for k in range(self.k_max + 1)},
+        }
 
-        * ``iters``: verification decodes of the target (one per loop iteration);
-        * ``drafts_generated``: draft tokens proposed by the MTP head;
-        * ``drafts_accepted``: draft tokens the target confirmed;
-        * ``acceptance_rate``: ``drafts_accepted / drafts_generated`` (0.0 when nothing was drafted);
-        * ``tokens_emitted``: tokens delivered to the caller (end-of-generation not counted);
-        * ``tokens_per_sec``: ``tokens_emitted`` over the native decode-loop time
-          ``timing_us["total"]`` (prompt processing excluded);
-        * ``timing_us``: microseconds spent in the MTP head (``draft``: drafting and
-          its catch-up on verified tokens), in target verification decodes
-          (``verify``), in sampling/acceptance (``sample``), in the whole decode
-          loop (``total``) and in prompt processing (``prefill``);
-        * ``n_draft``: the configured maximum draft length.
-
-        Counters are cumulative over every call on this object (see :meth:`reset_stats`).
-        """
-        d = self._stats()
-        d["n_draft"] = self.n_draft
-        return d
-
-    cdef dict _final_stats(self):
-        d = self._stats()
-        d["n_draft"] = self.n_draft
-        return d
+    def reset_policy(self):
+        """Forget what ``n_draft="auto"`` learned (costs and acceptance); it measures again."""
+        self._check()
+        self.policy.configure(self.k_max)
 
     def print_stats(self):
-        """Write upstream's own speculative statistics (``common_speculative_print_stats``)
-        for the last call to the ``"mtp_cy"`` logger at INFO level, and return them as a str."""
-        self._check()
-        if self.spec == NULL:
-            return ""
-        import tempfile
-        fd, path = tempfile.mkstemp(prefix="mtp_cy_stats_", suffix=".log")
-        os.close(fd)
-        cdef bytes bpath = path.encode()
-        cdef common_log * lg = common_log_main()
-        cdef int thold = common_log_get_verbosity_thold()
-        saved_out = os.dup(1)
-        devnull = os.open(os.devnull, os.O_WRONLY)
+        """Write a summary of the speculative statistics in the format of upstream's
+        ``common_speculative_print_stats`` to the ``"mtp_cy"`` logger at INFO level,
+        and return it as a str (the process's file descriptors are not touched)."""
+        st = self._stats()
+        iters = st["iters"]
+        gen, acc = st["drafts_generated"], st["drafts_accepted"]
+        mean = 1.0 + acc / iters if iters else 0.0
+        line = (f"statistics {'draft-mtp':>16}: #calls(b,g,a) = {st['calls']:4d} {iters:6d} {iters:6d}, "
+                f"#gen tokens = {gen:6d}, #acc tokens = {acc:5d}, #mean acc len = {mean:.2f}, "
+                f"acceptance = {100.0 * st['acceptance_rate']:.3f}%, dur(draft,verify,sample) = "
+                f"{st['timing_us']['draft'] / 1000.0:.3f}, {st['timing_us']['verify'] / 1000.0:.3f}, "
+                f"{st['timing_us']['sample'] / 1000.0:.3f} ms")
+        logger.info("%s", line)
+        return line + "\n"
+
+    # -- prompt cache hooks ------------------------------------------------------------
+    cdef void _clear_memory(self) noexcept nogil:
+        llama_memory_clear(llama_get_memory(self.ctx), True)
+        llama_memory_clear(llama_get_memory(self.ctx_dft), True)
+
+    cdef void _hook_reset(self) except *:
+        self.drafter.reset()
+
+    cdef int _hook_cut(self, int c) except? -1:
+        # Continuing at c, the MTP head needs the target rows h(m-1) .. h(c-1) to pair with
+        # the tokens it has not seen.  Without h(c-1) (the head had seen up to c), the
+        # target goes back one more token and computes it again (the head's entry at c-1
+        # stays valid: it depends only on that token and h(c-2)).
+        self.drafter.truncate(c)
+        if self.drafter.can_reach(c + 1):
+            return c
+        if self.drafter.m == c:
+            return c - 1
+        return 0
+
+    cdef bint _hook_restore(self, int c, int i) except *:
+        self.drafter.truncate(c)
+        if self.drafter.can_reach(c + 1):
+            return True
+        if self.drafter.m == c and self.ckpts.list[i].h.size() > 0:
+            self.drafter.set_row(c - 1, self.ckpts.list[i].h.data())
+            return True
+        return False
+
+    cdef const float * _hook_row(self, int pos, int * n_embd) noexcept:
+        n_embd[0] = self.drafter.n_embd
+        return self.drafter.row(pos)
+
+    cdef int _hook_prefilled(self, int pos0, int n) except -1:
+        cdef int rc = 0
         try:
-            import sys
-            sys.stdout.flush()
-            os.dup2(devnull, 1)
-            common_log_set_prefix(lg, False)
-            common_log_set_file(lg, bpath)
-            common_log_set_verbosity_thold(LOG_LEVEL_TRACE)
-            common_log_resume(lg)
             with nogil:
-                common_speculative_print_stats(self.spec)
-            common_log_pause(lg)   # drains the queue into the file
-        finally:
-            common_log_set_verbosity_thold(thold)
-            common_log_set_file(lg, NULL)
-            os.dup2(saved_out, 1)
-            os.close(saved_out)
-            os.close(devnull)
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        os.unlink(path)
-        for line in text.splitlines():
-            if line.strip():
-                logger.info("%s", line.rstrip())
-        return text
+                self.drafter.add_rows(pos0, n, llama_get_embeddings_nextn(self.ctx))
+                if self.drafter.can_reach(pos0 + n):
+                    rc = self.drafter.catch_up(self.toks.data(), pos0 + n)
+        except Exception as exc:
+            self.cache_valid = False
+            raise _native_error(exc, "feeding the prompt to the MTP head") from None
+        mtp_cy_add(self.st.t_draft_us, self.drafter.t_catch_up_us)
+        if self._check_rc(rc, "processing the prompt") != R_NONE:
+            self.cache_valid = False
+        return 0
 
-    cdef int _start(self, _Stream s) except -1:
-        cdef int rc = 0, n = s.prompt.size() - 1, i = 0, j, m
-        cdef bint ok = True
-        cdef int64_t t0
-        cdef rpc.watch * w = self.model._rpcw
-        cdef bint rpc_bad = False
-        # upstream's server keeps one speculative state per slot across requests and
-        # calls begin() per request; we do the same, unless a step was interrupted
-        if self.spec == NULL or self.spec_dirty:
-            self._new_spec()
-            self.spec_dirty = False
-        s.history.clear()
-        self._running = 1
-        with nogil:
-            t0 = ggml_time_us()
-            llama_memory_clear(llama_get_memory(self.ctx), True)
-            llama_memory_clear(llama_get_memory(self.ctx_dft), True)
-            # prefill the prompt minus its last token on the target, then feed
-            # each chunk to the MTP head (its catch-up decode)
-            while i < n:
-                m = min(self.n_batch, n - i)
-                self.batch.clear()
-                for j in range(m):
-                    self.batch.add(s.prompt[i + j], i + j, 0, False)
-                    s.history.push_back(s.prompt[i + j])
-                rc = llama_process(self.ctx, LLAMA_PROCESS_TYPE_DECODE, self.batch.get())
-                if rc != 0:
-                    break
-                ok = common_speculative_process(self.spec, self.batch[0])
-                if not ok:
-                    break
-                i += m
-            rpc_bad = w != NULL and w.any_failed()
-            if rc == 0 and ok and not rpc_bad:
-                common_speculative_begin(self.spec, 0, s.history)
-            mtp_cy_add(self.st.t_prefill_us, ggml_time_us() - t0)
-        self._running = 0
-        if rc != 0 or not ok or rpc_bad:
-            self.spec_dirty = True
-        if rpc_bad:
-            self.model._rpc_check("processing the prompt", True)
-        if rc != 0 or (not ok and self._aborted()):
-            return self._raise_rc(rc, "processing the prompt")
-        if not ok:
-            raise DecodeError(f"the MTP head failed on the prompt: {_take_errors() or 'no detail'}")
-        s.n_past = n
-        s.last = s.prompt[n]
-        return R_NONE
-
+    # -- one iteration -----------------------------------------------------------------
     cdef int _step(self, _Stream s) except -1:
-        cdef int rc = 0, n_max, i, n_acc
-        cdef bint ok = True
-        cdef int64_t t0, t1, t2, t3, t4
-        cdef common_speculative_draft_params * dp
+        cdef int rc = 0, k, i, n_acc = 0, nb, r
+        cdef int n_past = self.toks.size(), new_past
+        cdef int64_t t0, t1, t2, t3
+        cdef int64_t t_catch = 0, t_draft = 0
+        cdef int n_catch = 0, n_steps = 0
+        cdef int64_t t_forced = 0
         cdef vector[llama_token] ids
-        cdef llama_memory_t mem_tgt = llama_get_memory(self.ctx)
-        cdef llama_memory_t mem_dft = llama_get_memory(self.ctx_dft)
         cdef rpc.watch * w = self.model._rpcw
         cdef bint rpc_bad = False
-        if s.n_past + 1 > self.n_ctx - 1:
+        cdef float p_min = self.p_min
+        if n_past >= self.n_ctx:
             return R_CTX
-        n_max = min(self.n_draft, s.max_tokens - s.emitted - 1, self.n_ctx - s.n_past - 2)
-        self._running = 1
-        with nogil:
-            t0 = ggml_time_us()
-            s.draft.clear()
-            if n_max > 0:
-                dp = &common_speculative_get_draft_params(self.spec, 0)
-                dp.drafting = True
-                dp.n_max = n_max
-                dp.pos0 = s.n_past
-                dp.id_last = s.last
-                dp.prompt = &s.history
-                dp.result = &s.draft
-                common_speculative_draft(self.spec)
-                if <int>s.draft.size() > n_max:
-                    s.draft.resize(n_max)
-                # drop the draft's own entries from the MTP KV: the verified
-                # batch is fed to the head again below, with the target's states
-                llama_memory_seq_rm(mem_dft, 0, s.n_past, -1)
-            t1 = ggml_time_us()
-            self.batch.clear()
-            self.batch.add(s.last, s.n_past, 0, True)
-            for i in range(<int>s.draft.size()):
-                self.batch.add(s.draft[i], s.n_past + 1 + i, 0, True)
-            rc = llama_process(self.ctx, LLAMA_PROCESS_TYPE_DECODE, self.batch.get())
-            t2 = ggml_time_us()
-            if rc == 0:
-                ok = common_speculative_process(self.spec, self.batch[0])
-            # a failed RPC server answered with placeholders: nothing of this step is used
-            rpc_bad = w != NULL and w.any_failed()
-            t3 = ggml_time_us()
-            if rc == 0 and ok and not rpc_bad:
-                ids = common_sampler_sample_and_accept_n(s.smpl, self.ctx, s.draft, False)
-                n_acc = <int>ids.size() - 1
-                common_speculative_accept(self.spec, 0, <uint16_t>n_acc)
-                s.history.push_back(s.last)
-                for i in range(n_acc):
-                    s.history.push_back(ids[i])
-                s.n_past += 1 + n_acc
-                s.last = ids.back()
-                llama_memory_seq_rm(mem_tgt, 0, s.n_past, -1)
-                llama_memory_seq_rm(mem_dft, 0, s.n_past, -1)
-                s.pending = ids
-                mtp_cy_add(self.st.iters, 1)
-                mtp_cy_add(self.st.drafts_generated, s.draft.size())
-                mtp_cy_add(self.st.drafts_accepted, n_acc)
-            t4 = ggml_time_us()
-            mtp_cy_add(self.st.t_draft_us, (t1 - t0) + (t3 - t2))
-            mtp_cy_add(self.st.t_verify_us, t2 - t1)
-            mtp_cy_add(self.st.t_sample_us, t4 - t3)
-            mtp_cy_add(self.st.t_total_us, t4 - t0)
-        self._running = 0
-        if rc != 0 or not ok or self._aborted() or rpc_bad:
-            self.spec_dirty = True
-        if rpc_bad:
-            self.model._rpc_check("verifying a draft", True)
-        # an abort inside the MTP head's own decode (ok == False) is reported the same way
-        if rc != 0 or (not ok and self._aborted()):
-            return self._raise_rc(rc, "verifying a draft")
-        if not ok:
-            raise DecodeError(f"the MTP head failed: {_take_errors() or 'no detail'}")
-        return R_NONE
-
-    def stream(self, prompt, **options):
-        """Generate text with MTP speculative decoding; an iterator of ``str`` pieces.
-
-        One piece per accepted token (UTF-8 safe).  Ends on end-of-generation, on
-        ``max_tokens`` (exact), on a stop string or by raising.  Options:
-        ``max_tokens=256``, ``timeout=60.0``, ``stop=None`` and every sampler
-        option of :meth:`Session.stream` (whose docstring describes ``stop``).
-        ``emit_stats_every`` is accepted for parity with the seed API; stats
-        events only appear in :meth:`stream_events`.
-        """
-        emit = options.pop("emit_stats_every", 0)
-        _as_int("emit_stats_every", emit, 0)
-        return self._open(prompt, options, False, "stream", 0)
-
-    def stream_events(self, prompt, emit_stats_every=0, **options):
-        """Like :meth:`stream` but yields event tuples:
-
-        * ``("token", token_id, piece)`` per accepted token;
-        * ``("stats", snapshot)`` every ``emit_stats_every`` tokens when > 0;
-        * then exactly one terminal event: ``("done", final_stats)`` when
-          ``max_tokens`` was reached (or the context is full, or the stream was
-          cancelled: ``final_stats["stop_reason"]`` says which), ``("eog", None)``
-          when the model ended the text, or ``("stop", string)`` when the
-          generated text contained one of the ``stop`` strings.
-
-        With ``stop``, a token event is yielded once its whole text is known not to
-        start a stop string; the token in which a stop string begins is yielded
-        with its piece cut there, and the tokens inside or after the stop string
-        are not yielded (nor counted in ``tokens_emitted``).
-
-        An error raises from the iterator after the tokens already produced.
-        """
-        return self._open(prompt, options, True, "stream_events",
-                          _as_int("emit_stats_every", emit_stats_every, 0))
-
-    def generate(self, prompt, **options):
-        """Return the whole generated text (the joined :meth:`stream`)."""
-        emit = options.pop("emit_stats_every", 0)
-        _as_int("emit_stats_every", emit, 0)
-        return "".join(self._open(prompt, options, False, "generate", 0))
+        k = self.policy.choose() if self.auto else self.k_max
+        k = min(k, s.max_tokens - s.emitted - 1, self.n_ctx - n_past - 1)
+        try:
+            with nogil:
+                t0 = ggml_time_us()
+                s.draft.clear()
+                if k > 0:
+                    if self.drafter.m < n_past:
+                        rc = self.drafter.catch_up(self.toks.data(), n_past)
+                        t_catch = self.drafter.t_catch_up_us
+                        n_catch = self.drafter.n_catch_up
+                    if rc == 0:
+                        rc = self.drafter.draft(s.last, n_past, k, p_min, s.draft)
+                        t_draft = self.drafter.t_draft_us
+                        n_steps = self.drafter.n_draft_steps
+                t1 = ggml_time_us()
+                if rc == 0:
+                    nb = 1 + <int>s.draft.size()
+                    self.batch.clear()
+                    self.batch.add(s.last, n_past, 0, True)
+                    for i in range(nb - 1):
+                        self.batch.add(s.draft[i], n_past + 1 + i, 0, True)
+                    rc = llama_process(self.ctx, LLAMA_PROCESS_TYPE_DECODE, self.batch.get())
+                    rpc_bad = w != NULL and w.any_failed()
+                t2 = ggml_time_us()
+                if rc == 0 and not rpc_bad:
+                    self.drafter.add_rows(n_past, nb, llama_get_embeddings_nextn(self.ctx))
+                    ids = common_sampler_sample_and_accept_n(s.smpl, self.ctx, s.draft, False)
+                    n_acc = <int>ids.size() - 1
+                    self.toks.push_back(s.last)
+                    for i in range(n_acc):
+                        self.toks.push_back(ids[i])
+                    new_past = n_past + 1 + n_acc
+                    if new_past < n_past + nb:
+                        llama_memory_seq_rm(llama_get_memory(self.ctx), 0, new_past, -1)
+                    self.drafter.truncate(new_past)
+                    s.last = ids.back()
+                    s.pending = ids
+                    mtp_cy_add(self.st.iters, 1)
+                    mtp_cy_add(self.st.drafts_generated, nb - 1)
+                    mtp_cy_add(self.st.drafts_accepted, n_acc)
+                    # the head may lag behind plain steps only so far: feed it in one batch
+                    if self.drafter.n_rows() > MAX_LAG_ROWS and self.drafter.m < new_past:
+                        rc = self.drafter.catch_up(self.toks.data(), new_past)
+                        t_forced = self.drafter.t_catch_up_us
+                        t_catch += t_forced
+                        n_catch += self.drafter.n_catch_up
+                t3 = ggml_time_us()
+                mtp_cy_add(self.st.t_draft_us, t1 - t0)
+                mtp_cy_add(self.st.t_verify_us, t2 - t1)
+                mtp_cy_add(self.st.t_sample_us, t3 - t2)
+                mtp_cy_add(self.st.t_total_us, t3 - t0)
+        except Exception as exc:
+            raise _native_error(exc, "drafting or verifying") from None
+        r = self._check_rc(rc, "verifying a draft")
+        if r == R_NONE and self.auto:
+            self.policy.observe(<int>s.draft.size(), n_acc, <double>(t2 - t1), <double>t_draft, n_steps,
+                                <double>t_catch, n_catch, <double>(t3 - t2 - t_forced))
+        return r

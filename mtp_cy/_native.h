@@ -1,8 +1,16 @@
 // Small C++ helpers shared by mtp_cy's Cython code: lock-free statistics
-// counters and the state read by llama.cpp's abort callback.
+// counters, the state read by llama.cpp's abort callback, the per-session
+// CPU thread pool and the conversion of C++ exceptions into messages.
 #pragma once
 #include <atomic>
 #include <cstdint>
+#include <exception>
+#include <string>
+
+#include "ggml.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+#include "llama.h"
 
 // Cumulative statistics of one session.  Written by the native loop, read by
 // stats() from any thread without locks (relaxed atomics: each counter is
@@ -13,6 +21,7 @@ struct mtp_cy_stats {
     std::atomic<int64_t> drafts_accepted{0};
     std::atomic<int64_t> tokens_emitted{0};
     std::atomic<int64_t> prompt_tokens{0};
+    std::atomic<int64_t> prompt_tokens_cached{0};   // prompt tokens whose state was reused
     std::atomic<int64_t> calls{0};
     std::atomic<int64_t> t_draft_us{0};
     std::atomic<int64_t> t_verify_us{0};
@@ -48,3 +57,71 @@ struct mtp_cy_flag {
     void release() { v.store(0); }
     bool held() const { return v.load() != 0; }
 };
+
+// The message of the C++ exception being handled (call inside a catch block,
+// e.g. from Cython's `except +handler`).
+static inline std::string mtp_cy_current_exception_what() {
+    try {
+        throw;
+    } catch (const std::exception & e) {
+        return e.what();
+    } catch (...) {
+        return "unknown C++ exception";
+    }
+}
+
+// ---------------------------------------------------------------------------
+// CPU thread pool of a session.
+//
+// llama.cpp is built without OpenMP: an OpenMP team belongs to the OS thread
+// that starts a parallel region, so every Python thread (asyncio workers,
+// thread pools, web servers) would get its own team, the idle teams would
+// spin against the busy one and generation would be several times slower off
+// the main thread.  Instead each session owns one ggml thread pool, attached
+// to its contexts: the calling thread joins it as worker 0 for the duration
+// of a graph, so the speed does not depend on which thread calls, and a
+// session never has more than n_threads - 1 helper threads.  The functions
+// come from the CPU backend's registry entry (the CPU backend is a loadable
+// module in the portable builds).
+// ---------------------------------------------------------------------------
+typedef ggml_threadpool_t (*mtp_cy_tp_new_fn)(struct ggml_threadpool_params * params);
+typedef void (*mtp_cy_tp_fn)(ggml_threadpool_t tp);
+
+static inline ggml_backend_reg_t mtp_cy_cpu_reg() {
+    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    return dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+}
+
+static inline ggml_threadpool_t mtp_cy_threadpool_new(int n_threads) {
+    ggml_backend_reg_t reg = mtp_cy_cpu_reg();
+    if (!reg) {
+        return nullptr;
+    }
+    auto fn = (mtp_cy_tp_new_fn) ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_new");
+    if (!fn) {
+        return nullptr;
+    }
+    struct ggml_threadpool_params p = ggml_threadpool_params_default(n_threads);
+    p.paused = true;   // helper threads sleep until the first graph
+    return fn(&p);
+}
+
+static inline void mtp_cy_threadpool_call(ggml_threadpool_t tp, const char * name) {
+    ggml_backend_reg_t reg = mtp_cy_cpu_reg();
+    if (!tp || !reg) {
+        return;
+    }
+    auto fn = (mtp_cy_tp_fn) ggml_backend_reg_get_proc_address(reg, name);
+    if (fn) {
+        fn(tp);
+    }
+}
+
+static inline void mtp_cy_threadpool_free(ggml_threadpool_t tp) {
+    mtp_cy_threadpool_call(tp, "ggml_threadpool_free");
+}
+
+// Put the helper threads to sleep (no polling) until the next graph.
+static inline void mtp_cy_threadpool_pause(ggml_threadpool_t tp) {
+    mtp_cy_threadpool_call(tp, "ggml_threadpool_pause");
+}

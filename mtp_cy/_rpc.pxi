@@ -85,17 +85,23 @@ cdef list _parse_endpoints(servers):
 
 
 cdef int64_t _timeout_us(timeout, str name) except -2:
-    """Seconds (> 0, or None / inf for no limit) -> microseconds (0 = no limit)."""
+    """Seconds (> 0 and at most 1e9, or None / inf for no limit) -> microseconds (0 = no limit).
+
+    A positive timeout shorter than a microsecond is one microsecond (never "no limit")."""
     if timeout is None:
         return 0
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"{name} must be a number of seconds or None, got {type(timeout).__name__}")
-    t = float(timeout)
-    if t != t or t <= 0:
-        raise ValueError(f"{name} must be > 0 (seconds) or None, got {timeout!r}")
-    if t > 1e9:
+    try:
+        t = float(timeout)
+    except OverflowError:
+        raise ValueError(f"{name} must be in (0, 1e9] seconds, or None / inf for no limit, "
+                         f"got {timeout!r}") from None
+    if t == float("inf"):
         return 0
-    return <int64_t>(t * 1e6)
+    if t != t or t <= 0 or t > 1e9:
+        raise ValueError(f"{name} must be in (0, 1e9] seconds, or None / inf for no limit, got {timeout!r}")
+    return max(1, <int64_t>(t * 1e6))
 
 
 cdef rpc.relay * _relay(str ip, int port, str ep) except NULL:

@@ -18,12 +18,23 @@ import re as _re
 _RULE_DEF = _re.compile(r"^\s*([A-Za-z0-9_-]+)\s*::=", _re.M)
 
 
-cdef float _as_float(str name, value, lo=None, hi=None, lo_open=False) except? -1.0:
+cdef double _as_float(str name, value, lo=None, hi=None, lo_open=False) except? -1.0:
+    """A finite float option in [lo, hi] (``lo_open``: > lo), named in every error."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
+        try:
+            import numpy as np
+            if not isinstance(value, (np.integer, np.floating)):
+                raise TypeError
+        except TypeError:
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    try:
+        v = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is out of range: {value!r}") from None
     if v != v:
         raise ValueError(f"{name} must not be NaN")
+    if v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value!r}")
     if lo is not None and (v < lo or (lo_open and v == lo)):
         raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
     if hi is not None and v > hi:
@@ -31,13 +42,23 @@ cdef float _as_float(str name, value, lo=None, hi=None, lo_open=False) except? -
     return v
 
 
-cdef int _as_int(str name, value, lo=None, hi=None) except? -1:
+cdef int _as_int(str name, value, lo=-0x80000000, hi=0x7FFFFFFF) except? -1:
+    """An int option in [lo, hi] (bounds of a C int by default), named in every error."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if lo is not None and value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ValueError(f"{name} must be <= {hi}, got {value!r}")
+        try:
+            import numpy as np
+            if isinstance(value, np.integer):
+                value = int(value)
+            else:
+                raise TypeError
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if lo is None:
+        lo = -0x80000000
+    if hi is None:
+        hi = 0x7FFFFFFF
+    if value < lo or value > hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
     return value
 
 
@@ -68,18 +89,19 @@ cdef str _grammar_text(const llama_vocab * vocab, grammar, grammar_root):
     return text
 
 
-cdef void _fill_sampling(common_params_sampling * sp, const llama_vocab * vocab, dict o) except *:
+cdef void _fill_sampling(common_params_sampling * sp, const llama_vocab * vocab, dict o, int n_ctx) except *:
     """Validate sampler options ``o`` (defaults applied) into ``sp``."""
-    sp.temp = _as_float("temp", o["temp"])
-    sp.top_k = _as_int("top_k", o["top_k"], 0)
+    sp.temp = _as_float("temp", o["temp"], 0.0)
+    sp.top_k = _as_int("top_k", o["top_k"], 0, llama_vocab_n_tokens(vocab))
     sp.top_p = _as_float("top_p", o["top_p"], 0.0, 1.0, True)
     sp.min_p = _as_float("min_p", o["min_p"], 0.0, 1.0)
     seed = o["seed"]
     if seed is None:
         sp.seed = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
     else:
-        sp.seed = <uint32_t>_as_int("seed", seed, 0, 0xFFFFFFFE)
-    sp.penalty_last_n = _as_int("penalty_last_n", o["penalty_last_n"], -1)
+        sp.seed = <uint32_t>_as_int_u32("seed", seed, 0xFFFFFFFE)
+    # -1: the whole context; longer windows than the context mean the same thing
+    sp.penalty_last_n = min(_as_int("penalty_last_n", o["penalty_last_n"], -1), n_ctx)
     sp.penalty_repeat = _as_float("penalty_repeat", o["penalty_repeat"], 0.0, None, True)
     sp.penalty_freq = _as_float("penalty_freq", o["penalty_freq"])
     sp.penalty_present = _as_float("penalty_present", o["penalty_present"])
@@ -87,6 +109,15 @@ cdef void _fill_sampling(common_params_sampling * sp, const llama_vocab * vocab,
     g = _grammar_text(vocab, o["grammar"], o["grammar_root"])
     if g is not None:
         sp.grammar = common_grammar(COMMON_GRAMMAR_TYPE_USER, (<str>g).encode("utf-8"))
+
+
+cdef int64_t _as_int_u32(str name, value, int64_t hi) except? -1:
+    """An int in [0, hi] (hi up to 2**32 - 1), named in every error."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0 or value > hi:
+        raise ValueError(f"{name} must be an int in [0, {hi}], got {value!r}")
+    return value
 
 
 cdef common_sampler * _make_sampler(const llama_model * model, common_params_sampling * sp) except NULL:

@@ -6,7 +6,7 @@ or :class:`TypeError` naming the argument and the allowed range.
 """
 
 __all__ = [
-    "MTPError", "ModelLoadError", "DecodeError", "MTPUnsupportedError",
+    "MTPError", "ModelLoadError", "DecodeError", "MTPUnsupportedError", "NativeError",
     "SessionBusyError", "ClosedError", "GenerationTimeout", "ChatTemplateError", "RPCError",
 ]
 
@@ -21,6 +21,12 @@ class ModelLoadError(MTPError):
 
 class DecodeError(MTPError):
     """llama.cpp failed to evaluate a batch (the session stays usable)."""
+
+
+class NativeError(MTPError):
+    """llama.cpp raised a C++ exception during a call (its message is kept); the
+    session stays usable.  Example: a grammar that reaches a dead end
+    ("Unexpected empty grammar stack after accepting piece")."""
 
 
 class MTPUnsupportedError(MTPError):

@@ -452,7 +452,7 @@ class Prediction:
 
     tokens: List[int]
     text: str
-    stop: str                       # "eog" | "max_tokens"
+    stop: str                       # "eog" | "max_tokens" | "ctx_full" (rules="mtp_cy")
     iters: int = 0
     drafts_generated: int = 0
     drafts_accepted: int = 0
@@ -618,8 +618,9 @@ class SyntheticModel:
 
         ``rules="mtp_cy"``: mtp_cy's loop (see the package docs): prefill the
         prompt minus its last token; per iteration draft
-        ``n_max = min(n_draft, max_tokens - emitted - 1, n_ctx - n_past - 2)``
-        tokens (none when ``n_max <= 0``), verify ``[last, *draft]``, accept
+        ``n_max = min(n_draft, max_tokens - emitted - 1, n_ctx - n_past - 1)``
+        tokens (none when ``n_max <= 0``; generation ends with
+        ``stop == "ctx_full"`` once ``n_past`` reaches ``n_ctx``), verify ``[last, *draft]``, accept
         the longest agreeing prefix plus the target's own next token and emit
         them; EOG ends generation (not emitted), generation stops exactly at
         ``max_tokens``.  As in upstream's ``common_sampler_sample_and_accept_n``,
@@ -653,7 +654,10 @@ class SyntheticModel:
         steps = []
         stop = "max_tokens"
         while len(out) < max_tokens:
-            n_max = min(n_draft, max_tokens - len(out) - 1, n_ctx - n_past - 2)
+            if n_past >= n_ctx:
+                stop = "ctx_full"          # every position of the context holds a token
+                break
+            n_max = min(n_draft, max_tokens - len(out) - 1, n_ctx - n_past - 1)
             draft = self._chain(last, n_max) if n_max > 0 else []
             ids = self._verify(last, draft, stop_after_eog=True)
             iters += 1

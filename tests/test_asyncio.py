@@ -115,7 +115,8 @@ def test_achat(mtp_model, synthetic):
 def test_event_loop_keeps_ticking_during_native_work(kind, mtp_model, mtp_sm):
     """A ~4000-token prefill runs in the worker thread: another coroutine on the same loop
     keeps ticking at its normal rate."""
-    e = make(kind, mtp_model, n_ctx=4096, n_batch=4096)
+    # no prompt cache: the second call must process the whole prompt again
+    e = make(kind, mtp_model, n_ctx=4096, n_batch=4096, cache_prompt=False)
     long_prompt = prompt_of(mtp_sm, 4000)
 
     async def main():
@@ -187,7 +188,8 @@ def test_cancel_mid_stream_then_reuse(engine, mtp_sm):
 
 @pytest.mark.parametrize("kind", ["session", "mtp"])
 def test_cancel_during_prefill_is_prompt_and_acknowledged(kind, mtp_model, mtp_sm):
-    e = make(kind, mtp_model, n_ctx=4096, n_batch=4096)
+    # no prompt cache: the second call must process the whole prompt again
+    e = make(kind, mtp_model, n_ctx=4096, n_batch=4096, cache_prompt=False)
     long_prompt = prompt_of(mtp_sm, 4000)
     p = prompt_of(mtp_sm, 3)
 

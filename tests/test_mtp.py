@@ -192,14 +192,18 @@ def test_one_token_prompt_works_without_error_logs(mtp, mtp_sm, caplog):
 
 
 def test_context_limit_caps_drafts(mtp_model, mtp_sm):
-    with mtp_cy.MTP(mtp_model, n_draft=4, n_ctx=24) as m:
+    with mtp_cy.MTP(mtp_model, n_draft=4, n_ctx=24) as m, mtp_cy.Session(mtp_model, n_ctx=24) as plain:
         p = prompt_of(mtp_sm, 5)
         events = list(m.stream_events(p, max_tokens=100, temp=0))
         want = sm_predict(mtp_sm, p, 100, 4, 24)
         toks = [e[1] for e in events if e[0] == "token"]
-        assert toks == want.tokens[:len(toks)]
+        assert toks == want.tokens and want.stop == "ctx_full"
         assert events[-1][0] == "done" and events[-1][1]["stop_reason"] == "ctx_full"
-        assert len(p) + len(toks) <= 24
+        # every position of the context holds a token, and the last one sampled is emitted too,
+        # exactly as plain decoding does
+        assert len(p) + len(toks) == 24 + 1
+        assert m.stats()["iters"] == want.iters
+        assert plain.generate(p, max_tokens=100, temp=0) == want.text
         # the session is still fine afterwards
         assert m.generate(p, max_tokens=5, temp=0) == sm_predict(mtp_sm, p, 5, 4, 24).text
 
@@ -240,8 +244,14 @@ def test_constructor_errors(mtp_model, plain_model, mtp_sm):
     for bad in (0, -1):
         with pytest.raises(ValueError, match="n_draft"):
             mtp_cy.MTP(mtp_model, n_draft=bad)
-    with pytest.raises(TypeError, match="n_draft"):
-        mtp_cy.MTP(mtp_model, n_draft="3")
+    for bad in ("3", 2.0, None, True, 65, "AUTO"):
+        with pytest.raises(ValueError, match=r"n_draft must be an int in \[1, 64\] or 'auto'"):
+            mtp_cy.MTP(mtp_model, n_draft=bad)
+    with pytest.raises(ValueError, match="n_draft_max only applies"):
+        mtp_cy.MTP(mtp_model, n_draft=3, n_draft_max=4)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="p_min"):
+            mtp_cy.MTP(mtp_model, p_min=bad)
     with pytest.raises(TypeError, match="n_ctxx"):
         mtp_cy.MTP(mtp_model, n_ctxx=5)
     with pytest.raises(ValueError, match="n_ctx"):
@@ -249,10 +259,10 @@ def test_constructor_errors(mtp_model, plain_model, mtp_sm):
     with pytest.raises(TypeError):
         mtp_cy.MTP(None)
     # llama.cpp would GGML_ASSERT on these (the verification batch must fit one ubatch)
-    with pytest.raises(ValueError, match=r"n_ubatch is 2 .* n_draft \+ 2 = 6"):
+    with pytest.raises(ValueError, match=r"n_draft \+ 2 = 6, but n_ubatch is 2"):
         mtp_cy.MTP(mtp_model, n_draft=4, n_batch=2)
-    with pytest.raises(ValueError, match=r"n_ubatch is 4 .*n_draft=4"):
-        mtp_cy.MTP(mtp_model, n_draft=4, n_ctx=4)
+    with pytest.raises(ValueError, match=r"n_ubatch is 5 \(from n_batch=5\).*raise n_batch"):
+        mtp_cy.MTP(mtp_model, n_draft=4, n_batch=5)
     with pytest.raises(ValueError, match="n_ubatch"):
         mtp_cy.MTP(mtp_model, n_draft=3, n_ubatch=4)
     # a quantized V cache needs flash attention (llama.cpp would refuse the context)

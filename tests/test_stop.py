@@ -71,8 +71,8 @@ def reference(pieces, ids, stops):
 def expected_counters(kind, pred, last, delivered):
     """Native work done until the token ``last`` was generated, and the delivered count."""
     if kind == "session":
-        # the first token comes from the prefill, every later one from one decode
-        return {"iters": last, "drafts_generated": 0, "drafts_accepted": 0, "tokens_emitted": delivered}
+        # one decode per token (the first one decodes the prompt's last token)
+        return {"iters": last + 1, "drafts_generated": 0, "drafts_accepted": 0, "tokens_emitted": delivered}
     it = gen = acc = produced = 0
     for d, a, n in pred.steps:
         it, gen, acc, produced = it + 1, gen + d, acc + a, produced + n

@@ -64,6 +64,7 @@ cdef extern from "common.h" nogil:
         cbool no_perf
         common_grammar grammar
         cbool backend_sampling
+        vector[common_sampler_type] samplers
 
     cdef cppclass common_params_speculative_draft:
         int32_t n_max
@@ -79,11 +80,11 @@ cdef extern from "common.h" nogil:
 
     cdef cppclass common_batch:
         common_batch()
-        common_batch(llama_context * ctx)
+        common_batch(llama_context * ctx) except +
         llama_batch_ext * get()
         llama_batch_ext * get_sub_batch(int32_t off, int32_t n)
         void clear()
-        int32_t add(llama_token id, llama_pos pos, llama_seq_id seq_id, cbool output)
+        int32_t add(llama_token id, llama_pos pos, llama_seq_id seq_id, cbool output) except +
         int32_t size()
 
 

@@ -31,6 +31,10 @@ cdef extern from "ggml.h" nogil:
     int64_t ggml_time_us()
     void ggml_time_init()
 
+    cdef struct ggml_threadpool:
+        pass
+    ctypedef ggml_threadpool * ggml_threadpool_t
+
 
 cdef extern from "ggml-backend.h" nogil:
     ctypedef struct ggml_backend_device:
@@ -72,6 +76,8 @@ cdef extern from "ggml-backend.h" nogil:
     size_t ggml_backend_reg_count()
     ggml_backend_reg_t ggml_backend_reg_get(size_t index)
     ggml_backend_reg_t ggml_backend_reg_by_name(const char * name)
+    ggml_backend_dev_t ggml_backend_dev_by_type(ggml_backend_dev_type_t type)
+    void * ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * name)
 
 
 cdef extern from "ggml-cpu.h" nogil:

@@ -3,7 +3,7 @@
 from libc.stdint cimport int8_t, int32_t, int64_t, uint32_t, uint64_t
 from libcpp cimport bool as cbool
 from mtp_cy.includes.ggml cimport (ggml_type, ggml_log_callback, ggml_abort_callback,
-                                   ggml_backend_dev_t)
+                                   ggml_backend_dev_t, ggml_threadpool_t)
 
 cdef extern from "llama.h" nogil:
     ctypedef int32_t llama_pos
@@ -171,6 +171,7 @@ cdef extern from "llama.h" nogil:
     int32_t llama_model_n_embd_out(const llama_model * model)
     int32_t llama_model_n_layer(const llama_model * model)
     int32_t llama_model_n_layer_nextn(const llama_model * model)
+    int32_t llama_model_n_swa(const llama_model * model)
     int32_t llama_vocab_n_tokens(const llama_vocab * vocab)
     llama_vocab_type_t llama_vocab_type(const llama_vocab * vocab)
 
@@ -190,8 +191,10 @@ cdef extern from "llama.h" nogil:
     llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id)
     llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id)
 
-    int32_t llama_process(llama_context * ctx, llama_process_type type, llama_batch_ext * batch)
+    int32_t llama_process(llama_context * ctx, llama_process_type type, llama_batch_ext * batch) except +
     void llama_set_n_threads(llama_context * ctx, int32_t n_threads, int32_t n_threads_batch)
+    void llama_attach_threadpool(llama_context * ctx, ggml_threadpool_t threadpool, ggml_threadpool_t threadpool_batch)
+    void llama_detach_threadpool(llama_context * ctx)
     void llama_set_abort_callback(llama_context * ctx, ggml_abort_callback abort_callback, void * abort_callback_data)
     void llama_synchronize(llama_context * ctx)
 
@@ -214,5 +217,33 @@ cdef extern from "llama.h" nogil:
                                                const char * grammar_root)
     void llama_sampler_free(llama_sampler * smpl)
 
+    ctypedef uint32_t llama_state_seq_flags
+    size_t llama_state_seq_get_size_ext(llama_context * ctx, llama_seq_id seq_id, llama_state_seq_flags flags)
+
+    cdef struct llama_token_data:
+        llama_token id
+        float logit
+        float p
+
+    cdef struct llama_token_data_array:
+        llama_token_data * data
+        size_t size
+        int64_t selected
+        bint sorted
+
+    cdef struct llama_embd:
+        const float * data
+        size_t n_rows
+        size_t n_embd
+
+    float * llama_get_logits_ith(llama_context * ctx, int32_t i)
+
     const char * llama_print_system_info()
     void llama_log_set(ggml_log_callback log_callback, void * user_data)
+
+
+cdef extern from "llama-ext.h" nogil:
+    # staging API of the pinned llama.cpp (src/llama-ext.h): the hidden rows that MTP heads use
+    void llama_set_embeddings_nextn(llama_context * ctx, cbool value, cbool masked)
+    float * llama_get_embeddings_nextn(llama_context * ctx)
+    float * llama_get_embeddings_nextn_ith(llama_context * ctx, int32_t i)

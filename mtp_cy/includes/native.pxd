@@ -1,6 +1,12 @@
-# Declarations of mtp_cy/_native.h (lock-free statistics and abort state).
-from libc.stdint cimport int64_t
+# Declarations of mtp_cy's own C++ headers: _native.h (lock-free statistics, abort state,
+# thread pool, C++ exception text), _mtp.h (the MTP head driver), _policy.h (the
+# n_draft="auto" policy) and _cache.h (state checkpoints of the prompt cache).
+from libc.stdint cimport int32_t, int64_t, uint8_t
 from libcpp cimport bool as cbool
+from libcpp.string cimport string
+from libcpp.vector cimport vector
+from mtp_cy.includes.ggml cimport ggml_threadpool_t
+from mtp_cy.includes.llama cimport llama_context, llama_token, llama_pos
 
 cdef extern from "_native.h" nogil:
     cdef cppclass atomic_i64 "std::atomic<int64_t>":
@@ -15,6 +21,7 @@ cdef extern from "_native.h" nogil:
         atomic_i64 drafts_accepted
         atomic_i64 tokens_emitted
         atomic_i64 prompt_tokens
+        atomic_i64 prompt_tokens_cached
         atomic_i64 calls
         atomic_i64 t_draft_us
         atomic_i64 t_verify_us
@@ -38,3 +45,87 @@ cdef extern from "_native.h" nogil:
         cbool try_acquire()
         void release()
         cbool held()
+
+    string mtp_cy_current_exception_what()
+    ggml_threadpool_t mtp_cy_threadpool_new(int n_threads)
+    void mtp_cy_threadpool_free(ggml_threadpool_t tp)
+    void mtp_cy_threadpool_pause(ggml_threadpool_t tp)
+
+
+cdef extern from "_mtp.h" nogil:
+    cdef cppclass mtp_cy_drafter:
+        int32_t n_embd
+        llama_pos m
+        llama_pos r0
+        vector[float] probs
+        int64_t t_catch_up_us
+        int32_t n_catch_up
+        int64_t t_draft_us
+        int32_t n_draft_steps
+        void init(llama_context * tgt, llama_context * dft) except +
+        void release()
+        void reset()
+        llama_pos n_rows()
+        llama_pos rows_end()
+        const float * row(llama_pos p)
+        void add_rows(llama_pos pos0, int32_t n, const float * h) except +
+        void set_row(llama_pos p, const float * h) except +
+        void truncate(llama_pos c) except +
+        cbool can_reach(llama_pos upto)
+        int catch_up(const llama_token * toks, llama_pos upto) except +
+        int draft(llama_token last, llama_pos pos0, int32_t n_max, float p_min,
+                  vector[llama_token] & out) except +
+
+
+cdef extern from "_policy.h" nogil:
+    cdef cppclass mtp_cy_policy:
+        int KMAX
+        int k_max
+        int min_gap
+        int max_gap
+        int explore_every
+        double w_cost
+        double decay
+        double prior_w
+        double prior_a1
+        double v_us[18]
+        int64_t v_n[18]
+        double d_us
+        int64_t d_n
+        double s_us
+        int64_t s_n
+        int64_t c_n
+        int64_t iter
+        int64_t chosen[17]
+        int last_k
+        int best
+        int gap
+        void configure(int kmax)
+        void reset()
+        double accept(int j)
+        double expected_tokens(int k)
+        double verify_cost(int n)
+        void catch_up_fit(double & cf, double & cp)
+        double cost(int k)
+        double score(int k)
+        int choose()
+        void observe(int k, int n_acc, double t_verify_us, double t_draft_us, int n_draft_steps,
+                     double t_catch_up_us, int n_catch_up, double t_sample_us)
+
+
+cdef extern from "_cache.h" nogil:
+    cdef cppclass mtp_cy_checkpoint:
+        llama_pos pos
+        vector[uint8_t] state
+        vector[float] h
+
+    cdef cppclass mtp_cy_checkpoints:
+        vector[mtp_cy_checkpoint] list
+        size_t bytes()
+        int size()
+        void clear()
+        cbool save(llama_context * ctx, llama_pos pos, const float * h, int32_t n_embd, int max_n) except +
+        int find(llama_pos pos)
+        cbool has(llama_pos pos)
+        cbool restore(llama_context * ctx, int i) except +
+        void drop_after(llama_pos pos)

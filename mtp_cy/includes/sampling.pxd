@@ -2,7 +2,7 @@
 from libc.stdint cimport uint32_t
 from libcpp cimport bool as cbool
 from libcpp.vector cimport vector
-from mtp_cy.includes.llama cimport llama_model, llama_context, llama_token
+from mtp_cy.includes.llama cimport llama_model, llama_context, llama_token, llama_token_data_array
 from mtp_cy.includes.common cimport common_params_sampling, llama_tokens
 
 cdef extern from "sampling.h" nogil:
@@ -11,9 +11,15 @@ cdef extern from "sampling.h" nogil:
 
     common_sampler * common_sampler_init(const llama_model * model, common_params_sampling & params) except +
     void common_sampler_free(common_sampler * gsmpl)
-    void common_sampler_accept(common_sampler * gsmpl, llama_token token, cbool is_generated)
-    void common_sampler_reset(common_sampler * gsmpl)
-    llama_token common_sampler_sample(common_sampler * gsmpl, llama_context * ctx, int idx, cbool grammar_first)
+    # every call that samples or accepts may throw (e.g. the grammar's "Unexpected empty
+    # grammar stack after accepting piece"): declared except + so that the exception
+    # reaches Python instead of std::terminate
+    void common_sampler_accept(common_sampler * gsmpl, llama_token token, cbool is_generated) except +
+    void common_sampler_reset(common_sampler * gsmpl) except +
+    llama_token common_sampler_sample(common_sampler * gsmpl, llama_context * ctx, int idx,
+                                      cbool grammar_first) except +
     vector[llama_token] common_sampler_sample_and_accept_n(common_sampler * gsmpl, llama_context * ctx,
-                                                           const llama_tokens & draft, cbool grammar_first)
+                                                           const llama_tokens & draft,
+                                                           cbool grammar_first) except +
+    llama_token_data_array * common_sampler_get_candidates(common_sampler * gsmpl, cbool do_sort) except +
     uint32_t common_sampler_get_seed(const common_sampler * gsmpl)

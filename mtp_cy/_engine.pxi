@@ -1,0 +1,836 @@
+# The engine shared by Session and MTP: context creation (options, thread pool,
+# RPC checks), lifetime (close from any thread or from a signal handler), the
+# native step driver (abort state, timeouts, RPC, C++ exceptions, return codes),
+# the prompt cache (state reuse across calls, checkpoints for recurrent/hybrid
+# models), statistics, and the public generation API (stream / stream_events /
+# generate / chat / asyncio).  Each subclass only says what differs: how one
+# decoding step is made (Session._step, MTP._step) and what the MTP head needs
+# around the prompt (hooks below).
+
+cimport cython
+from cpython.pythread cimport PyThread_get_thread_ident
+
+# a stream's finish reasons
+cdef enum:
+    R_NONE = 0
+    R_MAX = 1
+    R_EOG = 2
+    R_CTX = 3
+    R_CANCEL = 4
+    R_ERROR = 5
+    R_STOP = 6
+
+_FINISH_REASONS = (None, "max_tokens", "eog", "ctx_full", "cancelled", "error", "stop")
+
+_KV_TYPES = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16, "bf16": GGML_TYPE_BF16,
+             "q8_0": GGML_TYPE_Q8_0, "q4_0": GGML_TYPE_Q4_0, "q4_1": GGML_TYPE_Q4_1,
+             "iq4_nl": GGML_TYPE_IQ4_NL, "q5_0": GGML_TYPE_Q5_0, "q5_1": GGML_TYPE_Q5_1}
+_FLOAT_KV_TYPES = ("f32", "f16", "bf16")
+_FLASH_ATTN = {"auto": LLAMA_FLASH_ATTN_TYPE_AUTO, True: LLAMA_FLASH_ATTN_TYPE_ENABLED,
+               False: LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": LLAMA_FLASH_ATTN_TYPE_ENABLED,
+               "off": LLAMA_FLASH_ATTN_TYPE_DISABLED}
+
+CONTEXT_DEFAULTS = {"n_ctx": 2048, "n_batch": None, "n_ubatch": None, "n_threads": None,
+                    "n_threads_batch": None, "flash_attn": "auto", "type_k": "f16", "type_v": "f16",
+                    "offload_kqv": True, "cache_prompt": True, "cache_checkpoints": 8,
+                    "checkpoint_every": 2048}
+CONTEXT_OPTIONS = tuple(CONTEXT_DEFAULTS)
+
+_INT32_MAX = 0x7FFFFFFF
+
+cdef enum:
+    # rows of the target's hidden state the MTP head may lag behind before they are fed to it
+    MAX_LAG_ROWS = 512
+
+
+def _default_threads():
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+cdef dict _with_defaults(dict given, dict defaults, str where):
+    unknown = [k for k in given if k not in defaults]
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword argument(s): {', '.join(sorted(unknown))}; "
+                        f"allowed: {', '.join(defaults)}")
+    d = dict(defaults)
+    d.update(given)
+    return d
+
+
+cdef llama_context_params _context_params(dict o) except *:
+    """Validate the context options (already defaulted) into llama_context_params.
+
+    ``cp.n_ctx`` is llama.cpp's own rounding of the request (a multiple of 256, as
+    llama.cpp pads it anyway) so that llama.cpp does not clamp the batch sizes to a
+    small request; the engine enforces the requested ``n_ctx`` itself."""
+    cdef llama_context_params cp = llama_context_default_params()
+    n_ctx = _as_int("n_ctx", o["n_ctx"], 1, 1 << 24)
+    n_ctx_pad = ((n_ctx + 255) // 256) * 256
+    n_batch = o["n_batch"]
+    n_batch = min(n_ctx_pad, 2048) if n_batch is None else _as_int("n_batch", n_batch, 1, 1 << 24)
+    n_ubatch = o["n_ubatch"]
+    n_ubatch = min(n_batch, 512) if n_ubatch is None else _as_int("n_ubatch", n_ubatch, 1, n_batch)
+    nt = o["n_threads"]
+    nt = _default_threads() if nt is None else _as_int("n_threads", nt, 1, 512)
+    ntb = o["n_threads_batch"]
+    ntb = nt if ntb is None else _as_int("n_threads_batch", ntb, 1, 512)
+    fa = o["flash_attn"]
+    if fa not in _FLASH_ATTN or (isinstance(fa, int) and not isinstance(fa, bool)):
+        raise ValueError(f"flash_attn must be 'auto', True/'on' or False/'off', got {fa!r}")
+    for name in ("type_k", "type_v"):
+        if o[name] not in _KV_TYPES:
+            raise ValueError(f"{name} must be one of {', '.join(_KV_TYPES)}, got {o[name]!r}")
+    # llama.cpp refuses this at context creation ("quantized V cache requires flash_attn")
+    if o["type_v"] not in _FLOAT_KV_TYPES and _FLASH_ATTN[fa] == LLAMA_FLASH_ATTN_TYPE_DISABLED:
+        raise ValueError(f"type_v={o['type_v']!r} (a quantized V cache) needs flash attention: "
+                         f"use flash_attn='auto' or True, not {fa!r}")
+    for name in ("offload_kqv", "cache_prompt"):
+        if not isinstance(o[name], bool):
+            raise TypeError(f"{name} must be True or False, got {o[name]!r}")
+    _as_int("cache_checkpoints", o["cache_checkpoints"], 0, 256)
+    _as_int("checkpoint_every", o["checkpoint_every"], 1, 1 << 24)
+    cp.n_ctx = n_ctx_pad
+    cp.n_batch = n_batch
+    cp.n_ubatch = n_ubatch
+    cp.n_seq_max = 1
+    cp.n_threads = nt
+    cp.n_threads_batch = ntb
+    cp.flash_attn_type = _FLASH_ATTN[fa]
+    cp.type_k = _KV_TYPES[o["type_k"]]
+    cp.type_v = _KV_TYPES[o["type_v"]]
+    cp.offload_kqv = o["offload_kqv"]
+    cp.no_perf = True
+    return cp
+
+
+cdef cbool _abort_cb(void * data) noexcept nogil:
+    """Called by ggml between graph nodes: cancel, timeout and Ctrl-C handling."""
+    cdef mtp_cy_abort * a = <mtp_cy_abort *> data
+    cdef int64_t now
+    if a.cancel.load() or a.interrupted or a.timed_out:
+        return True     # sticky: every later graph (draft or target) aborts too
+    if a.deadline_us == 0 and not a.check_signals:
+        return False
+    now = ggml_time_us()
+    if a.deadline_us != 0 and now > a.deadline_us:
+        a.timed_out = 1
+        return True
+    if a.check_signals and now >= a.next_signal_check_us:
+        a.next_signal_check_us = now + 20000
+        if _pending_signal():
+            a.interrupted = 1
+            return True
+    return False
+
+
+cdef bint _pending_signal() noexcept with gil:
+    try:
+        PyErr_CheckSignals()
+    except BaseException as exc:
+        _interrupt_holder.append(exc)
+        return True
+    return False
+
+_interrupt_holder = []
+
+
+cdef object _native_error(exc, str what):
+    """The exception for a C++ exception that left llama.cpp while ``what``."""
+    return NativeError(f"llama.cpp raised an exception while {what}: {exc}")
+
+
+@cython.no_gc_clear
+cdef class _Engine:
+    """Base of Session and MTP: contexts, thread pool, prompt cache, statistics, busy flag."""
+    cdef readonly Model model
+    cdef llama_context * ctx
+    cdef common_batch * batch
+    cdef ggml_threadpool_t tp
+    cdef mtp_cy_stats * st
+    cdef mtp_cy_abort * ab
+    cdef mtp_cy_flag * busy
+    cdef bint _inited
+    cdef bint _closed
+    cdef int _running            # a native step is running (another thread may be waiting in close())
+    cdef long _running_tid       # the thread running it
+    cdef bint _close_pending     # close() was called from inside that step (a signal handler)
+    cdef readonly int n_ctx
+    cdef int n_batch
+    cdef int n_threads
+    # prompt cache: toks[p] is the token at position p of the target's memory
+    cdef vector[llama_token] toks
+    cdef bint cache_prompt
+    cdef bint cache_valid        # False after a step failed half-way: the memory must be cleared
+    cdef bint needs_checkpoints  # the memory cannot be cut at any position (recurrent / sliding window)
+    cdef mtp_cy_checkpoints ckpts
+    cdef int max_checkpoints
+    cdef int checkpoint_every
+    cdef object __weakref__
+
+    def __cinit__(self, *args, **kwargs):
+        self.ctx = NULL
+        self.batch = NULL
+        self.tp = NULL
+        self.st = new mtp_cy_stats()
+        self.ab = new mtp_cy_abort()
+        self.busy = new mtp_cy_flag()
+        self._closed = True
+        self._inited = False
+        self.cache_valid = False
+
+    # -- construction ---------------------------------------------------------------
+    cdef dict _begin_init(self, Model model, dict options, str kind):
+        """Checks and options common to both kinds; returns the defaulted options."""
+        if self._inited:
+            raise MTPError(f"{kind}.__init__ called twice: create a new {kind} instead")
+        model._check()
+        if model._vocab_only:
+            raise ValueError(f"{model.path!r} was loaded with vocab_only=True: it has no weights, only the "
+                             f"tokenizer (tokenize/detokenize/chat templates); load it without vocab_only "
+                             f"to create a {kind}")
+        o = _with_defaults(options, CONTEXT_DEFAULTS, kind)
+        return o
+
+    cdef llama_context * _new_context(self, const llama_model * m, llama_context_params cp, str what,
+                                      exc_type) except NULL:
+        """Create a context (RPC failures and llama.cpp's reason reported) with the thread pool attached."""
+        cdef llama_context * ctx
+        self.model._rpc_guard()
+        _take_errors()
+        cp.abort_callback = _abort_cb
+        cp.abort_callback_data = <void *>self.ab
+        with nogil:
+            ctx = llama_init_from_model(<llama_model *>m, cp)
+        if self.model._rpcw != NULL and self.model._rpcw.any_failed():
+            if ctx != NULL:
+                with nogil:
+                    llama_free(ctx)
+            self.model._rpc_check(f"creating {what}")
+        if ctx == NULL:
+            raise exc_type(f"failed to create {what}: {_take_errors() or 'unknown error'}")
+        if self.tp == NULL:
+            self.tp = mtp_cy_threadpool_new(max(cp.n_threads, cp.n_threads_batch))
+        if self.tp != NULL:
+            llama_attach_threadpool(ctx, self.tp, self.tp)
+        return ctx
+
+    cdef int _finish_init(self, Model model, llama_context * ctx, dict o) except -1:
+        """Take ownership of the target context; the object is usable from here on."""
+        self.ctx = ctx
+        self.batch = new common_batch(ctx)
+        self.model = model
+        model._retain()
+        self._closed = False
+        self._inited = True
+        self.n_ctx = o["n_ctx"]
+        self.n_batch = llama_n_batch(ctx)
+        self.n_threads = <int>(o["n_threads"] or _default_threads())
+        self.cache_prompt = o["cache_prompt"]
+        self.max_checkpoints = o["cache_checkpoints"]
+        self.checkpoint_every = o["checkpoint_every"]
+        cdef const llama_model * m = llama_get_model(ctx)
+        self.needs_checkpoints = (llama_model_is_recurrent(m) or llama_model_is_hybrid(m)
+                                  or llama_model_n_swa(m) > 0)
+        self.cache_valid = False
+        return 0
+
+    cdef void _free_native(self) noexcept:
+        if self.batch != NULL:
+            del self.batch
+            self.batch = NULL
+        if self.ctx != NULL:
+            llama_free(self.ctx)
+            self.ctx = NULL
+        if self.tp != NULL:
+            mtp_cy_threadpool_free(self.tp)
+            self.tp = NULL
+        self.ckpts.clear()
+        self.toks.clear()
+        self.cache_valid = False
+
+    def __dealloc__(self):
+        self._free_native()
+        if self.model is not None and not self._closed:
+            self.model._release()
+        del self.st
+        del self.ab
+        del self.busy
+
+    # -- lifetime ---------------------------------------------------------------------
+    cdef _wait_idle(self):
+        import time
+        self.ab.cancel.store(1)
+        while self._running:
+            time.sleep(0.001)
+
+    cdef void _do_close(self):
+        self._closed = True
+        self._close_pending = False
+        self._free_native()
+        self.model._release()
+
+    def close(self):
+        """Free the contexts (idempotent).  A running stream is cancelled first.
+
+        Safe from any thread, and from a signal handler: called while this
+        object's own native step runs on the same thread (a handler for SIGTERM
+        or SIGALRM runs inside llama.cpp's abort callback), it cancels the step
+        and the close completes as soon as the step has returned."""
+        if self._closed:
+            return
+        if self._running:
+            if self._running_tid == <long>PyThread_get_thread_ident():
+                self.ab.cancel.store(1)
+                self._close_pending = True
+                return
+            self._wait_idle()
+            if self._closed:
+                return
+        self._do_close()
+
+    @property
+    def closed(self):
+        """``True`` once :meth:`close` was called."""
+        return self._closed or self._close_pending
+
+    def __enter__(self):
+        self._check()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    cdef inline void _check(self) except *:
+        if self._closed or self._close_pending:
+            raise ClosedError(f"this {type(self).__name__} is closed")
+
+    def cancel(self):
+        """Stop the running stream; safe from any thread (e.g. a UI or a watchdog).
+
+        The native loop stops at the next ggml graph node (or before its next
+        step); the stream then ends without an error: :meth:`stream` simply
+        stops, :meth:`stream_events` ends with ``("done", stats)`` whose
+        ``stats["stop_reason"]`` is ``"cancelled"``.  Tokens already produced
+        are kept.  A ``cancel()`` made while no stream runs does not affect
+        the next call.
+        """
+        self.ab.cancel.store(1)
+
+    # -- statistics -----------------------------------------------------------------
+    cdef dict _stats(self):
+        cdef int64_t gen = mtp_cy_get(self.st.drafts_generated)
+        cdef int64_t acc = mtp_cy_get(self.st.drafts_accepted)
+        cdef int64_t emitted = mtp_cy_get(self.st.tokens_emitted)
+        cdef int64_t total = mtp_cy_get(self.st.t_total_us)
+        return {
+            "iters": mtp_cy_get(self.st.iters),
+            "drafts_generated": gen,
+            "drafts_accepted": acc,
+            "acceptance_rate": (<double>acc / <double>gen) if gen > 0 else 0.0,
+            "tokens_emitted": emitted,
+            "tokens_per_sec": (<double>emitted * 1e6 / <double>total) if total > 0 else 0.0,
+            "timing_us": {
+                "draft": mtp_cy_get(self.st.t_draft_us),
+                "verify": mtp_cy_get(self.st.t_verify_us),
+                "sample": mtp_cy_get(self.st.t_sample_us),
+                "total": total,
+                "prefill": mtp_cy_get(self.st.t_prefill_us),
+            },
+            "prompt_tokens": mtp_cy_get(self.st.prompt_tokens),
+            "prompt_tokens_cached": mtp_cy_get(self.st.prompt_tokens_cached),
+            "calls": mtp_cy_get(self.st.calls),
+        }
+
+    def stats(self):
+        """A snapshot of the cumulative statistics (lock-free; safe from any thread, any time).
+
+        * ``iters``: target decodes in the generation loop (one per iteration);
+        * ``drafts_generated`` / ``drafts_accepted``: draft tokens proposed by the
+          MTP head / confirmed by the target (0 for a :class:`Session`);
+        * ``acceptance_rate``: ``drafts_accepted / drafts_generated`` (0.0 when nothing was drafted);
+        * ``tokens_emitted``: tokens delivered to the caller (end-of-generation not counted);
+        * ``tokens_per_sec``: ``tokens_emitted`` over the native decode-loop time
+          ``timing_us["total"]`` (prompt processing excluded);
+        * ``timing_us``: microseconds spent in the MTP head (``draft``: drafting and
+          feeding it the verified tokens), in target decodes of the loop
+          (``verify``), in sampling/acceptance (``sample``), in the whole decode
+          loop (``total``) and in prompt processing (``prefill``);
+        * ``prompt_tokens``: prompt tokens of every call; ``prompt_tokens_cached``:
+          how many of them were not processed again because the session's state
+          already held them (the prompt cache);
+        * ``calls``: streams started;
+        * ``cache``: the prompt cache now (``tokens`` held, state ``checkpoints``
+          and their ``checkpoint_bytes``);
+        * ``n_draft``: the configured draft length (``0`` for a Session, ``"auto"``
+          for an adaptive MTP, whose choices are under ``policy``).
+
+        Counters are cumulative over every call on this object (see :meth:`reset_stats`).
+        """
+        d = self._stats()
+        d["cache"] = {"tokens": <int>self.toks.size() if self.cache_valid else 0,
+                      "checkpoints": self.ckpts.size(), "checkpoint_bytes": self.ckpts.bytes()}
+        self._more_stats(d)
+        return d
+
+    cdef void _more_stats(self, dict d) except *:
+        d["n_draft"] = 0
+
+    def reset_stats(self):
+        """Set every cumulative counter back to zero."""
+        mtp_cy_reset(self.st.iters); mtp_cy_reset(self.st.drafts_generated)
+        mtp_cy_reset(self.st.drafts_accepted); mtp_cy_reset(self.st.tokens_emitted)
+        mtp_cy_reset(self.st.prompt_tokens); mtp_cy_reset(self.st.prompt_tokens_cached)
+        mtp_cy_reset(self.st.calls)
+        mtp_cy_reset(self.st.t_draft_us); mtp_cy_reset(self.st.t_verify_us)
+        mtp_cy_reset(self.st.t_sample_us); mtp_cy_reset(self.st.t_total_us)
+        mtp_cy_reset(self.st.t_prefill_us)
+
+    # -- prompt cache -----------------------------------------------------------------
+    def clear_cache(self):
+        """Drop the state kept from earlier calls (the next call processes its whole prompt).
+
+        Raises :class:`SessionBusyError` while a stream is open."""
+        self._check()
+        if self.busy.held():
+            raise SessionBusyError(f"this {type(self).__name__} is busy: close its open stream first")
+        self.cache_valid = False
+        self.ckpts.clear()
+
+    cdef void _clear_memory(self) noexcept nogil:
+        llama_memory_clear(llama_get_memory(self.ctx), True)
+
+    cdef int _reset_state(self) except -1:
+        """Forget everything: empty memories, no checkpoints."""
+        with nogil:
+            self._clear_memory()
+        self._hook_reset()
+        self.toks.clear()
+        self.ckpts.clear()
+        self.cache_valid = True
+        return 0
+
+    cdef int _reuse(self, _Stream s) except -1:
+        """Prepare the memories for ``s.prompt``; return how many of its tokens are already there.
+
+        The prompt minus its last token is what the prefill processes (the last one is
+        processed by the first step, which needs its logits), so at most n-1 tokens are
+        reused.  An attention cache is cut at the first difference; a recurrent or
+        sliding-window memory goes back to the latest checkpoint at or before it."""
+        cdef int n = s.prompt.size()
+        cdef int limit = n - 1
+        cdef int L = 0, c, i, have = self.toks.size()
+        cdef bint ok = True
+        if not self.cache_prompt or not self.cache_valid:
+            self._reset_state()
+            return 0
+        while L < have and L < n and self.toks[L] == s.prompt[L]:
+            L += 1
+        c = min(L, limit)
+        if c == have:
+            return c                    # the prompt extends the state: nothing to undo
+        if c <= 0:
+            self._reset_state()
+            return 0
+        if not self.needs_checkpoints:
+            c = self._hook_cut(c)
+            if c > 0:
+                with nogil:
+                    ok = llama_memory_seq_rm(llama_get_memory(self.ctx), 0, c, -1)
+            if c <= 0 or not ok:
+                self._reset_state()
+                return 0
+        else:
+            i = self.ckpts.find(c)
+            if i < 0:
+                self._reset_state()
+                return 0
+            try:
+                with nogil:
+                    ok = self.ckpts.restore(self.ctx, i)
+            except Exception:
+                ok = False
+            if not ok:
+                self._reset_state()
+                return 0
+            c = self.ckpts.list[i].pos
+            if not self._hook_restore(c, i):
+                self._reset_state()
+                return 0
+        self.ckpts.drop_after(c)
+        self.toks.resize(c)
+        return c
+
+    cdef int _checkpoint(self, int pos) except -1:
+        """Save a state checkpoint at ``pos`` (recurrent / sliding-window memories only)."""
+        cdef const float * h = NULL
+        cdef int n_embd = 0
+        if (pos <= 0 or not self.cache_prompt or not self.needs_checkpoints or self.max_checkpoints <= 0
+                or not self.cache_valid):
+            return 0
+        if self.ckpts.has(pos):
+            return 0
+        h = self._hook_row(pos - 1, &n_embd)
+        try:
+            with nogil:
+                self.ckpts.save(self.ctx, pos, h, n_embd, self.max_checkpoints)
+        except Exception as exc:
+            raise _native_error(exc, "saving a state checkpoint") from None
+        return 0
+
+    # -- hooks (MTP overrides them) --------------------------------------------------
+    cdef void _hook_reset(self) except *:
+        pass
+
+    cdef int _hook_cut(self, int c) except? -1:
+        """The target memory is about to be cut at ``c``: return the position to cut at."""
+        return c
+
+    cdef bint _hook_restore(self, int c, int i) except *:
+        """The target memory was restored from checkpoint ``i`` at ``c``; False: start over."""
+        return True
+
+    cdef const float * _hook_row(self, int pos, int * n_embd) noexcept:
+        n_embd[0] = 0
+        return NULL
+
+    cdef int _hook_prefilled(self, int pos0, int n) except -1:
+        """The target just decoded ``n`` prompt tokens at ``pos0``."""
+        return 0
+
+    # -- native steps -----------------------------------------------------------------
+    cdef int _arm(self, int64_t timeout_us) except -1:
+        """Prepare the abort state before a native step."""
+        self.ab.timed_out = 0
+        self.ab.interrupted = 0
+        self.ab.deadline_us = (ggml_time_us() + timeout_us) if timeout_us > 0 else 0
+        self.ab.check_signals = threading.current_thread() is threading.main_thread()
+        self.ab.next_signal_check_us = 0
+        return 0
+
+    cdef bint _aborted(self):
+        return self.ab.cancel.load() != 0 or self.ab.timed_out != 0 or self.ab.interrupted != 0
+
+    cdef int _raise_interrupt(self) except -1:
+        """Raise a Ctrl-C that the abort callback took during a step that finished anyway.
+
+        The callback runs only where a graph has CPU nodes; on a GPU the graph that would
+        have stopped on the sticky flag may have none left, so a step can complete after the
+        callback consumed the signal.  The KeyboardInterrupt must not be lost then."""
+        if self.ab.interrupted and _interrupt_holder:
+            exc = _interrupt_holder.pop()
+            del _interrupt_holder[:]
+            raise exc
+        return 0
+
+    cdef int _check_rc(self, int rc, str what) except -1:
+        """After native work: report a failed RPC server, then map llama_process's code.
+
+        Returns R_NONE (success) or R_CANCEL (cancelled, or the session is closing);
+        raises GenerationTimeout, KeyboardInterrupt, RPCError or DecodeError."""
+        cdef rpc.watch * w = self.model._rpcw
+        if rc != 0 or (w != NULL and w.any_failed()):
+            self.cache_valid = False
+        if w != NULL and w.any_failed():
+            self.model._rpc_check(what, True)
+        if rc == 0:
+            return R_NONE
+        if rc == 2 or self._aborted():
+            self._raise_interrupt()
+            if self.ab.timed_out:
+                raise GenerationTimeout(f"no token within the timeout while {what}")
+            return R_CANCEL
+        raise DecodeError(f"llama.cpp failed while {what} (code {rc}): {_take_errors() or 'no detail'}")
+
+    cdef int _native(self, _Stream s) except -1:
+        """Run one native step of ``s`` (the prompt and the first step, or one more step)."""
+        cdef int r = R_NONE
+        cdef rpc.watch * w = self.model._rpcw
+        if self.ab.cancel.load():      # cancel() arrived between two native steps
+            return R_CANCEL
+        self._running = 1
+        self._running_tid = <long>PyThread_get_thread_ident()
+        try:
+            if w != NULL:
+                self.model._rpc_guard()
+                # the stream's timeout also bounds every wait for an RPC server
+                w.arm(s.timeout_us)
+            try:
+                if not s.started:
+                    s.started = True
+                    mtp_cy_add(self.st.calls, 1)
+                    mtp_cy_add(self.st.prompt_tokens, s.prompt.size())
+                    self._arm(s.prompt_timeout_us)
+                    r = self._prompt(s)
+                    if r == R_NONE and not self.ab.cancel.load():
+                        self._arm(s.timeout_us)
+                        r = self._step(s)
+                else:
+                    self._arm(s.timeout_us)
+                    r = self._step(s)
+            finally:
+                if w != NULL:
+                    w.disarm()
+        except BaseException:
+            self.cache_valid = False
+            raise
+        finally:
+            self._running = 0
+            if self._close_pending:
+                self._do_close()
+        self._raise_interrupt()
+        return r
+
+    cdef int _prompt(self, _Stream s) except -1:
+        """Reuse what the memory already holds, then process the rest of the prompt but its last token."""
+        cdef int n = s.prompt.size()
+        cdef int keep, i, m, j, rc = 0, r
+        cdef int64_t t0 = ggml_time_us()
+        cdef int last_ckpt
+        keep = self._reuse(s)
+        mtp_cy_add(self.st.prompt_tokens_cached, keep)
+        i = keep
+        last_ckpt = i
+        try:
+            while i < n - 1:
+                m = min(self.n_batch, n - 1 - i)
+                # a long prompt: leave a checkpoint every checkpoint_every tokens
+                if self.needs_checkpoints and self.cache_prompt:
+                    m = min(m, max(1, last_ckpt + self.checkpoint_every - i))
+                try:
+                    with nogil:
+                        self.batch.clear()
+                        for j in range(m):
+                            self.batch.add(s.prompt[i + j], i + j, 0, False)
+                        rc = llama_process(self.ctx, LLAMA_PROCESS_TYPE_DECODE, self.batch.get())
+                except Exception as exc:
+                    self.cache_valid = False
+                    raise _native_error(exc, "processing the prompt") from None
+                r = self._check_rc(rc, "processing the prompt")
+                if r != R_NONE:
+                    self.cache_valid = False
+                    return r
+                for j in range(m):
+                    self.toks.push_back(s.prompt[i + j])
+                self._hook_prefilled(i, m)
+                i += m
+                if i - last_ckpt >= self.checkpoint_every and i < n - 1:
+                    self._checkpoint(i)
+                    last_ckpt = i
+            # the end of the prompt (minus its last token): where the next call most often resumes
+            self._checkpoint(n - 1)
+        finally:
+            mtp_cy_add(self.st.t_prefill_us, ggml_time_us() - t0)
+        s.last = s.prompt[n - 1]
+        return R_NONE
+
+    cdef int _step(self, _Stream s) except -1:
+        raise NotImplementedError
+
+    cdef void _finish(self, _Stream s) noexcept:
+        """The stream ``s`` let go of the session (it ended, or was closed or collected)."""
+        if self.tp != NULL:
+            mtp_cy_threadpool_pause(self.tp)
+
+    # -- streams ----------------------------------------------------------------------
+    cdef _Stream _open(self, prompt, dict kw, bint events, str where, bint stats_events):
+        self._check()
+        o = _with_defaults(kw, STREAM_DEFAULTS, where)
+        emit = _as_int("emit_stats_every", o["emit_stats_every"], 0, _INT32_MAX)
+        max_tokens = o["max_tokens"]
+        max_tokens = self.n_ctx if max_tokens is None else _as_int("max_tokens", max_tokens, 1, _INT32_MAX)
+        cdef int64_t timeout_us = _timeout_us(o["timeout"], "timeout")
+        cdef int64_t prompt_timeout_us = _timeout_us(o["prompt_timeout"], "prompt_timeout")
+        stops = _stop_strings(o["stop"])
+        cdef _Stream s = _Stream.__new__(_Stream)
+        s.prompt = self.model._prompt_tokens(prompt)
+        if <int>s.prompt.size() >= self.n_ctx:
+            raise ValueError(f"prompt is {s.prompt.size()} tokens but n_ctx is {self.n_ctx}; "
+                             f"it must be shorter than n_ctx (raise n_ctx or shorten the prompt)")
+        _fill_sampling(&s.sp, self.model._vocab, o, self.n_ctx)
+        s.smpl = _make_sampler(self.model._model, &s.sp)
+        if not self.busy.try_acquire():
+            common_sampler_free(s.smpl)
+            s.smpl = NULL
+            raise SessionBusyError(f"this {type(self).__name__} is busy: another stream on it is still open "
+                                   "(exhaust or close() it first, or use a second session)")
+        s.engine = self
+        s.model = self.model
+        self.model._retain()      # a stream keeps the weights alive (its sampler refers to the vocabulary)
+        s.owns_busy = True
+        self.ab.cancel.store(0)     # a cancel() before this call does not affect it
+        s.events = events
+        s.max_tokens = max_tokens
+        s.timeout_us = timeout_us
+        s.prompt_timeout_us = prompt_timeout_us
+        s.emit_stats_every = emit if (events and stats_events) else 0
+        s.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        s.vocab = self.model._vocab
+        s.queue = []
+        s.stops = stops
+        if stops is not None:
+            s.max_stop = max(len(x) for x in stops)
+        return s
+
+    def stream(self, prompt, **options):
+        """Generate text from ``prompt`` (a ``str`` or a sequence of token ids).
+
+        Returns an iterator of ``str`` pieces, one per generated token (a
+        multi-byte character split across tokens is yielded whole); the
+        iterator also tells, once it ends, why (``finish_reason``) and which
+        ``stop_string`` ended it.  Options:
+
+        * ``max_tokens=256``: an exact bound on the generated tokens (``None``:
+          until the context is full or the model ends the text);
+        * ``timeout=60.0``: seconds to wait for the next token(s) before
+          :class:`GenerationTimeout` (``None`` or ``inf``: no limit);
+          ``prompt_timeout=None``: the same for processing the prompt (off by
+          default: a long prompt on a CPU can take minutes);
+        * the sampler options ``temp=0.8`` (``0`` is greedy), ``top_k=40``,
+          ``top_p=0.95``, ``min_p=0.05``, ``seed=None`` (random),
+          ``penalty_last_n=64`` (``-1``: the whole context), ``penalty_repeat=1.0``,
+          ``penalty_freq=0.0``, ``penalty_present=0.0``, ``grammar=None`` (GBNF)
+          and ``grammar_root="root"``;
+        * ``emit_stats_every``: accepted for parity with the seed API; statistics
+          events only appear in :meth:`stream_events`.
+
+        Unknown options raise ``TypeError``.
+
+        ``stop=None``: a string or a list of strings.  Generation ends as soon as
+        the generated text contains one of them; the text before it is returned,
+        the stop string itself and anything after it (even within the same token)
+        are not.  While the end of the text could still be the beginning of a stop
+        string it is held back, and released as soon as it cannot be one -- so with
+        ``stop`` the pieces are the released chunks of text rather than one per
+        token.  ``stream.finish_reason`` is then ``"stop"`` and
+        ``stream.stop_string`` the string found.  An empty stop string raises
+        ``ValueError``.  ``stats()["tokens_emitted"]`` counts delivered tokens: a
+        token counts once all of its text was released; at a stop string, a token
+        whose text begins before it counts once (its piece cut there), tokens
+        inside or after it do not, nor do tokens generated after it (e.g. the rest
+        of an MTP verification batch).  If the stream ends for another reason
+        (``max_tokens``, end of generation, full context, ``cancel()``), the
+        held-back text is released first; if it ends with an error, the held-back
+        text is yielded before the exception is raised.
+
+        The session keeps its state after the call: the next call reuses the
+        longest prefix it shares with this prompt and its generated text (see
+        ``cache_prompt``).
+        """
+        return self._open(prompt, options, False, "stream", False)
+
+    def stream_events(self, prompt, **options):
+        """Like :meth:`stream` but yields event tuples:
+
+        * ``("token", token_id, piece)`` per generated token;
+        * ``("stats", snapshot)`` every ``emit_stats_every`` tokens when > 0
+          (keyword-only option, default 0);
+        * then exactly one terminal event: ``("done", final_stats)`` when
+          ``max_tokens`` was reached (or the context is full, or the stream was
+          cancelled: ``final_stats["stop_reason"]`` says which), ``("eog", None)``
+          when the model ended the text, or ``("stop", string)`` when the
+          generated text contained one of the ``stop`` strings.
+
+        With ``stop``, a token event is yielded once its whole text is known not to
+        start a stop string; the token in which a stop string begins is yielded
+        with its piece cut there, and the tokens inside or after the stop string
+        are not yielded (nor counted in ``tokens_emitted``).
+
+        An error raises from the iterator after the tokens already produced.
+        """
+        return self._open(prompt, options, True, "stream_events", True)
+
+    def generate(self, prompt, **options):
+        """Return the whole generated text (the joined :meth:`stream`)."""
+        return "".join(self._open(prompt, options, False, "generate", False))
+
+    # -- chat and asyncio ---------------------------------------------------------------
+    cdef str _chat_prompt(self, messages, template, chat_template_kwargs):
+        self._check()
+        if chat_template_kwargs is None:
+            kw = {}
+        elif isinstance(chat_template_kwargs, _Mapping):
+            kw = dict(chat_template_kwargs)
+        else:
+            raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
+        return self.model._apply_chat(messages, True, template, kw)
+
+    def chat(self, messages, *, template=None, chat_template_kwargs=None, **options):
+        """Generate the assistant's reply to a conversation; an iterator of ``str`` pieces.
+
+        ``messages`` is a list of ``{"role": ..., "content": ...}`` dicts; they are
+        rendered with :meth:`Model.apply_chat_template` (the GGUF's Jinja chat
+        template, or ``template=``; ``chat_template_kwargs`` is a dict of extra
+        template variables such as ``{"enable_thinking": False}`` or
+        ``{"tools": [...]}``) with the generation prompt appended, and the text
+        is tokenized with special tokens parsed (``<|im_start|>`` becomes one
+        token).  Generation then works exactly as :meth:`stream` with the same
+        ``**options`` (``max_tokens``, ``stop``, sampler options, ...); it ends at
+        the model's end-of-turn token.  A malformed conversation raises
+        ``ValueError`` naming the message index.
+        """
+        return self.stream(self._chat_prompt(messages, template, chat_template_kwargs), **options)
+
+    def chat_events(self, messages, *, template=None, chat_template_kwargs=None, **options):
+        """Like :meth:`chat` but yields the event tuples of :meth:`stream_events`."""
+        return self.stream_events(self._chat_prompt(messages, template, chat_template_kwargs), **options)
+
+    def astream(self, prompt, **options):
+        """Async version of :meth:`stream`: ``async for piece in session.astream(prompt, ...)``.
+
+        Returns an async iterator (:class:`mtp_cy._aio.AsyncStream`).  Every
+        native step runs in a worker thread (GIL released), so the event loop
+        keeps running; each ``__anext__`` runs at most one native step, so
+        generation advances only as fast as the consumer reads.  The stream is
+        opened by the first ``__anext__`` (errors in the arguments and
+        :class:`SessionBusyError` are raised there).
+
+        Cancelling the task that awaits the next piece stops the native loop: when
+        the cancellation has completed, the loop has stopped and the session is
+        free again (same guarantee as :meth:`cancel` + closing a sync stream).
+        ``break`` releases the session as soon as the iterator is garbage;
+        ``await it.aclose()`` or ``async with session.astream(...) as it:`` do it
+        deterministically.  Same options as :meth:`stream`.
+        """
+        from mtp_cy._aio import AsyncStream
+        self._check()
+        return AsyncStream(lambda: self.stream(prompt, **options))
+
+    def astream_events(self, prompt, **options):
+        """Async version of :meth:`stream_events` (see :meth:`astream`)."""
+        from mtp_cy._aio import AsyncStream
+        self._check()
+        return AsyncStream(lambda: self.stream_events(prompt, **options))
+
+    def agenerate(self, prompt, **options):
+        """Async version of :meth:`generate`: ``text = await session.agenerate(prompt, ...)``.
+
+        A coroutine; cancelling it stops the native loop as described in :meth:`astream`.
+        """
+        from mtp_cy._aio import collect
+        return collect(self.astream(prompt, **options))
+
+    def achat(self, messages, *, template=None, chat_template_kwargs=None, **options):
+        """Async version of :meth:`chat`: ``async for piece in session.achat(messages, ...)``.
+
+        The chat template is rendered in the worker thread too (see :meth:`astream`).
+        """
+        from mtp_cy._aio import AsyncStream
+        self._check()
+        return AsyncStream(lambda: self.chat(messages, template=template,
+                                             chat_template_kwargs=chat_template_kwargs, **options))
+
+    def achat_events(self, messages, *, template=None, chat_template_kwargs=None, **options):
+        """Async version of :meth:`chat_events` (see :meth:`astream`)."""
+        from mtp_cy._aio import AsyncStream
+        self._check()
+        return AsyncStream(lambda: self.chat_events(messages, template=template,
+                                                    chat_template_kwargs=chat_template_kwargs, **options))
+
+
+STREAM_DEFAULTS = dict(SAMPLER_DEFAULTS, max_tokens=256, timeout=60.0, prompt_timeout=None, stop=None,
+                       emit_stats_every=0)
+STREAM_OPTIONS = tuple(STREAM_DEFAULTS)

@@ -1,0 +1,243 @@
+// The MTP head driver of mtp_cy: drafts tokens with the model's NextN block
+// (Qwen3.5/3.6 dense and MoE: one trained MTP head).
+//
+// It does what upstream's `common_speculative_impl_draft_mtp` does in its
+// single-head mode (common/speculative.cpp at the pinned commit): the MTP
+// context keeps its own KV cache, where the entry at position p is made from
+// the token at p and the target's hidden state h(p-1) at the position before
+// (the first position pairs with a zero row); a draft starts from the last
+// sampled token and h(n_past-1), and each next draft token is fed the MTP
+// block's own output row.  The draft sampler is upstream's (top-k 10, the
+// candidate with the highest probability wins) and `p_min` cuts the draft at
+// the first token whose probability is below it.
+//
+// What differs is who owns the state.  Upstream keeps the carried hidden row
+// inside common_speculative, so a caller cannot move the sequence back to an
+// arbitrary position; here the driver stores the target's hidden rows by
+// position, so the engine can
+//   * roll back to any earlier position (prompt reuse across calls), and
+//   * catch the MTP context up lazily: a step that does not draft only keeps
+//     the target's row, and the MTP context is fed the missing positions in
+//     one batch the next time a draft is needed (a plain step then costs what
+//     a step of plain decoding costs).
+// The MTP block is a single attention layer, so an entry depends only on its
+// token and its paired row: the entries are the same whether they are fed one
+// verification batch at a time (upstream) or in a later batch.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+#include "llama.h"
+#include "llama-ext.h"
+#include "sampling.h"
+
+struct mtp_cy_drafter {
+    llama_context * ctx_tgt = nullptr;
+    llama_context * ctx_dft = nullptr;
+    int32_t n_embd = 0;
+    int32_t n_batch = 0;                 // batch limit of the MTP context
+    common_batch batch;
+    common_sampler * smpl = nullptr;
+
+    // the MTP context holds positions [0, m)
+    llama_pos m = 0;
+    // target hidden rows h(p) for p in [r0, r0 + n_rows())
+    llama_pos r0 = 0;
+    std::vector<float> rows;
+    std::vector<float> zeros;            // h(-1)
+    std::vector<float> cur;              // input row of the next draft step
+
+    // the last draft: probability of each drafted token (as upstream computes it)
+    std::vector<float> probs;
+    // cost of the last catch_up() / draft() call
+    int64_t t_catch_up_us = 0;
+    int32_t n_catch_up = 0;
+    int64_t t_draft_us = 0;
+    int32_t n_draft_steps = 0;
+
+    ~mtp_cy_drafter() { release(); }
+
+    // let go of the contexts (before the draft context is freed)
+    void release() {
+        if (smpl) {
+            common_sampler_free(smpl);
+            smpl = nullptr;
+        }
+        batch = common_batch();
+        ctx_tgt = nullptr;
+        ctx_dft = nullptr;
+        rows.clear();
+        m = 0;
+        r0 = 0;
+    }
+
+    void init(llama_context * tgt, llama_context * dft) {
+        ctx_tgt = tgt;
+        ctx_dft = dft;
+        n_embd  = llama_model_n_embd_out(llama_get_model(dft));
+        n_batch = (int32_t) llama_n_batch(dft);
+        batch   = common_batch(dft);
+        common_params_sampling sp;
+        sp.no_perf  = true;
+        sp.top_k    = 10;
+        sp.samplers = { COMMON_SAMPLER_TYPE_TOP_K };
+        smpl = common_sampler_init(llama_get_model(dft), sp);
+        if (!smpl) {
+            throw std::runtime_error("failed to create the MTP draft sampler");
+        }
+        llama_set_embeddings_nextn(tgt, true, /*masked*/ false);
+        llama_set_embeddings_nextn(dft, true, /*masked*/ true);
+        zeros.assign(n_embd, 0.0f);
+        cur.assign(n_embd, 0.0f);
+        reset();
+    }
+
+    // forget everything (the MTP context's memory is cleared by the caller)
+    void reset() {
+        m  = 0;
+        r0 = 0;
+        rows.clear();
+    }
+
+    llama_pos n_rows() const { return n_embd > 0 ? (llama_pos) (rows.size() / n_embd) : 0; }
+    llama_pos rows_end() const { return r0 + n_rows(); }
+
+    const float * row(llama_pos p) const {
+        if (p < 0) {
+            return zeros.data();
+        }
+        if (p < r0 || p >= rows_end()) {
+            return nullptr;
+        }
+        return rows.data() + (size_t) (p - r0) * n_embd;
+    }
+
+    // Store the target's hidden rows of its last decode (all n rows of the
+    // batch, `h` from llama_get_embeddings_nextn) for positions [pos0, pos0+n).
+    void add_rows(llama_pos pos0, int32_t n, const float * h) {
+        if (rows.empty() || pos0 < r0 || pos0 > rows_end()) {
+            rows.clear();
+            r0 = pos0;
+        } else {
+            rows.resize((size_t) (pos0 - r0) * n_embd);
+        }
+        rows.insert(rows.end(), h, h + (size_t) n * n_embd);
+    }
+
+    // Use `h` as h(p) (a row saved with a state checkpoint).
+    void set_row(llama_pos p, const float * h) {
+        rows.assign(h, h + n_embd);
+        r0 = p;
+    }
+
+    // The sequence goes back to n_past = c: drop what lies at or after c.
+    void truncate(llama_pos c) {
+        if (m > c) {
+            llama_memory_seq_rm(llama_get_memory(ctx_dft), 0, c, -1);
+            m = c;
+        }
+        if (c <= r0) {
+            rows.clear();
+            r0 = c;
+        } else if (c < rows_end()) {
+            rows.resize((size_t) (c - r0) * n_embd);
+        }
+    }
+
+    // Can the MTP context be brought up to `upto` (the rows it needs are known)?
+    bool can_reach(llama_pos upto) const {
+        if (m >= upto) {
+            return true;
+        }
+        return (m == 0 || (m - 1 >= r0)) && rows_end() >= upto - 1;
+    }
+
+    // Feed the MTP context the positions [m, upto): token toks[p] paired with
+    // h(p-1).  Returns llama_process's code (0 = ok).
+    int catch_up(const llama_token * toks, llama_pos upto) {
+        const int64_t t0 = ggml_time_us();
+        int rc = 0;
+        int32_t done = 0;
+        while (m < upto) {
+            const int32_t n = std::min<int32_t>(n_batch, upto - m);
+            batch.clear();
+            for (int32_t j = 0; j < n; ++j) {
+                const llama_pos p = m + j;
+                const float * h = row(p - 1);
+                if (!h) {
+                    throw std::logic_error("mtp_cy: MTP catch-up without the target row it needs");
+                }
+                const int32_t idx = batch.add(toks[p], p, 0, false);
+                batch.set_embd(idx, { h, 1, (size_t) n_embd });
+            }
+            rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, batch.get());
+            if (rc != 0) {
+                // an interrupted decode may have left some of the chunk behind
+                llama_memory_seq_rm(llama_get_memory(ctx_dft), 0, m, -1);
+                break;
+            }
+            m += n;
+            done += n;
+        }
+        // keep h(m-1): the next entry pairs with it
+        if (rc == 0 && m - 1 > r0 && m - 1 < rows_end()) {
+            rows.erase(rows.begin(), rows.begin() + (size_t) (m - 1 - r0) * n_embd);
+            r0 = m - 1;
+        }
+        t_catch_up_us = ggml_time_us() - t0;
+        n_catch_up = done;
+        return rc;
+    }
+
+    // Draft up to n_max tokens after `last` (at position pos0 == m, paired
+    // with h(pos0-1)).  Drafting stops at the first token whose probability is
+    // below p_min (that token is not drafted).  The draft's own entries are
+    // removed from the MTP context afterwards (the verified tokens are fed
+    // again with the target's rows).  Returns llama_process's code.
+    int draft(llama_token last, llama_pos pos0, int32_t n_max, float p_min, std::vector<llama_token> & out) {
+        const int64_t t0 = ggml_time_us();
+        out.clear();
+        probs.clear();
+        n_draft_steps = 0;
+        int rc = 0;
+        const float * h = row(pos0 - 1);
+        if (!h || m != pos0) {
+            throw std::logic_error("mtp_cy: draft without the MTP context caught up");
+        }
+        common_sampler_reset(smpl);
+        batch.clear();
+        int32_t idx = batch.add(last, pos0, 0, true);
+        batch.set_embd(idx, { h, 1, (size_t) n_embd });
+        for (int32_t i = 0; n_max > 0; ++i) {
+            rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, batch.get());
+            if (rc != 0) {
+                break;
+            }
+            ++n_draft_steps;
+            common_sampler_sample(smpl, ctx_dft, 0, true);
+            const float * h_out = llama_get_embeddings_nextn_ith(ctx_dft, 0);
+            const llama_token_data_array * cand = common_sampler_get_candidates(smpl, true);
+            const llama_token id = cand->data[0].id;
+            const float p = cand->data[0].p;
+            if (p < p_min) {
+                break;
+            }
+            common_sampler_accept(smpl, id, true);
+            out.push_back(id);
+            probs.push_back(p);
+            if ((int32_t) out.size() >= n_max) {
+                break;
+            }
+            std::memcpy(cur.data(), h_out, (size_t) n_embd * sizeof(float));
+            batch.clear();
+            idx = batch.add(id, pos0 + i + 1, 0, true);
+            batch.set_embd(idx, { cur.data(), 1, (size_t) n_embd });
+        }
+        llama_memory_seq_rm(llama_get_memory(ctx_dft), 0, pos0, -1);
+        t_draft_us = ggml_time_us() - t0;
+        return rc;
+    }
+};

@@ -1,0 +1,302 @@
+// The draft-length policy of `MTP(n_draft="auto")`.
+//
+// Every iteration of the MTP loop the policy picks k, the number of tokens to
+// draft (0 = a plain decoding step), to maximise the expected number of
+// tokens per second.  It learns, from what the loop measures in this session:
+//
+//   V(n)   microseconds of a target decode of n tokens (n = k + 1),
+//   D      microseconds per draft token (one MTP-head decode + its sampling),
+//   C(m)   microseconds to catch the MTP context up on m tokens (cf + cp * m),
+//   S      microseconds of sampling / acceptance per iteration,
+//   a_j    the probability that draft position j is accepted given that
+//          positions 1..j-1 were (acceptance by position),
+//
+// and scores each k with
+//
+//   E(k) = 1 + sum_{i=1..k} prod_{j=1..i} a_j          (tokens per iteration)
+//   T(k) = V(k+1) + S + [k > 0] * (k * D + cf + cp * E(k))   (cost per iteration)
+//   R(k) = E(k) / T(k)
+//
+// (a plain step's row is kept and fed to the MTP head later in one batch, so
+// its catch-up cost is paid when drafting resumes; it is charged to the
+// drafting iterations, where it belongs).  Each cost is the median of its
+// last samples (robust to the odd slow step when another process takes the
+// CPU for a moment, yet following a lasting change within a few iterations)
+// and the acceptances are exponentially decayed counts, so the policy follows
+// changes (another process loading the CPU, a text that becomes predictable).  It explores: lengths it has never measured get an
+// optimistic cost, it regularly tries the neighbours of the best length, and
+// when plain decoding wins it still probes a one-token draft after a gap that
+// doubles while drafting keeps losing (up to `max_gap` iterations), so it
+// never locks itself into "off".
+//
+// The policy only chooses the *length*: every choice keeps the output exactly
+// that of plain decoding (the target verifies every draft).  It is plain C++
+// with no llama.cpp dependency, so its unit tests feed it synthetic traces.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+// The median of the last N samples of a cost.
+struct mtp_cy_median {
+    static const int N = 9;
+    double buf[N];
+    int    n = 0;       // samples seen (saturates at N in the buffer)
+    int    next = 0;
+
+    void clear() { n = 0; next = 0; }
+    void add(double x) {
+        buf[next] = x;
+        next = (next + 1) % N;
+        if (n < N) {
+            ++n;
+        }
+    }
+    double get() const {
+        if (n == 0) {
+            return 0.0;
+        }
+        double tmp[N];
+        std::copy(buf, buf + n, tmp);
+        std::nth_element(tmp, tmp + n / 2, tmp + n);
+        double m = tmp[n / 2];
+        if (n % 2 == 0) {
+            // even count: mean of the two middle values
+            const double lo = *std::max_element(tmp, tmp + n / 2);
+            m = 0.5 * (m + lo);
+        }
+        return m;
+    }
+};
+
+struct mtp_cy_policy {
+    static const int KMAX = 16;
+
+    // configuration
+    int    k_max   = 4;       // the longest draft it may choose
+    int    min_gap = 8;       // iterations between probes of drafting when plain decoding wins
+    int    max_gap = 256;     // ... the gap doubles up to this
+    int    explore_every = 16;  // iterations between tries of a neighbour of the best length
+    double w_cost  = 0.1;     // forgetting factor of the catch-up cost fit
+    double decay   = 0.97;    // acceptance counts decay per observation of a position
+    double prior_w = 2.0;     // weight of the acceptance prior (pseudo-observations)
+    double prior_a1 = 0.6;    // prior acceptance of the first draft position
+
+    // learned state
+    mtp_cy_median v_med[KMAX + 2];
+    double v_us[KMAX + 2];  int64_t v_n[KMAX + 2];   // target decode of n tokens
+    mtp_cy_median d_med, s_med;
+    double d_us;            int64_t d_n;             // per draft token
+    double s_us;            int64_t s_n;             // sampling per iteration
+    // catch-up cost: weighted least squares of t = cf + cp * m with forgetting
+    double c_w, c_m, c_mm, c_t, c_mt;                int64_t c_n;
+    double hits[KMAX + 1], tries[KMAX + 1];          // decayed acceptance counts by position
+
+    // decisions
+    int64_t iter;
+    int64_t chosen[KMAX + 1];
+    int     last_k;
+    int     best;             // the length with the best score at the last decision
+    int64_t next_probe;       // iteration of the next probe while plain decoding wins
+    int     gap;
+    int64_t next_explore;
+    int64_t last_seen[KMAX + 1];   // iteration at which each length was last chosen
+
+    mtp_cy_policy() { reset(); }
+
+    void configure(int kmax) {
+        k_max = std::max(1, std::min(kmax, (int) KMAX));
+        reset();
+    }
+
+    void reset() {
+        std::fill(v_us, v_us + KMAX + 2, 0.0);
+        std::fill(v_n, v_n + KMAX + 2, (int64_t) 0);
+        for (auto & m : v_med) {
+            m.clear();
+        }
+        d_med.clear();
+        s_med.clear();
+        d_us = 0.0; d_n = 0;
+        s_us = 0.0; s_n = 0;
+        c_w = c_m = c_mm = c_t = c_mt = 0.0; c_n = 0;
+        std::fill(hits, hits + KMAX + 1, 0.0);
+        std::fill(tries, tries + KMAX + 1, 0.0);
+        iter = 0;
+        std::fill(chosen, chosen + KMAX + 1, (int64_t) 0);
+        last_k = -1;
+        best = -1;
+        next_probe = 0;
+        gap = min_gap;
+        next_explore = explore_every;
+        std::fill(last_seen, last_seen + KMAX + 1, (int64_t) -1);
+    }
+
+    // -- estimates ---------------------------------------------------------------
+    static void sample(mtp_cy_median & med, double & est, int64_t & n, double x) {
+        med.add(x);
+        est = med.get();
+        ++n;
+    }
+
+    // acceptance of position j (1-based) given that 1..j-1 were accepted
+    double accept(int j) const {
+        const double prior = j <= 1 ? prior_a1 : accept(j - 1);
+        return (hits[j] + prior_w * prior) / (tries[j] + prior_w);
+    }
+
+    double expected_tokens(int k) const {
+        double e = 1.0, run = 1.0;
+        for (int j = 1; j <= k; ++j) {
+            run *= accept(j);
+            e += run;
+        }
+        return e;
+    }
+
+    // cost of a target decode of n tokens
+    double verify_cost(int n) const {
+        if (v_n[n] > 0) {
+            return v_us[n];
+        }
+        // a straight line through the two nearest measured sizes (or flat: optimistic)
+        int lo = -1, hi = -1;
+        for (int i = n - 1; i >= 1; --i) { if (v_n[i] > 0) { lo = i; break; } }
+        for (int i = n + 1; i <= KMAX + 1; ++i) { if (v_n[i] > 0) { hi = i; break; } }
+        if (lo > 0 && hi > 0) {
+            return v_us[lo] + (v_us[hi] - v_us[lo]) * (double) (n - lo) / (double) (hi - lo);
+        }
+        if (lo > 0) {
+            int lo2 = -1;
+            for (int i = lo - 1; i >= 1; --i) { if (v_n[i] > 0) { lo2 = i; break; } }
+            if (lo2 > 0) {
+                const double slope = std::max(0.0, (v_us[lo] - v_us[lo2]) / (double) (lo - lo2));
+                return v_us[lo] + slope * (double) (n - lo);
+            }
+            return v_us[lo];
+        }
+        return hi > 0 ? v_us[hi] : 0.0;
+    }
+
+    void catch_up_fit(double & cf, double & cp) const {
+        cf = 0.0; cp = 0.0;
+        if (c_n == 0 || c_w <= 0.0) {
+            return;
+        }
+        const double mm = c_m / c_w, mt = c_t / c_w;
+        const double var = c_mm / c_w - mm * mm;
+        if (var > 1e-9 * std::max(1.0, mm * mm)) {
+            cp = std::max(0.0, (c_mt / c_w - mm * mt) / var);
+            cf = std::max(0.0, mt - cp * mm);
+        } else {
+            cp = mm > 0 ? mt / mm : 0.0;
+        }
+    }
+
+    double cost(int k) const {
+        double t = verify_cost(k + 1) + s_us;
+        if (k > 0) {
+            double cf, cp;
+            catch_up_fit(cf, cp);
+            t += (double) k * d_us + cf + cp * expected_tokens(k);
+        }
+        return t;
+    }
+
+    double score(int k) const {
+        const double t = cost(k);
+        return t > 0.0 ? expected_tokens(k) / t : 0.0;
+    }
+
+    // -- decisions ---------------------------------------------------------------
+    int choose() {
+        int k;
+        if (iter < k_max + 2) {
+            // measure every length once: 0, 0 (the first step after the prompt is cold), 1 .. k_max
+            k = iter < 2 ? 0 : (int) iter - 1;
+        } else {
+            int b = 0;
+            double bs = score(0);
+            for (int i = 1; i <= k_max; ++i) {
+                const double s = score(i);
+                if (s > bs * (1.0 + 1e-9)) {
+                    bs = s;
+                    b = i;
+                }
+            }
+            if (b == 0 && best != 0) {
+                gap = min_gap;                       // drafting just started losing
+                next_probe = iter + gap;
+            }
+            best = b;
+            k = b;
+            if (b == 0) {
+                if (iter >= next_probe) {
+                    // probe the most promising draft length
+                    int pk = 1;
+                    double ps = score(1);
+                    for (int i = 2; i <= k_max; ++i) {
+                        if (score(i) > ps) { ps = score(i); pk = i; }
+                    }
+                    k = pk;
+                    gap = std::min(max_gap, gap * 2);
+                    next_probe = iter + gap;
+                }
+            } else if (iter >= next_explore) {
+                // measure again the length whose estimate is the oldest (costs and
+                // acceptances drift; a length never tried again would keep a stale score)
+                int ok = -1;
+                int64_t age = -1;
+                for (int i = 0; i <= k_max; ++i) {
+                    if (i != b && iter - last_seen[i] > age) {
+                        age = iter - last_seen[i];
+                        ok = i;
+                    }
+                }
+                if (ok >= 0) {
+                    k = ok;
+                }
+                next_explore = iter + explore_every;
+            }
+        }
+        last_k = k;
+        last_seen[k] = iter;
+        chosen[k]++;
+        ++iter;
+        return k;
+    }
+
+    // What one iteration measured: k drafted (after p_min, possibly fewer than
+    // chosen), n_acc of them accepted, the target decoded k+1 tokens in t_verify_us;
+    // the draft took t_draft_us for n_draft_steps head decodes; the catch-up fed
+    // n_catch_up tokens in t_catch_up_us; sampling took t_sample_us.
+    void observe(int k, int n_acc, double t_verify_us, double t_draft_us, int n_draft_steps,
+                 double t_catch_up_us, int n_catch_up, double t_sample_us) {
+        k = std::max(0, std::min(k, (int) KMAX));
+        sample(v_med[k + 1], v_us[k + 1], v_n[k + 1], t_verify_us);
+        sample(s_med, s_us, s_n, t_sample_us);
+        if (n_draft_steps > 0) {
+            sample(d_med, d_us, d_n, t_draft_us / (double) n_draft_steps);
+        }
+        if (n_catch_up > 0) {
+            if (c_n >= 4) {
+                // a stall (another process took the CPU) must not distort the fit
+                double cf, cp;
+                catch_up_fit(cf, cp);
+                t_catch_up_us = std::min(t_catch_up_us, 3.0 * (cf + cp * n_catch_up) + 50.0);
+            }
+            const double f = 1.0 - w_cost;
+            c_w = c_w * f + 1.0;
+            c_m = c_m * f + n_catch_up;
+            c_mm = c_mm * f + (double) n_catch_up * n_catch_up;
+            c_t = c_t * f + t_catch_up_us;
+            c_mt = c_mt * f + (double) n_catch_up * t_catch_up_us;
+            ++c_n;
+        }
+        for (int j = 1; j <= k && j <= n_acc + 1; ++j) {
+            hits[j] = hits[j] * decay + (j <= n_acc ? 1.0 : 0.0);
+            tries[j] = tries[j] * decay + 1.0;
+        }
+    }
+};
