@@ -2,18 +2,67 @@
 // llama-server uses, jinja enabled).  Thin wrappers so that the Cython side
 // only sees plain types; every function may throw (declared `except +`).
 #pragma once
+#include <exception>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
+#if !defined(_WIN32)
+#include <pthread.h>
+#endif
 
 #include "chat.h"
 #include "json.h"
 
+// Run `fn` on a thread with a large stack (256 MiB of address space, only
+// what is touched is committed) and wait for it; its exception is rethrown
+// here.  llama.cpp's Jinja parser and runtime recurse once per nested
+// construct: mtp_cy/_template_guard.py bounds the depth, and the big stack
+// keeps legitimately deep templates working.  Falls back to the calling
+// thread when such a thread cannot be created.
+static inline void mtp_cy_run_on_big_stack(const std::function<void()> & fn) {
+#if !defined(_WIN32)
+    struct job_t {
+        const std::function<void()> * fn;
+        std::exception_ptr err;
+    } job{ &fn, nullptr };
+    auto trampoline = [](void * p) -> void * {
+        auto * j = (job_t *) p;
+        try {
+            (*j->fn)();
+        } catch (...) {
+            j->err = std::current_exception();
+        }
+        return nullptr;
+    };
+    pthread_attr_t attr;
+    if (pthread_attr_init(&attr) == 0) {
+        pthread_t th;
+        int rc = -1;
+        for (size_t mib : { 256, 64 }) {
+            if (pthread_attr_setstacksize(&attr, mib << 20) == 0 &&
+                (rc = pthread_create(&th, &attr, trampoline, &job)) == 0) {
+                break;
+            }
+        }
+        pthread_attr_destroy(&attr);
+        if (rc == 0) {
+            pthread_join(th, nullptr);
+            if (job.err) {
+                std::rethrow_exception(job.err);
+            }
+            return;
+        }
+    }
+#endif
+    fn();
+}
+
 // Parse a chat template: `override_src` empty means the GGUF's own
 // tokenizer.chat_template (the caller checks that there is one).  The result
 // is owned by the caller (free with mtp_cy_chat_free).
-static inline common_chat_templates * mtp_cy_chat_init(const llama_model * model,
-                                                       const std::string & override_src) {
+static inline common_chat_templates * mtp_cy_chat_init_here(const llama_model * model,
+                                                            const std::string & override_src) {
     try {
         return common_chat_templates_init(model, override_src).release();
     } catch (const std::exception &) {
@@ -27,6 +76,13 @@ static inline common_chat_templates * mtp_cy_chat_init(const llama_model * model
         common_chat_template probe(src, "", "");
         throw;
     }
+}
+
+static inline common_chat_templates * mtp_cy_chat_init(const llama_model * model,
+                                                       const std::string & override_src) {
+    common_chat_templates * t = nullptr;
+    mtp_cy_run_on_big_stack([&] { t = mtp_cy_chat_init_here(model, override_src); });
+    return t;
 }
 
 static inline void mtp_cy_chat_free(common_chat_templates * t) {
@@ -43,7 +99,7 @@ static inline std::string mtp_cy_chat_source(const common_chat_templates * t) {
 // template, as llama-server's /v1/chat/completions does: messages and tools
 // parsed by common_chat_msgs_parse_oaicompat / common_chat_tools_parse_oaicompat,
 // `kwargs` are chat_template_kwargs (name -> JSON text).
-static inline std::string mtp_cy_chat_apply(const common_chat_templates * t,
+static inline std::string mtp_cy_chat_apply_here(const common_chat_templates * t,
                                             const std::string & messages_json,
                                             const std::string & tools_json,
                                             bool add_generation_prompt,
@@ -59,4 +115,17 @@ static inline std::string mtp_cy_chat_apply(const common_chat_templates * t,
     inputs.enable_thinking       = enable_thinking;
     inputs.chat_template_kwargs  = kwargs;
     return common_chat_templates_apply(t, inputs).prompt;
+}
+
+static inline std::string mtp_cy_chat_apply(const common_chat_templates * t,
+                                            const std::string & messages_json,
+                                            const std::string & tools_json,
+                                            bool add_generation_prompt,
+                                            bool enable_thinking,
+                                            const std::map<std::string, std::string> & kwargs) {
+    std::string out;
+    mtp_cy_run_on_big_stack([&] {
+        out = mtp_cy_chat_apply_here(t, messages_json, tools_json, add_generation_prompt, enable_thinking, kwargs);
+    });
+    return out;
 }

@@ -35,6 +35,8 @@ import logging
 import os
 import threading
 
+from mtp_cy import _template_guard
+
 from mtp_cy.errors import (MTPError, ModelLoadError, DecodeError, MTPUnsupportedError, NativeError,
                            SessionBusyError, ClosedError, GenerationTimeout, ChatTemplateError, RPCError)
 

@@ -105,6 +105,7 @@ cdef class Model:
     cdef bint _vocab_only
     cdef dict _meta_cache
     cdef common_chat_templates * _chat_tmpls   # the GGUF's own template, parsed on first use
+    cdef common_chat_templates * _chat_tmpls_tools   # its separate tool_use template, if any
     cdef object _chat_lock
     cdef rpc.watch * _rpcw                     # the RPC servers this model depends on (NULL: none)
     cdef readonly tuple rpc_servers
@@ -117,6 +118,7 @@ cdef class Model:
         self._closed = True
         self._users = 0
         self._chat_tmpls = NULL
+        self._chat_tmpls_tools = NULL
         self._chat_lock = threading.Lock()
         self._rpcw = NULL
         self.rpc_servers = ()
@@ -329,6 +331,8 @@ cdef class Model:
         cdef llama_model * m = self._model
         mtp_cy_chat_free(self._chat_tmpls)
         self._chat_tmpls = NULL
+        mtp_cy_chat_free(self._chat_tmpls_tools)
+        self._chat_tmpls_tools = NULL
         if m != NULL:
             self._model = NULL
             self._vocab = NULL
@@ -358,6 +362,8 @@ cdef class Model:
     def __dealloc__(self):
         mtp_cy_chat_free(self._chat_tmpls)
         self._chat_tmpls = NULL
+        mtp_cy_chat_free(self._chat_tmpls_tools)
+        self._chat_tmpls_tools = NULL
         if self._model != NULL:
             llama_model_free(self._model)
             self._model = NULL
@@ -647,40 +653,64 @@ cdef class Model:
         tools, enable_thinking, kw = _chat_template_args(kwargs)
         return self._render_chat(msgs, tools, add_generation_prompt, enable_thinking, kw, template)
 
+    cdef common_chat_templates * _compile_template(self, str src, str what) except NULL:
+        """Parse a Jinja chat template (made stack-safe first, see mtp_cy._template_guard)."""
+        cdef common_chat_templates * t = NULL
+        cdef string csrc
+        if src != "chatml":
+            try:
+                src = _template_guard.guard(src)
+            except _template_guard.TemplateTooDeep as exc:
+                raise ChatTemplateError(f"{what} cannot be rendered safely: {exc}") from None
+        csrc = src.encode("utf-8", "surrogatepass")
+        try:
+            with nogil:
+                t = mtp_cy_chat_init(self._model, csrc)
+        except Exception as exc:
+            raise ChatTemplateError(f"{what} does not parse: {exc}") from None
+        return t
+
+    cdef str _gguf_template(self, bytes name):
+        cdef const char * t
+        if name is None:
+            t = llama_model_chat_template(self._model, NULL)
+        else:
+            t = llama_model_chat_template(self._model, name)
+        return None if t == NULL else (<bytes>t).decode("utf-8", "replace")
+
     cdef str _render_chat(self, bytes msgs, bytes tools, bint agp, bint think, dict kw, template):
         cdef common_chat_templates * t = NULL
         cdef bint own = False
         cdef cmap[string, string] m
         cdef string cmsgs = msgs
         cdef string ctools = tools
-        cdef string src
         cdef string out
         for k, v in kw.items():
             m[<string>k] = <string>v
         if template is None:
-            if self._chat_tmpls == NULL:
-                if (llama_model_chat_template(self._model, NULL) == NULL
-                        and llama_model_chat_template(self._model, b"tool_use") == NULL):
-                    raise ChatTemplateError(
-                        f"{self.path!r} has no chat template (no tokenizer.chat_template in the GGUF); "
-                        "pass one with template=... (the Jinja source, e.g. the model's chat_template.jinja "
-                        "read into a str, or template='chatml')")
-                try:
-                    self._chat_tmpls = mtp_cy_chat_init(self._model, string())
-                except Exception as exc:
-                    raise ChatTemplateError(f"the chat template of {self.path!r} does not parse: {exc}; "
-                                            "pass a working one with template=...") from None
-            t = self._chat_tmpls
+            default = self._gguf_template(None)
+            tool_use = self._gguf_template(b"tool_use")
+            if default is None and tool_use is None:
+                raise ChatTemplateError(
+                    f"{self.path!r} has no chat template (no tokenizer.chat_template in the GGUF); "
+                    "pass one with template=... (the Jinja source, e.g. the model's chat_template.jinja "
+                    "read into a str, or template='chatml')")
+            what = f"the chat template of {self.path!r}"
+            if tools and tool_use is not None and default is not None:
+                # the GGUF's separate template for requests with tools (upstream picks it the same way)
+                if self._chat_tmpls_tools == NULL:
+                    self._chat_tmpls_tools = self._compile_template(tool_use, what + " (tool_use)")
+                t = self._chat_tmpls_tools
+            else:
+                if self._chat_tmpls == NULL:
+                    self._chat_tmpls = self._compile_template(default if default is not None else tool_use, what)
+                t = self._chat_tmpls
         else:
             if not isinstance(template, str):
                 raise TypeError(f"template must be a str (Jinja source) or None, got {type(template).__name__}")
             if not (<str>template).strip():
                 raise ValueError("template is empty; pass the Jinja source, or None for the model's own template")
-            src = (<str>template).encode("utf-8")
-            try:
-                t = mtp_cy_chat_init(self._model, src)
-            except Exception as exc:
-                raise ChatTemplateError(f"invalid chat template (template=): {exc}") from None
+            t = self._compile_template(template, "the chat template (template=)")
             own = True
         err = None
         self._retain()      # the weights stay alive even if close() is called meanwhile
