@@ -60,9 +60,12 @@ def test_missing_vocabulary_lists_where_it_looked(monkeypatch, tmp_path):
 def test_installed_files_list_the_vocabularies():
     """An installed wheel's RECORD holds the vocabularies (so the wheel did)."""
     from importlib import metadata
-    for dist in metadata.packages_distributions().get("mtp_cy", []):
-        files = {str(f): f for f in metadata.files(dist) or []}
-        if "mtp_cy/__init__.py" in files and Path(files["mtp_cy/__init__.py"].locate()).resolve() == PKG / "__init__.py":
+    for dist in metadata.distributions():
+        if not dist.read_text("RECORD"):  # e.g. a source tree's mtp_cy.egg-info
+            continue
+        files = {str(f): f for f in dist.files or []}
+        init = files.get("mtp_cy/__init__.py")
+        if init is not None and Path(init.locate()).resolve() == PKG / "__init__.py":
             break
     else:
         pytest.skip("mtp_cy is not installed from a wheel (editable install or source tree)")
