@@ -76,7 +76,7 @@ print("== libraries grafted by auditwheel:", ", ".join(n.split("/")[-1] for n in
 assert all("ggml" not in n and "llama" not in n for n in grafted), "own libraries grafted twice"
 for lib in ("libggml-base.so", "libggml.so", "libllama.so", "libllama-common.so"):
     assert "mtp_cy/" + lib in names, lib
-vocab = sorted(n for n in names if n.startswith("mtp_cy/vocab/"))
+vocab = sorted(n for n in names if n.startswith("mtp_cy/vocab/") and not n.endswith("/"))
 print("== vocabularies in the wheel:", ", ".join(n.split("/")[-1] for n in vocab))
 assert vocab == ["mtp_cy/vocab/LICENSE.llama.cpp", "mtp_cy/vocab/ggml-vocab-gpt-2.gguf",
                  "mtp_cy/vocab/ggml-vocab-qwen35.gguf"], vocab
