@@ -244,7 +244,7 @@ class BuildPy(build_py):
 
     def run(self):
         stage_vocab(llama_dir())
-        self.__dict__.pop("data_files", None)  # globbed (and cached) before the files existed
+        self.__dict__.pop("data_files", None)  # forget a file list globbed before the copy
         super().run()
 
 
