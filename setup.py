@@ -18,7 +18,13 @@ Build knobs (environment variables):
 * ``CMAKE_ARGS``: passed to CMake as is, e.g. ``-DGGML_CUDA=ON``, ``-DGGML_METAL=ON``.
 * ``MTP_CY_JOBS``: parallel build jobs (default: all cores).
 * ``CCACHE``: ``0`` disables ccache even when it is installed.
+
+Every build also copies the vocabularies that ``mtp_cy.synthetic`` makes its models from
+(``VOCABS``) and llama.cpp's MIT license out of the llama.cpp source into ``mtp_cy/vocab/``
+(git-ignored; the sdist carries the llama.cpp source instead), so that an installed package
+works without a llama.cpp checkout.
 """
+import filecmp
 import glob
 import hashlib
 import importlib.util
@@ -31,6 +37,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).resolve().parent
@@ -49,6 +56,30 @@ def _fetcher():
 
 def llama_dir() -> Path:
     return _fetcher().ensure()
+
+
+#: llama.cpp's ``models/ggml-vocab-<name>.gguf`` shipped in ``mtp_cy/vocab/`` (the synthetic
+#: models' default vocabulary, and Qwen3.5's)
+VOCABS = ("gpt-2", "qwen35")
+VOCAB_DIR = ROOT / "mtp_cy" / "vocab"
+
+
+def stage_vocab(src: Path) -> None:
+    """Copy ``VOCABS`` and llama.cpp's LICENSE from the llama.cpp source ``src`` into
+    ``mtp_cy/vocab/`` (only what changed; anything else there is removed)."""
+    files = {f"ggml-vocab-{v}.gguf": src / "models" / f"ggml-vocab-{v}.gguf" for v in VOCABS}
+    files["LICENSE.llama.cpp"] = src / "LICENSE"
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise SystemExit(f"the llama.cpp source lacks {', '.join(missing)}")
+    VOCAB_DIR.mkdir(exist_ok=True)
+    for old in VOCAB_DIR.iterdir():
+        if old.name not in files and old.is_file():
+            old.unlink()
+    for name, p in files.items():
+        dest = VOCAB_DIR / name
+        if not dest.is_file() or not filecmp.cmp(p, dest, shallow=False):
+            shutil.copy2(p, dest)
 
 
 def backend_dl() -> bool:
@@ -148,6 +179,8 @@ class BuildExt(build_ext):
 
     def run(self):
         bdir, src = build_native()
+        if self.inplace:  # `make` / `setup.py build_ext --inplace`: no build_py
+            stage_vocab(src)
         self._remove_stale_outputs()
         if backend_dl():
             self._run_dl(bdir, src)
@@ -205,6 +238,16 @@ class BuildExt(build_ext):
                 shutil.copy2(p, dest / p.name)
 
 
+class BuildPy(build_py):
+    """Stages ``mtp_cy/vocab/`` (package data) from the llama.cpp source before copying the
+    package (also in editable mode, where the package is the source tree itself)."""
+
+    def run(self):
+        stage_vocab(llama_dir())
+        self.__dict__.pop("data_files", None)  # forget a file list globbed before the copy
+        super().run()
+
+
 class SDist(sdist):
     """The sdist carries the fetched llama.cpp source so that installing it needs no fetch."""
 
@@ -241,4 +284,4 @@ def extensions():
 options = {}
 if limited_api():
     options["bdist_wheel"] = {"py_limited_api": "cp310"}
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt, "sdist": SDist}, options=options)
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt, "build_py": BuildPy, "sdist": SDist}, options=options)

@@ -208,8 +208,9 @@ def find_vocab(vocab: str = "gpt-2", vocab_path: Optional[Union[str, os.PathLike
     """Return the path of ``ggml-vocab-<vocab>.gguf``.
 
     Looked up, in order: ``vocab_path`` (explicit file), ``vocab`` itself if it
-    names an existing ``.gguf`` file, ``$MTP_CY_LLAMA_CPP_DIR/models/``, and
-    ``<repo>/vendor/llama.cpp/models/``.
+    names an existing ``.gguf`` file, the vocabularies shipped in the package
+    (``mtp_cy/vocab/``: ``gpt-2`` and ``qwen35``), ``$MTP_CY_LLAMA_CPP_DIR/models/``,
+    and ``<repo>/vendor/llama.cpp/models/``.
     """
     if vocab_path is not None:
         p = Path(vocab_path)
@@ -221,7 +222,7 @@ def find_vocab(vocab: str = "gpt-2", vocab_path: Optional[Union[str, os.PathLike
     if vocab.endswith(".gguf") and Path(vocab).is_file():
         return Path(vocab)
     name = f"ggml-vocab-{vocab}.gguf"
-    tried = []
+    tried = [Path(__file__).resolve().parent / "vocab" / name]
     env = os.environ.get("MTP_CY_LLAMA_CPP_DIR")
     if env:
         tried.append(Path(env) / "models" / name)

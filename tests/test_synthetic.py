@@ -149,8 +149,9 @@ def test_vocab_path_and_env(tmp_path, monkeypatch):
     assert m.n_vocab == 50257
     with pytest.raises(ValueError, match="vocab_path"):
         syn.make_model(tmp_path / "b.gguf", vocab_path=tmp_path / "missing.gguf")
+    # $MTP_CY_LLAMA_CPP_DIR/models serves vocabularies the package does not ship
     monkeypatch.setenv("MTP_CY_LLAMA_CPP_DIR", str(ROOT / "vendor" / "llama.cpp"))
-    assert syn.find_vocab("qwen35") == ROOT / "vendor" / "llama.cpp" / "models" / "ggml-vocab-qwen35.gguf"
+    assert syn.find_vocab("qwen2") == ROOT / "vendor" / "llama.cpp" / "models" / "ggml-vocab-qwen2.gguf"
 
 
 @pytest.mark.parametrize("mtp, head, n_trunk, interval", [

@@ -66,8 +66,11 @@ def test_cpu_wheels_are_portable_abi3_and_dynamic_cpu_variants():
     mac = cfg["macos"]["environment"]
     assert mac["MTP_CY_PORTABLE"] == "1" and mac["MTP_CY_LIMITED_API"] == "1"
     assert "-DGGML_METAL=ON" in mac["CMAKE_ARGS"] and "-DGGML_METAL_EMBED_LIBRARY=ON" in mac["CMAKE_ARGS"]
-    # the wheels are tested installed, from a copy of tests/, not from the source tree
+    # the wheels are tested installed, from a copy of tests/, not from the source tree, and
+    # without llama.cpp (issue 11: the wheel ships what the synthetic models need)
     assert "pytest" in cfg["test-command"] and cfg["test-sources"] == ["tests", "pyproject.toml"]
+    assert cfg["test-command"].startswith("env -u MTP_CY_LLAMA_CPP_DIR ")
+    assert "{project}" not in cfg["test-command"]
 
 
 def test_cuda_wheels_settings():
@@ -82,6 +85,7 @@ def test_cuda_wheels_settings():
     readme = (ROOT / "README.md").read_text()
     for cc in ("7.5", "8.0", "8.6", "8.9", "9.0", "12.0"):
         assert f"{cc} (" in readme, cc
+    assert cfg["test-command"] == load(ROOT / "pyproject.toml")["tool"]["cibuildwheel"]["test-command"]
     repair = cfg["linux"]["repair-wheel-command"]
     for lib in ("libcuda.so.1", "libcudart.so.12", "libcublas.so.12", "libcublasLt.so.12"):
         assert f"--exclude {lib}" in repair, lib
@@ -126,6 +130,34 @@ def test_sdist_carries_the_pinned_llama_cpp(tmp_path):
     for f in ("vendor/llama.cpp/include/llama.h", "vendor/llama.cpp/ggml/src/ggml.c",
               "vendor/llama.cpp/common/speculative.h", "vendor/llama.cpp/models/ggml-vocab-gpt-2.gguf",
               "vendor/CMakeLists.txt", "vendor/fetch_llama_cpp.py", "vendor/native_build.py",
+              "vendor/llama.cpp/models/ggml-vocab-qwen35.gguf", "vendor/llama.cpp/LICENSE",
               "setup.py", "pyproject.toml", "mtp_cy/_core.pyx", "mtp_cy/_core.pyi", "mtp_cy/py.typed"):
         assert f in names, f
     assert not [n for n in names if n.endswith((".so", ".o", ".a")) or n.startswith("build/")]
+    # no second copy of the vocabularies: the build stages them from vendor/llama.cpp
+    assert not [n for n in names if n.startswith("mtp_cy/vocab")]
+
+
+def test_build_py_ships_the_vocabularies(tmp_path):
+    """setup.py's build_py puts the vocabularies mtp_cy.synthetic makes its models from, and
+    llama.cpp's license, into the package (issue 11: a wheel works without llama.cpp)."""
+    import filecmp
+    import shutil
+    d = os.environ.get("MTP_CY_LLAMA_CPP_DIR")
+    src = Path(d) if d else ROOT / "vendor" / "llama.cpp"
+    if not (src / "include" / "llama.h").is_file():
+        pytest.skip("vendor/llama.cpp not fetched yet (pip install -e . fetches it)")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    vocab = tmp_path / "mtp_cy" / "vocab"
+    assert sorted(p.name for p in vocab.iterdir()) == [
+        "LICENSE.llama.cpp", "ggml-vocab-gpt-2.gguf", "ggml-vocab-qwen35.gguf"]
+    for v in ("gpt-2", "qwen35"):
+        assert filecmp.cmp(vocab / f"ggml-vocab-{v}.gguf", src / "models" / f"ggml-vocab-{v}.gguf",
+                           shallow=False), v
+    assert filecmp.cmp(vocab / "LICENSE.llama.cpp", src / "LICENSE", shallow=False)
+    # a build output: never committed
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", "mtp_cy/vocab/ggml-vocab-gpt-2.gguf"], cwd=ROOT)
+        assert ignored.returncode == 0

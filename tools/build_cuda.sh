@@ -28,7 +28,7 @@
 #   CUDA_ARCH       one CMAKE_CUDA_ARCHITECTURES entry (default 89-real)
 #   CUDA_HOME       toolkit root (default: from nvcc on PATH, else /usr/local/cuda)
 #   MTP_CY_LLAMA_CPP_DIR  llama.cpp source (default: vendor/llama.cpp, fetched if
-#                   missing); with SKIP_BUILD=1 only its models/ (vocabularies) is used
+#                   missing); not used with SKIP_BUILD=1 (the wheel ships what the tests need)
 #   BUILD_DIR       default build/cuda
 #   MTP_CY_JOBS     parallel jobs (default 1)
 #   PYTEST_ARGS     extra pytest arguments (stage 3)
@@ -68,12 +68,10 @@ echo "== CUDA $CUDA_VER at $CUDA_HOME, arch $CUDA_ARCH, $JOBS job(s)"
 
 gpu_usable() { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }
 SKIP_BUILD=${SKIP_BUILD:-0}
-if [ "$SKIP_BUILD" = 1 ]; then
-    SRC=${MTP_CY_LLAMA_CPP_DIR:-$ROOT/vendor/llama.cpp}
-else
+if [ "$SKIP_BUILD" != 1 ]; then
     SRC=$("$PY" vendor/fetch_llama_cpp.py | tail -1)   # honours MTP_CY_LLAMA_CPP_DIR
+    echo "== llama.cpp source: $SRC"
 fi
-echo "== llama.cpp source: $SRC"
 
 # the directories of the installed NVIDIA pip wheels (site-packages/nvidia/...)
 pip_nvidia_dirs() {
@@ -216,8 +214,9 @@ fi
 T=$BUILD_DIR/t
 rm -rf "$T" && mkdir -p "$T" && cp -r "$ROOT/tests" "$ROOT/pyproject.toml" "$T/"
 cd "$T"
-export MTP_CY_LLAMA_CPP_DIR="$SRC" MTP_CY_UPSTREAM_BIN="$UPSTREAM"
-unset MTP_CY_BUILD_DIR PYTHONPATH
+# the installed wheel alone (it ships the synthetic models' vocabularies), plus upstream's programs
+export MTP_CY_UPSTREAM_BIN="$UPSTREAM"
+unset MTP_CY_BUILD_DIR PYTHONPATH MTP_CY_LLAMA_CPP_DIR
 "$VENV/bin/python" - "$VENV" <<'PYEOF'
 import os, sys, mtp_cy
 venv = os.path.realpath(sys.argv[1])

@@ -9,7 +9,8 @@
 # HTTP(S) proxies pointing at a closed port (a fetch of llama.cpp, by urllib or
 # by pip download, would fail) and an empty mtp_cy cache (no cached
 # llama-cpp-python sdist to fall back on).  Then it imports the installed
-# package from outside the source tree and runs a quick part of the tests.
+# package from outside the source tree and runs a quick part of the tests
+# there, without any llama.cpp directory (the build ships the vocabularies).
 # Environment: SDIST_CHECK_DIR (default build/sdist-check), MTP_CY_JOBS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,8 @@ SDIST=$(ls "$OUT"/dist/mtp_cy-*.tar.gz)
 echo "== $(basename "$SDIST"): $(stat -c %s "$SDIST") bytes, built in $(( $(now) - t0 )) s"
 tar tzf "$SDIST" > "$OUT/sdist-files.txt"
 for f in vendor/llama.cpp/.mtp_cy_fetched vendor/llama.cpp/include/llama.h vendor/llama.cpp/ggml/src/ggml.c \
-         vendor/llama.cpp/models/ggml-vocab-gpt-2.gguf vendor/CMakeLists.txt vendor/fetch_llama_cpp.py \
+         vendor/llama.cpp/models/ggml-vocab-gpt-2.gguf vendor/llama.cpp/models/ggml-vocab-qwen35.gguf \
+         vendor/llama.cpp/LICENSE vendor/CMakeLists.txt vendor/fetch_llama_cpp.py \
          vendor/native_build.py setup.py mtp_cy/_core.pyx; do
     grep -q "^mtp_cy-[^/]*/$f\$" "$OUT/sdist-files.txt" || { echo "missing in the sdist: $f"; exit 1; }
 done
@@ -60,7 +62,5 @@ fi
 mkdir "$WORK/t" && cp -r tests "$WORK/t/" && cp pyproject.toml "$WORK/t/"
 cd "$WORK/t"
 "$V/bin/python" -c "import mtp_cy, sys; assert mtp_cy.__file__.startswith(sys.argv[1]); print('== import', mtp_cy.__file__); print('==', mtp_cy.system_info())" "$V"
-SRC=$WORK/src
-mkdir "$SRC" && tar xzf "$SDIST" -C "$SRC" --strip-components=1 --wildcards '*/vendor/llama.cpp/models/*' '*/vendor/llama.cpp/include/*' '*/vendor/llama.cpp/ggml/include/*' '*/vendor/llama.cpp/common/*.h'
-env -u MTP_CY_BUILD_DIR MTP_CY_LLAMA_CPP_DIR="$SRC/vendor/llama.cpp" \
-    "$V/bin/python" -m pytest -q -p no:cacheprovider tests/test_foundation.py tests/test_session.py
+env -u MTP_CY_BUILD_DIR MTP_CY_CACHE_DIR="$WORK/models" \
+    "$V/bin/python" -m pytest -q -p no:cacheprovider tests/test_standalone.py tests/test_foundation.py tests/test_session.py

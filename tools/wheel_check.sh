@@ -2,7 +2,10 @@
 # Build the portable Linux CPU wheel the way the release workflow does
 # (pyproject.toml [tool.cibuildwheel.linux]: MTP_CY_BACKEND_DL=1, abi3, an
 # isolated PEP 517 build, auditwheel repair), install it into a fresh
-# virtualenv outside the source tree and run the test-suite against it.
+# virtualenv outside the source tree and run the test-suite against it the way
+# a user has it: from a directory outside the checkout, without
+# MTP_CY_LLAMA_CPP_DIR or any llama.cpp directory, with an empty model cache
+# (the synthetic models are made from the vocabularies the wheel ships).
 #
 #     tools/wheel_check.sh                         # all CPU variants, as released
 #     MTP_CY_CPU_VARIANTS=ONE tools/wheel_check.sh # one CPU module: CI's cheaper check
@@ -17,7 +20,8 @@
 #   MTP_CY_JOBS          parallel build jobs (default: all cores)
 #   PYTEST_ARGS          extra pytest arguments
 # The vendored llama.cpp comes from vendor/fetch_llama_cpp.py (honours
-# MTP_CY_LLAMA_CPP_DIR); the tests use only its vocabulary files.
+# MTP_CY_LLAMA_CPP_DIR for the build); the tests that need its source
+# (header drift checks, upstream programs) skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -72,6 +76,10 @@ print("== libraries grafted by auditwheel:", ", ".join(n.split("/")[-1] for n in
 assert all("ggml" not in n and "llama" not in n for n in grafted), "own libraries grafted twice"
 for lib in ("libggml-base.so", "libggml.so", "libllama.so", "libllama-common.so"):
     assert "mtp_cy/" + lib in names, lib
+vocab = sorted(n for n in names if n.startswith("mtp_cy/vocab/") and not n.endswith("/"))
+print("== vocabularies in the wheel:", ", ".join(n.split("/")[-1] for n in vocab))
+assert vocab == ["mtp_cy/vocab/LICENSE.llama.cpp", "mtp_cy/vocab/ggml-vocab-gpt-2.gguf",
+                 "mtp_cy/vocab/ggml-vocab-qwen35.gguf"], vocab
 assert (len(cpu) > 1) if variants == "ALL" else (len(cpu) == 1), cpu
 PYEOF
 
@@ -94,10 +102,17 @@ for py in $PYTHONS; do
     "$py" -m venv "$V"
     "$V/bin/pip" install -q "$REPAIRED" pytest
     cd "$WORK/t"
-    env -u MTP_CY_BUILD_DIR -u PYTHONPATH "$V/bin/python" - "$V" <<'PYEOF'
+    # the user's environment: no llama.cpp anywhere, an empty model cache
+    alone=(env -u MTP_CY_BUILD_DIR -u PYTHONPATH -u MTP_CY_LLAMA_CPP_DIR MTP_CY_CACHE_DIR="$WORK/cache-$(basename "$py")")
+    "${alone[@]}" "$V/bin/python" - "$V" <<'PYEOF'
 import sys, mtp_cy
+from pathlib import Path
+from mtp_cy import synthetic
 venv = sys.argv[1]
 assert mtp_cy.__file__.startswith(venv), f"mtp_cy imported from {mtp_cy.__file__}, not from {venv}"
+for d in (Path(mtp_cy.__file__).resolve().parents[1], Path.cwd()):
+    assert not (d / "vendor").exists(), f"a llama.cpp directory is reachable: {d / 'vendor'}"
+assert str(synthetic.find_vocab("gpt-2")).startswith(venv), synthetic.find_vocab("gpt-2")
 info = mtp_cy.build_info()
 print("== python", sys.version.split()[0], "imports", mtp_cy.__file__)
 print("== system_info:", mtp_cy.system_info())
@@ -105,8 +120,7 @@ print("== build_info:", info)
 assert info["backend_dl"] and info["cpu_variant"], info
 assert info["backends"]["CPU"].startswith(venv), info
 PYEOF
-    env -u MTP_CY_BUILD_DIR -u PYTHONPATH MTP_CY_LLAMA_CPP_DIR="$SRC" \
-        "$V/bin/python" -m pytest -ra -p no:cacheprovider ${PYTEST_ARGS:-} tests
+    "${alone[@]}" "$V/bin/python" -m pytest -ra -p no:cacheprovider ${PYTEST_ARGS:-} tests
     cd "$ROOT"
     t_tests=$(( t_tests + $(now) - t0 ))
 done
