@@ -61,6 +61,10 @@ cdef _check_gguf_file(str path):
         raise ModelLoadError(f"not a GGUF file (bad magic {head[:4]!r}): {path!r}")
 
 
+# tests compare guarded and unguarded renderings of well-behaved templates
+_TEMPLATE_GUARD = True
+
+
 cdef class Model:
     """A GGUF model loaded with llama.cpp.
 
@@ -657,7 +661,7 @@ cdef class Model:
         """Parse a Jinja chat template (made stack-safe first, see mtp_cy._template_guard)."""
         cdef common_chat_templates * t = NULL
         cdef string csrc
-        if src != "chatml":
+        if src != "chatml" and _TEMPLATE_GUARD:
             try:
                 src = _template_guard.guard(src)
             except _template_guard.TemplateTooDeep as exc:

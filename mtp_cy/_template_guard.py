@@ -185,13 +185,11 @@ def guard(src: str) -> str:
                 inserts.append((start, f"{{{'%-' if open_dash else '%'} set {_GUARD}.d = {_GUARD}.d - 1 %}}"))
     if first_macro is None:
         return src
-    # the counter: at the very beginning, so that every macro sees it
-    head = f"{{% set {_GUARD} = namespace(d=0) %}}"
-    # trim_blocks removes one newline after a block tag: keep a leading newline of the source
-    for nl in ("\r\n", "\n"):
-        if src.startswith(nl):
-            head += nl
-            break
+    # The counter, at the very beginning so that every macro sees it.  lstrip_blocks
+    # strips the whitespace before a block tag only at the start of a line or of the
+    # source: the newline after the counter keeps a leading indented tag on a line of
+    # its own, and trim_blocks removes that newline again.
+    head = f"{{% set {_GUARD} = namespace(d=0) %}}\n"
     inserts.append((0, head))
     out = []
     last = 0
