@@ -597,9 +597,12 @@ cdef class _Engine:
         try:
             while i < n - 1:
                 m = min(self.n_batch, n - 1 - i)
-                # a long prompt: leave a checkpoint every checkpoint_every tokens
+                # a long prompt: leave a checkpoint every checkpoint_every tokens, and one
+                # where the next turn of a chat will leave this prompt (chat())
                 if self.needs_checkpoints and self.cache_prompt:
                     m = min(m, max(1, last_ckpt + self.checkpoint_every - i))
+                    if i < s.ckpt_hint:
+                        m = min(m, s.ckpt_hint - i)
                 try:
                     with nogil:
                         self.batch.clear()
@@ -617,7 +620,7 @@ cdef class _Engine:
                     self.toks.push_back(s.prompt[i + j])
                 self._hook_prefilled(i, m)
                 i += m
-                if i - last_ckpt >= self.checkpoint_every and i < n - 1:
+                if (i - last_ckpt >= self.checkpoint_every or i == s.ckpt_hint) and i < n - 1:
                     self._checkpoint(i)
                     last_ckpt = i
             # the end of the prompt (minus its last token): where the next call most often resumes
@@ -636,7 +639,7 @@ cdef class _Engine:
             mtp_cy_threadpool_pause(self.tp)
 
     # -- streams ----------------------------------------------------------------------
-    cdef _Stream _open(self, prompt, dict kw, bint events, str where, bint stats_events):
+    cdef _Stream _open(self, prompt, dict kw, bint events, str where, bint stats_events, int ckpt_hint=0):
         self._check()
         o = _with_defaults(kw, STREAM_DEFAULTS, where)
         emit = _as_int("emit_stats_every", o["emit_stats_every"], 0, _INT32_MAX)
@@ -667,6 +670,7 @@ cdef class _Engine:
         s.timeout_us = timeout_us
         s.prompt_timeout_us = prompt_timeout_us
         s.emit_stats_every = emit if (events and stats_events) else 0
+        s.ckpt_hint = ckpt_hint
         s.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         s.vocab = self.model._vocab
         s.queue = []
@@ -772,11 +776,37 @@ cdef class _Engine:
         the model's end-of-turn token.  A malformed conversation raises
         ``ValueError`` naming the message index.
         """
-        return self.stream(self._chat_prompt(messages, template, chat_template_kwargs), **options)
+        prompt = self._chat_prompt(messages, template, chat_template_kwargs)
+        return self._open(prompt, options, False, "chat", False,
+                          self._chat_hint(messages, template, chat_template_kwargs, prompt))
 
     def chat_events(self, messages, *, template=None, chat_template_kwargs=None, **options):
         """Like :meth:`chat` but yields the event tuples of :meth:`stream_events`."""
-        return self.stream_events(self._chat_prompt(messages, template, chat_template_kwargs), **options)
+        prompt = self._chat_prompt(messages, template, chat_template_kwargs)
+        return self._open(prompt, options, True, "chat_events", True,
+                          self._chat_hint(messages, template, chat_template_kwargs, prompt))
+
+    cdef int _chat_hint(self, messages, template, chat_template_kwargs, str prompt) except -1:
+        """Where the next turn's prompt will leave this one: the conversation rendered with
+        an assistant reply and a next user message after it (the reply is then history,
+        as it will be) shares this many tokens with ``prompt``.  A state
+        checkpoint there lets the next turn reuse the whole history even when the
+        generation prompt is not part of it (e.g. Qwen3.5's ``<think>`` opener)."""
+        if not (self.cache_prompt and self.needs_checkpoints):
+            return 0
+        try:
+            kw = dict(chat_template_kwargs or {})
+            nxt = self.model._apply_chat(list(messages) + [{"role": "assistant", "content": "mtp_cy"},
+                                                           {"role": "user", "content": "mtp_cy"}],
+                                         False, template, kw)
+        except Exception:
+            return 0
+        cdef vector[llama_token] a = self.model._tokenize(prompt.encode("utf-8"), True, True)
+        cdef vector[llama_token] b = self.model._tokenize(nxt.encode("utf-8"), True, True)
+        cdef size_t i = 0
+        while i < a.size() and i < b.size() and a[i] == b[i]:
+            i += 1
+        return <int>i
 
     def astream(self, prompt, **options):
         """Async version of :meth:`stream`: ``async for piece in session.astream(prompt, ...)``.

@@ -68,6 +68,7 @@ cdef class _Stream:
     cdef int emit_stats_every
     cdef int64_t timeout_us
     cdef int64_t prompt_timeout_us
+    cdef int ckpt_hint            # chat(): a position worth a state checkpoint (0: none)
     cdef object decoder
     cdef list queue
     cdef object deferred          # an error raised after the held-back text was flushed
