@@ -39,8 +39,9 @@ CONTEXT_OPTIONS = tuple(CONTEXT_DEFAULTS)
 _INT32_MAX = 0x7FFFFFFF
 
 cdef enum:
-    # rows of the target's hidden state the MTP head may lag behind before they are fed to it
-    MAX_LAG_ROWS = 512
+    # positions the MTP head may lag behind (plain steps of n_draft="auto"): older ones
+    # are not fed to it when drafting resumes (mtp_cy_drafter::skip_to)
+    LAG_WINDOW = 256
 
 
 def _default_threads():

@@ -147,6 +147,21 @@ struct mtp_cy_drafter {
         }
     }
 
+    // Give up on feeding the MTP context the positions before p that it has not
+    // seen (they stay holes in its cache): a head that lagged far behind plain
+    // steps only gets the recent positions when drafting resumes.  Drafts may be
+    // a little worse right then; the output never changes.
+    void skip_to(llama_pos p) {
+        if (m >= p) {
+            return;
+        }
+        if (p - 1 > r0 && p - 1 < rows_end()) {
+            rows.erase(rows.begin(), rows.begin() + (size_t) (p - 1 - r0) * n_embd);
+            r0 = p - 1;
+        }
+        m = p;
+    }
+
     // Can the MTP context be brought up to `upto` (the rows it needs are known)?
     bool can_reach(llama_pos upto) const {
         if (m >= upto) {

@@ -142,6 +142,7 @@ cdef class MTP(_Engine):
             raise
         self.ctx_dft = dft
         self.policy.configure(self.k_max)
+        self.policy.lag_window = LAG_WINDOW
         self._finish_init(model, ctx, o)
 
     cdef void _free_native(self) noexcept:
@@ -264,7 +265,6 @@ cdef class MTP(_Engine):
         cdef int64_t t0, t1, t2, t3
         cdef int64_t t_catch = 0, t_draft = 0
         cdef int n_catch = 0, n_steps = 0
-        cdef int64_t t_forced = 0
         cdef vector[llama_token] ids
         cdef rpc.watch * w = self.model._rpcw
         cdef bint rpc_bad = False
@@ -312,12 +312,9 @@ cdef class MTP(_Engine):
                     mtp_cy_add(self.st.iters, 1)
                     mtp_cy_add(self.st.drafts_generated, nb - 1)
                     mtp_cy_add(self.st.drafts_accepted, n_acc)
-                    # the head may lag behind plain steps only so far: feed it in one batch
-                    if self.drafter.n_rows() > MAX_LAG_ROWS and self.drafter.m < new_past:
-                        rc = self.drafter.catch_up(self.toks.data(), new_past)
-                        t_forced = self.drafter.t_catch_up_us
-                        t_catch += t_forced
-                        n_catch += self.drafter.n_catch_up
+                    # the head may lag behind plain steps only so far
+                    if self.drafter.m < new_past - LAG_WINDOW:
+                        self.drafter.skip_to(new_past - LAG_WINDOW)
                 t3 = ggml_time_us()
                 mtp_cy_add(self.st.t_draft_us, t1 - t0)
                 mtp_cy_add(self.st.t_verify_us, t2 - t1)
@@ -328,5 +325,93 @@ cdef class MTP(_Engine):
         r = self._check_rc(rc, "verifying a draft")
         if r == R_NONE and self.auto:
             self.policy.observe(<int>s.draft.size(), n_acc, <double>(t2 - t1), <double>t_draft, n_steps,
-                                <double>t_catch, n_catch, <double>(t3 - t2 - t_forced))
+                                <double>t_catch, n_catch, <double>(t3 - t2))
         return r
+
+
+cdef class DraftPolicy:
+    """The draft-length policy of ``MTP(n_draft="auto")`` on its own (see ``mtp_cy/_policy.h``).
+
+    The MTP loop calls :meth:`choose` before each iteration and :meth:`observe` after
+    it; this class exposes the same unit so that it can be studied and tested with
+    synthetic cost/acceptance traces, without a model::
+
+        p = DraftPolicy(k_max=4)
+        k = p.choose()
+        p.observe(k, n_accepted, verify_us=..., draft_us=..., draft_steps=k,
+                  catch_up_us=..., catch_up_tokens=..., sample_us=...)
+
+    Times are microseconds.
+    """
+    cdef mtp_cy_policy * p
+
+    def __cinit__(self, *args, **kwargs):
+        self.p = new mtp_cy_policy()
+
+    def __dealloc__(self):
+        del self.p
+
+    def __init__(self, k_max=4, *, min_gap=None, max_gap=None, explore_every=None):
+        self.p.configure(_as_int("k_max", k_max, 1, _AUTO_MAX))
+        if min_gap is not None:
+            self.p.min_gap = _as_int("min_gap", min_gap, 1)
+            self.p.gap = self.p.min_gap
+        if max_gap is not None:
+            self.p.max_gap = _as_int("max_gap", max_gap, 1)
+        if explore_every is not None:
+            self.p.explore_every = _as_int("explore_every", explore_every, 1)
+
+    @property
+    def k_max(self):
+        """The longest draft the policy may choose."""
+        return self.p.k_max
+
+    def choose(self):
+        """The draft length for the next iteration (0 = a plain step)."""
+        return self.p.choose()
+
+    def observe(self, int k, int n_accepted, *, double verify_us, double draft_us=0.0, int draft_steps=0,
+                double catch_up_us=0.0, int catch_up_tokens=0, double sample_us=0.0):
+        """Feed what one iteration measured: ``k`` tokens drafted (and verified with the
+        last one: ``k + 1`` target tokens in ``verify_us``), ``n_accepted`` of them
+        accepted, ``draft_steps`` MTP-head decodes in ``draft_us``, a catch-up of
+        ``catch_up_tokens`` in ``catch_up_us``, sampling in ``sample_us``."""
+        if k < 0 or k > self.p.KMAX or n_accepted < 0 or n_accepted > k:
+            raise ValueError(f"need 0 <= n_accepted <= k <= {self.p.KMAX}, got k={k}, n_accepted={n_accepted}")
+        self.p.observe(k, n_accepted, verify_us, draft_us, draft_steps, catch_up_us, catch_up_tokens, sample_us)
+
+    def reset(self):
+        """Forget everything learned."""
+        self.p.configure(self.p.k_max)
+
+    def expected_tokens(self, int k):
+        """Expected tokens per iteration when drafting ``k`` (from the acceptance estimates)."""
+        return self.p.expected_tokens(k)
+
+    def cost_us(self, int k):
+        """Estimated microseconds of an iteration drafting ``k``."""
+        return self.p.cost(k)
+
+    def tokens_per_second(self, int k):
+        """Estimated throughput of drafting ``k`` every iteration."""
+        return self.p.score(k) * 1e6
+
+    def acceptance(self, int position):
+        """Estimated probability that draft ``position`` (1-based) is accepted when the ones
+        before it were."""
+        return self.p.accept(position)
+
+    @property
+    def best(self):
+        """The length with the best estimated throughput at the last decision (-1 before any)."""
+        return self.p.best
+
+    @property
+    def chosen(self):
+        """How often each length was chosen: ``{k: count}``."""
+        return {k: self.p.chosen[k] for k in range(self.p.k_max + 1)}
+
+    @property
+    def iterations(self):
+        """Decisions made so far."""
+        return self.p.iter

@@ -76,7 +76,9 @@ struct mtp_cy_policy {
     // configuration
     int    k_max   = 4;       // the longest draft it may choose
     int    min_gap = 8;       // iterations between probes of drafting when plain decoding wins
-    int    max_gap = 256;     // ... the gap doubles up to this
+    int    max_gap = 4096;    // ... the gap doubles up to this, or to what the budget allows
+    double probe_budget = 0.01;  // share of the time probes may cost while plain decoding wins
+    int    lag_window = 256;  // the MTP head is fed at most this many positions it missed
     int    explore_every = 16;  // iterations between tries of a neighbour of the best length
     double w_cost  = 0.1;     // forgetting factor of the catch-up cost fit
     double decay   = 0.97;    // acceptance counts decay per observation of a position
@@ -209,6 +211,29 @@ struct mtp_cy_policy {
         return t > 0.0 ? expected_tokens(k) / t : 0.0;
     }
 
+    // Iterations between probes so that probing costs at most `probe_budget` of the
+    // time: a probe costs its extra work over a plain step plus feeding the MTP head
+    // the positions it missed (at most lag_window of them).
+    int budget_gap(int pk) const {
+        double cf, cp;
+        catch_up_fit(cf, cp);
+        const double plain = cost(0);
+        if (plain <= 0.0) {
+            return min_gap;
+        }
+        const double extra = std::max(0.0, verify_cost(pk + 1) - verify_cost(1)) + pk * d_us + cf;
+        // with a gap of g iterations: (extra + cp * min(g, lag_window)) / (g * plain) <= budget
+        const double b = probe_budget * plain;
+        double g = (extra + cp * lag_window) / b;          // solution with g >= lag_window
+        if (b > cp) {
+            const double g_small = extra / (b - cp);       // solution with g < lag_window
+            if (g_small <= lag_window) {
+                g = g_small;
+            }
+        }
+        return (int) std::max((double) min_gap, std::min((double) max_gap, std::ceil(g)));
+    }
+
     // -- decisions ---------------------------------------------------------------
     int choose() {
         int k;
@@ -240,7 +265,7 @@ struct mtp_cy_policy {
                         if (score(i) > ps) { ps = score(i); pk = i; }
                     }
                     k = pk;
-                    gap = std::min(max_gap, gap * 2);
+                    gap = std::min(budget_gap(pk), gap * 2);
                     next_probe = iter + gap;
                 }
             } else if (iter >= next_explore) {

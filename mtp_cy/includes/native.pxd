@@ -71,6 +71,7 @@ cdef extern from "_mtp.h" nogil:
         void add_rows(llama_pos pos0, int32_t n, const float * h) except +
         void set_row(llama_pos p, const float * h) except +
         void truncate(llama_pos c) except +
+        void skip_to(llama_pos p) except +
         cbool can_reach(llama_pos upto)
         int catch_up(const llama_token * toks, llama_pos upto) except +
         int draft(llama_token last, llama_pos pos0, int32_t n_max, float p_min,
@@ -83,6 +84,8 @@ cdef extern from "_policy.h" nogil:
         int k_max
         int min_gap
         int max_gap
+        double probe_budget
+        int lag_window
         int explore_every
         double w_cost
         double decay

@@ -1,0 +1,216 @@
+"""The n_draft="auto" policy (mtp_cy.DraftPolicy, mtp_cy/_policy.h) fed synthetic traces.
+
+A small simulator plays the MTP loop: each iteration the policy picks k, the simulated
+hardware takes V(k+1) to verify, D per draft token, a catch-up of the tokens the MTP
+head has not seen yet (cf + cp * m), and the simulated model accepts each draft position
+with its probability.  The realised throughput is compared with the best fixed draft
+length computed from the same parameters."""
+import random
+
+import pytest
+
+from mtp_cy import DraftPolicy
+
+
+class Hardware:
+    """Costs in microseconds and the acceptance chain of one simulated model/machine."""
+
+    def __init__(self, v1, v_slope, d, accept, cf=30.0, cp=5.0, sample=20.0, noise=0.03, spikes=0.0, seed=0):
+        self.v1, self.v_slope, self.d = v1, v_slope, d
+        self.accept = accept           # probability per position (a list, or one float for all)
+        self.cf, self.cp, self.sample = cf, cp, sample
+        self.noise, self.spikes = noise, spikes
+        self.rng = random.Random(seed)
+
+    def a(self, j):
+        return self.accept[j - 1] if isinstance(self.accept, (list, tuple)) else self.accept
+
+    def jitter(self, t):
+        t *= 1.0 + self.rng.uniform(-self.noise, self.noise)
+        if self.spikes and self.rng.random() < self.spikes:
+            t *= 50.0          # another process took the CPU for a moment
+        return t
+
+    def verify(self, n):
+        return self.v1 + self.v_slope * (n - 1)
+
+    def expected(self, k):
+        e, run = 1.0, 1.0
+        for j in range(1, k + 1):
+            run *= self.a(j)
+            e += run
+        return e
+
+    def throughput(self, k):
+        """Tokens per second of drafting k every iteration (steady state)."""
+        e = self.expected(k)
+        t = self.verify(k + 1) + self.sample + (k * self.d + self.cf + self.cp * e if k else 0.0)
+        return e / t * 1e6
+
+    def best_fixed(self, k_max):
+        return max(range(k_max + 1), key=self.throughput)
+
+
+class Fixed:
+    """A fixed draft length with the policy's interface (the baseline)."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def choose(self):
+        return self.k
+
+    def observe(self, *a, **kw):
+        pass
+
+
+def simulate(policy, hw, iterations, lag_window=256):
+    """Run the loop; return (tokens, microseconds, choices)."""
+    tokens = 0
+    total = 0.0
+    lag = 0              # tokens the MTP head has not been fed yet
+    choices = []
+    for _ in range(iterations):
+        k = policy.choose()
+        choices.append(k)
+        t_catch, n_catch, t_draft = 0.0, 0, 0.0
+        if k > 0 and lag > 0:
+            n_catch = min(lag, lag_window)      # older positions are skipped (mtp_cy_drafter::skip_to)
+            t_catch = hw.jitter(hw.cf + hw.cp * n_catch)
+            lag = 0
+        if k > 0:
+            t_draft = hw.jitter(k * hw.d)
+        n_acc = 0
+        while n_acc < k and hw.rng.random() < hw.a(n_acc + 1):
+            n_acc += 1
+        t_verify = hw.jitter(hw.verify(k + 1))
+        t_sample = hw.jitter(hw.sample)
+        lag += 1 + n_acc
+        policy.observe(k, n_acc, verify_us=t_verify, draft_us=t_draft, draft_steps=k if k else 0,
+                       catch_up_us=t_catch, catch_up_tokens=n_catch, sample_us=t_sample)
+        tokens += 1 + n_acc
+        total += t_catch + t_draft + t_verify + t_sample
+    return tokens, total, choices
+
+
+def realised(hw, policy, warm=300, measure=3000):
+    simulate(policy, hw, warm)
+    tokens, us, choices = simulate(policy, hw, measure)
+    return tokens / us * 1e6, choices
+
+
+def best_fixed_realised(make_hw, k_max, measure=3000):
+    """The best fixed length's realised throughput on the same hardware (same noise)."""
+    return max(realised(make_hw(), Fixed(k), measure=measure)[0] for k in range(k_max + 1))
+
+
+# hardware/model shapes: (description, Hardware kwargs)
+SHAPES = {
+    # a tiny model on a CPU: a draft token costs almost a target step, verifying more is not free
+    "tiny-cpu": dict(v1=500.0, v_slope=120.0, d=420.0, accept=0.75, cf=90.0, cp=25.0, sample=150.0),
+    # a memory-bound 1.3B model: verifying 5 tokens costs little more than 1, drafts are cheap
+    "dense-memory-bound": dict(v1=130000.0, v_slope=6000.0, d=18000.0, accept=0.75, cf=2000.0, cp=900.0,
+                               sample=400.0),
+    # compute-bound quantized model: verification grows with the batch
+    "quantized": dict(v1=55000.0, v_slope=30000.0, d=9000.0, accept=0.75, cf=1500.0, cp=700.0, sample=300.0),
+    # a GPU: everything is fast and nearly flat
+    "gpu": dict(v1=9000.0, v_slope=300.0, d=1500.0, accept=[0.85, 0.75, 0.65, 0.55], cf=300.0, cp=20.0,
+                sample=60.0),
+    # an MTP head that is always wrong
+    "never-right": dict(v1=20000.0, v_slope=1500.0, d=3000.0, accept=0.0),
+    # an MTP head that is always right and cheap
+    "always-right": dict(v1=20000.0, v_slope=500.0, d=1500.0, accept=1.0),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("k_max", [2, 4])
+def test_auto_is_close_to_the_best_fixed_length(shape, k_max):
+    make_hw = lambda: Hardware(**SHAPES[shape], seed=1)  # noqa: E731
+    got, choices = realised(make_hw(), DraftPolicy(k_max))
+    best = best_fixed_realised(make_hw, k_max)
+    assert got >= 0.96 * best, (shape, got, best, {k: choices.count(k) for k in range(k_max + 1)})
+    # and never more than 2% worse than plain decoding
+    assert got >= 0.98 * realised(make_hw(), Fixed(0))[0]
+
+
+def test_plain_decoding_wins_on_a_tiny_model_and_probes_get_rare():
+    hw = Hardware(**SHAPES["tiny-cpu"], seed=2)
+    p = DraftPolicy(4)
+    simulate(p, hw, 200)
+    _, _, choices = simulate(p, hw, 2000)
+    drafting = sum(1 for k in choices if k)
+    assert p.best == 0
+    assert 0 < drafting <= 2000 // 64, drafting   # it still probes, rarely (1% of the time)
+
+
+def test_adapts_when_the_text_stops_being_predictable():
+    hw = Hardware(**SHAPES["dense-memory-bound"], seed=3)
+    hw.accept = 0.95
+    p = DraftPolicy(4)
+    simulate(p, hw, 300)
+    assert p.best >= 3
+    hw.accept = 0.0
+    _, _, choices = simulate(p, hw, 100)
+    assert choices[-40:].count(0) >= 30, choices[-40:]
+    assert p.best == 0
+
+
+def test_never_locks_into_off():
+    """Drafting loses for a long time, then becomes clearly better: the probes find it."""
+    hw = Hardware(**SHAPES["dense-memory-bound"], seed=4)
+    hw.accept = 0.0
+    p = DraftPolicy(4)
+    simulate(p, hw, 2000)
+    assert p.best == 0
+    hw.accept = 0.95
+    _, _, choices = simulate(p, hw, 600)          # probes cost 1% here: a handful of them
+    assert p.best >= 3, (p.best, choices[-20:])
+    assert sum(1 for k in choices[-100:] if k >= 3) >= 80
+
+
+def test_adapts_to_a_cost_change():
+    """Another process makes the target three times slower per extra token verified
+    (compute-bound): long drafts stop paying."""
+    hw = Hardware(**SHAPES["dense-memory-bound"], seed=5)
+    p = DraftPolicy(4)
+    simulate(p, hw, 400)
+    before = p.best
+    hw.v_slope = 120000.0
+    hw.d = 60000.0
+    simulate(p, hw, 300)
+    got, _ = realised(hw, p, warm=0, measure=1000)
+    assert before >= 2
+    assert got >= 0.93 * hw.throughput(hw.best_fixed(4)), (p.best, hw.best_fixed(4))
+
+
+def test_robust_to_stalls():
+    """1% of the samples are 50 times too slow (the machine hiccups): decisions hold."""
+    make_hw = lambda: Hardware(**SHAPES["gpu"], spikes=0.01, seed=6)  # noqa: E731
+    got, choices = realised(make_hw(), DraftPolicy(4))
+    assert got >= 0.95 * best_fixed_realised(make_hw, 4)
+
+
+def test_deterministic_for_a_given_trace():
+    a = simulate(DraftPolicy(4), Hardware(**SHAPES["quantized"], seed=7), 500)[2]
+    b = simulate(DraftPolicy(4), Hardware(**SHAPES["quantized"], seed=7), 500)[2]
+    assert a == b
+
+
+def test_estimates_and_validation():
+    hw = Hardware(**SHAPES["gpu"], noise=0.0, seed=8)
+    p = DraftPolicy(4)
+    simulate(p, hw, 2000)
+    for j, a in enumerate([0.85, 0.75, 0.65, 0.55], start=1):
+        assert p.acceptance(j) == pytest.approx(a, abs=0.12)
+    assert p.cost_us(0) == pytest.approx(hw.verify(1) + hw.sample, rel=0.05)
+    assert p.iterations == 2000 and sum(p.chosen.values()) == 2000
+    assert p.tokens_per_second(p.best) == max(p.tokens_per_second(k) for k in range(5))
+    with pytest.raises(ValueError):
+        DraftPolicy(0)
+    with pytest.raises(ValueError):
+        DraftPolicy(17)
+    with pytest.raises(ValueError):
+        p.observe(2, 3, verify_us=1.0)
+    p.reset()
+    assert p.iterations == 0 and p.best == -1
