@@ -193,9 +193,19 @@ class AsyncStream(Generic[T]):
         return None if self._stream is None else self._stream.finish_reason
 
     @property
+    def stop_reason(self) -> Optional[str]:
+        """``None`` until the stream ended, then as :attr:`stop_reason` of the sync stream."""
+        return None if self._stream is None else self._stream.stop_reason
+
+    @property
     def stop_string(self) -> Optional[str]:
         """The stop string that ended the stream, or ``None``."""
         return None if self._stream is None else self._stream.stop_string
+
+    @property
+    def completion(self):
+        """This call's :class:`mtp_cy.Completion` once the stream has ended, else ``None``."""
+        return None if self._stream is None else self._stream.completion
 
 
 async def collect(stream: "AsyncStream[str]") -> str:

@@ -13,6 +13,7 @@
 
 #include "chat.h"
 #include "json.h"
+#include "json-schema-to-grammar.h"
 
 // Run `fn` on a thread with a large stack (256 MiB of address space, only
 // what is touched is committed) and wait for it; its exception is rethrown
@@ -99,12 +100,21 @@ static inline std::string mtp_cy_chat_source(const common_chat_templates * t) {
 // template, as llama-server's /v1/chat/completions does: messages and tools
 // parsed by common_chat_msgs_parse_oaicompat / common_chat_tools_parse_oaicompat,
 // `kwargs` are chat_template_kwargs (name -> JSON text).
+// What is needed to parse the model's reply to a rendered conversation
+// (reasoning, tool calls) with upstream's chat parser.
+struct mtp_cy_chat_parser {
+    common_chat_parser_params params;
+    std::vector<std::string> additional_stops;
+    std::string format_name;
+};
+
 static inline std::string mtp_cy_chat_apply_here(const common_chat_templates * t,
-                                            const std::string & messages_json,
-                                            const std::string & tools_json,
-                                            bool add_generation_prompt,
-                                            bool enable_thinking,
-                                            const std::map<std::string, std::string> & kwargs) {
+                                                 const std::string & messages_json,
+                                                 const std::string & tools_json,
+                                                 bool add_generation_prompt,
+                                                 bool enable_thinking,
+                                                 const std::map<std::string, std::string> & kwargs,
+                                                 mtp_cy_chat_parser * parser) {
     common_chat_templates_inputs inputs;
     inputs.messages = common_chat_msgs_parse_oaicompat(common_json::parse(messages_json));
     if (!tools_json.empty()) {
@@ -114,7 +124,20 @@ static inline std::string mtp_cy_chat_apply_here(const common_chat_templates * t
     inputs.use_jinja             = true;
     inputs.enable_thinking       = enable_thinking;
     inputs.chat_template_kwargs  = kwargs;
-    return common_chat_templates_apply(t, inputs).prompt;
+    if (parser) {
+        inputs.reasoning_format = COMMON_REASONING_FORMAT_AUTO;
+    }
+    common_chat_params res = common_chat_templates_apply(t, inputs);
+    if (parser) {
+        parser->params = common_chat_parser_params(res);
+        parser->params.reasoning_format = COMMON_REASONING_FORMAT_AUTO;
+        if (!res.parser.empty()) {
+            parser->params.parser.load(res.parser);
+        }
+        parser->additional_stops = res.additional_stops;
+        parser->format_name = common_chat_format_name(res.format);
+    }
+    return res.prompt;
 }
 
 static inline std::string mtp_cy_chat_apply(const common_chat_templates * t,
@@ -122,10 +145,34 @@ static inline std::string mtp_cy_chat_apply(const common_chat_templates * t,
                                             const std::string & tools_json,
                                             bool add_generation_prompt,
                                             bool enable_thinking,
-                                            const std::map<std::string, std::string> & kwargs) {
+                                            const std::map<std::string, std::string> & kwargs,
+                                            mtp_cy_chat_parser * parser) {
     std::string out;
     mtp_cy_run_on_big_stack([&] {
-        out = mtp_cy_chat_apply_here(t, messages_json, tools_json, add_generation_prompt, enable_thinking, kwargs);
+        out = mtp_cy_chat_apply_here(t, messages_json, tools_json, add_generation_prompt, enable_thinking,
+                                     kwargs, parser);
     });
+    return out;
+}
+
+static inline mtp_cy_chat_parser * mtp_cy_chat_parser_new() { return new mtp_cy_chat_parser(); }
+static inline void mtp_cy_chat_parser_free(mtp_cy_chat_parser * p) { delete p; }
+
+// Parse `text` (the reply generated after the rendered prompt; `partial` while it is
+// still being generated) into an OpenAI-style message: JSON with "role", "content",
+// "reasoning_content", "tool_calls".
+static inline std::string mtp_cy_chat_parse(const mtp_cy_chat_parser * p, const std::string & text, bool partial) {
+    std::string out;
+    mtp_cy_run_on_big_stack([&] {
+        common_chat_msg msg = common_chat_parse(text, partial, p->params);
+        out = msg.to_json_oaicompat().dump();
+    });
+    return out;
+}
+
+// JSON schema (a JSON document) -> GBNF grammar, with upstream's converter.
+static inline std::string mtp_cy_json_schema_to_grammar(const std::string & schema_json) {
+    std::string out;
+    mtp_cy_run_on_big_stack([&] { out = json_schema_to_grammar(common_json::parse(schema_json), true); });
     return out;
 }

@@ -119,3 +119,69 @@ cdef tuple _chat_template_args(dict kwargs):
             raise TypeError(f"chat template argument {k!r} must be JSON-serializable: {exc}") from None
         m[k.encode("utf-8")] = text.encode("utf-8")
     return tools, enable_thinking, m
+
+
+cdef class ChatParser:
+    """Parses a model's reply to a rendered conversation into content, reasoning and tool
+    calls, with llama.cpp's own chat parser (the one ``llama-server`` uses), set up for
+    the template and the options the conversation was rendered with.
+
+    Made by :meth:`Session.chat` / :meth:`MTP.chat` (``stream.chat_parser``) and the
+    OpenAI-style chat methods; :meth:`parse` can also be called on any text.
+    """
+    cdef mtp_cy_chat_parser * p
+
+    def __cinit__(self):
+        self.p = mtp_cy_chat_parser_new()
+
+    def __dealloc__(self):
+        mtp_cy_chat_parser_free(self.p)
+        self.p = NULL
+
+    @property
+    def format(self):
+        """llama.cpp's name of the reply format it recognised for the template (e.g. ``"peg-native"``)."""
+        return self.p.format_name.decode("utf-8", "replace")
+
+    @property
+    def additional_stops(self):
+        """Stop strings the template's format asks for (besides the end-of-turn token)."""
+        return [x.decode("utf-8", "replace") for x in self.p.additional_stops]
+
+    def parse(self, text, partial=False):
+        """The reply ``text`` as an OpenAI-style assistant message dict: ``role``,
+        ``content`` (``None`` when empty), and ``reasoning_content`` / ``tool_calls`` when
+        the model produced them.  ``partial=True`` for a reply still being generated."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        cdef string t = (<str>text).encode("utf-8")
+        cdef string out
+        cdef bint part = bool(partial)
+        try:
+            with nogil:
+                out = mtp_cy_chat_parse(self.p, t, part)
+        except Exception as exc:
+            raise ChatTemplateError(f"the chat parser failed on this reply: {exc}") from None
+        return json.loads(out.decode("utf-8", "replace"))
+
+
+def json_schema_to_grammar(schema):
+    """A GBNF grammar that only admits JSON documents valid for ``schema`` (a dict, or its
+    JSON text), with llama.cpp's converter (``common/json-schema-to-grammar``).
+
+    Raises ``ValueError`` for a schema the converter does not accept."""
+    if isinstance(schema, (bytes, bytearray)):
+        schema = bytes(schema).decode("utf-8")
+    if not isinstance(schema, str):
+        try:
+            schema = json.dumps(schema)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"schema must be a JSON-serializable dict or a JSON str: {exc}") from None
+    cdef string s = (<str>schema).encode("utf-8")
+    cdef string out
+    try:
+        with nogil:
+            out = mtp_cy_json_schema_to_grammar(s)
+    except Exception as exc:
+        raise ValueError(f"invalid JSON schema: {exc}") from None
+    return out.decode("utf-8")

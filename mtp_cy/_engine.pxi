@@ -20,8 +20,6 @@ cdef enum:
     R_ERROR = 5
     R_STOP = 6
 
-_FINISH_REASONS = (None, "max_tokens", "eog", "ctx_full", "cancelled", "error", "stop")
-
 _KV_TYPES = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16, "bf16": GGML_TYPE_BF16,
              "q8_0": GGML_TYPE_Q8_0, "q4_0": GGML_TYPE_Q4_0, "q4_1": GGML_TYPE_Q4_1,
              "iq4_nl": GGML_TYPE_IQ4_NL, "q5_0": GGML_TYPE_Q5_0, "q5_1": GGML_TYPE_Q5_1}
@@ -592,6 +590,7 @@ cdef class _Engine:
         cdef int64_t t0 = ggml_time_us()
         cdef int last_ckpt
         keep = self._reuse(s)
+        s.n_cached = keep
         mtp_cy_add(self.st.prompt_tokens_cached, keep)
         i = keep
         last_ckpt = i
@@ -649,6 +648,17 @@ cdef class _Engine:
         cdef int64_t timeout_us = _timeout_us(o["timeout"], "timeout")
         cdef int64_t prompt_timeout_us = _timeout_us(o["prompt_timeout"], "prompt_timeout")
         stops = _stop_strings(o["stop"])
+        logprobs = o["logprobs"]
+        if not isinstance(logprobs, bool):
+            raise TypeError(f"logprobs must be True or False, got {logprobs!r}")
+        top = _as_int("top_logprobs", o["top_logprobs"], 0, 20)
+        if top and not logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
+        if o["json_schema"] is not None:
+            if o["grammar"] is not None:
+                raise ValueError("pass either grammar= or json_schema=, not both")
+            o["grammar"] = json_schema_to_grammar(o["json_schema"])
+            o["grammar_root"] = "root"
         cdef _Stream s = _Stream.__new__(_Stream)
         s.prompt = self.model._prompt_tokens(prompt)
         if <int>s.prompt.size() >= self.n_ctx:
@@ -672,6 +682,10 @@ cdef class _Engine:
         s.prompt_timeout_us = prompt_timeout_us
         s.emit_stats_every = emit if (events and stats_events) else 0
         s.ckpt_hint = ckpt_hint
+        s.n_top = top if logprobs else -1
+        if logprobs:
+            s.out_logprobs = []
+        s.stats0 = self._stats()
         s.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         s.vocab = self.model._vocab
         s.queue = []
@@ -752,8 +766,41 @@ cdef class _Engine:
         """Return the whole generated text (the joined :meth:`stream`)."""
         return "".join(self._open(prompt, options, False, "generate", False))
 
+    def complete(self, prompt, **options):
+        """Generate like :meth:`generate` and return this call's :class:`mtp_cy.Completion`:
+        the text, the token ids, why it ended (``finish_reason`` in OpenAI's words and
+        ``stop_reason`` in detail), ``usage`` (prompt, cached and completion tokens),
+        this call's statistics and, with ``logprobs=True``, per-token log-probabilities."""
+        s = self._open(prompt, options, False, "complete", False)
+        for _ in s:
+            pass
+        return s.completion
+
+    def complete_chat(self, messages, *, template=None, chat_template_kwargs=None, **options):
+        """:meth:`chat` to the end, as a :class:`mtp_cy.Completion` whose ``message`` is the
+        reply parsed by llama.cpp's chat parser (``content``, ``reasoning_content``,
+        ``tool_calls``).  ``enable_thinking=`` and ``tools=`` are template variables."""
+        s = self._open_chat(messages, template, chat_template_kwargs, options, False, "complete_chat")
+        for _ in s:
+            pass
+        return s.completion
+
+    # -- OpenAI-shaped results (mtp_cy/openai_compat.py) --------------------------------
+    def create_completion(self, prompt, **kwargs):
+        """OpenAI's ``/v1/completions`` on this session: a ``text_completion`` dict, or with
+        ``stream=True`` an iterator of chunk dicts (see :mod:`mtp_cy.openai_compat`)."""
+        from mtp_cy.openai_compat import create_completion
+        return create_completion(self, prompt, **kwargs)
+
+    def create_chat_completion(self, messages, **kwargs):
+        """OpenAI's ``/v1/chat/completions`` on this session: a ``chat.completion`` dict, or
+        with ``stream=True`` an iterator of ``chat.completion.chunk`` dicts (see
+        :mod:`mtp_cy.openai_compat`)."""
+        from mtp_cy.openai_compat import create_chat_completion
+        return create_chat_completion(self, messages, **kwargs)
+
     # -- chat and asyncio ---------------------------------------------------------------
-    cdef str _chat_prompt(self, messages, template, chat_template_kwargs):
+    cdef str _chat_prompt(self, messages, template, chat_template_kwargs, ChatParser parser=None):
         self._check()
         if chat_template_kwargs is None:
             kw = {}
@@ -761,7 +808,7 @@ cdef class _Engine:
             kw = dict(chat_template_kwargs)
         else:
             raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
-        return self.model._apply_chat(messages, True, template, kw)
+        return self.model._apply_chat(messages, True, template, kw, parser)
 
     def chat(self, messages, *, template=None, chat_template_kwargs=None, **options):
         """Generate the assistant's reply to a conversation; an iterator of ``str`` pieces.
@@ -774,18 +821,38 @@ cdef class _Engine:
         is tokenized with special tokens parsed (``<|im_start|>`` becomes one
         token).  Generation then works exactly as :meth:`stream` with the same
         ``**options`` (``max_tokens``, ``stop``, sampler options, ...); it ends at
-        the model's end-of-turn token.  A malformed conversation raises
-        ``ValueError`` naming the message index.
+        the model's end-of-turn token.  ``enable_thinking=`` and ``tools=`` may be
+        given directly as keywords (they are template variables).  A malformed
+        conversation raises ``ValueError`` naming the message index.
+
+        ``stream.completion`` (when the stream has ended) has the reply parsed by
+        llama.cpp's chat parser in ``.message``: ``content``, ``reasoning_content``
+        (a ``<think>`` block) and ``tool_calls``.
         """
-        prompt = self._chat_prompt(messages, template, chat_template_kwargs)
-        return self._open(prompt, options, False, "chat", False,
-                          self._chat_hint(messages, template, chat_template_kwargs, prompt))
+        return self._open_chat(messages, template, chat_template_kwargs, options, False, "chat")
 
     def chat_events(self, messages, *, template=None, chat_template_kwargs=None, **options):
         """Like :meth:`chat` but yields the event tuples of :meth:`stream_events`."""
-        prompt = self._chat_prompt(messages, template, chat_template_kwargs)
-        return self._open(prompt, options, True, "chat_events", True,
-                          self._chat_hint(messages, template, chat_template_kwargs, prompt))
+        return self._open_chat(messages, template, chat_template_kwargs, options, True, "chat_events")
+
+    cdef _Stream _open_chat(self, messages, template, chat_template_kwargs, dict options, bint events, str where):
+        # the template variables every chat template knows can be passed as keywords
+        # (as for Model.apply_chat_template): chat(messages, enable_thinking=False, tools=[...])
+        extra = {k: options.pop(k) for k in ("enable_thinking", "tools") if k in options}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        if extra:
+            kw = dict(chat_template_kwargs or {})
+            dup = set(kw) & set(extra)
+            if dup:
+                raise TypeError(f"{', '.join(sorted(dup))} given both as a keyword and in chat_template_kwargs")
+            kw.update(extra)
+            chat_template_kwargs = kw
+        parser = ChatParser()
+        prompt = self._chat_prompt(messages, template, chat_template_kwargs, parser)
+        cdef _Stream s = self._open(prompt, options, events, where, events,
+                                    self._chat_hint(messages, template, chat_template_kwargs, prompt))
+        s.chat_parser = parser
+        return s
 
     cdef int _chat_hint(self, messages, template, chat_template_kwargs, str prompt) except -1:
         """Where the next turn's prompt will leave this one: the conversation rendered with
@@ -863,5 +930,5 @@ cdef class _Engine:
 
 
 STREAM_DEFAULTS = dict(SAMPLER_DEFAULTS, max_tokens=256, timeout=60.0, prompt_timeout=None, stop=None,
-                       emit_stats_every=0)
+                       emit_stats_every=0, logprobs=False, top_logprobs=0, json_schema=None)
 STREAM_OPTIONS = tuple(STREAM_DEFAULTS)

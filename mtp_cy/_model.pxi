@@ -505,8 +505,13 @@ cdef class Model:
         return None if t < 0 else t
 
     # -- tokens -------------------------------------------------------------------
-    def tokenize(self, text, add_special=True, parse_special=False):
-        """Tokenize ``text`` (``str`` or UTF-8 ``bytes``) into a numpy ``int32`` array."""
+    def tokenize(self, text, add_special=True, parse_special=True):
+        """Tokenize ``text`` (``str`` or UTF-8 ``bytes``) into a numpy ``int32`` array.
+
+        The defaults give exactly the tokens a ``str`` prompt becomes in
+        :meth:`Session.stream`: BOS added when the vocabulary wants it, special tokens
+        written in the text (``"<|im_start|>"``, ``"<|endoftext|>"``) parsed as such.
+        ``parse_special=False`` treats them as plain text (for untrusted input)."""
         self._check()
         import numpy as np
         if isinstance(text, str):
@@ -647,7 +652,7 @@ cdef class Model:
         self._check()
         return self._apply_chat(messages, add_generation_prompt, template, kwargs)
 
-    cdef str _apply_chat(self, messages, add_generation_prompt, template, dict kwargs):
+    cdef str _apply_chat(self, messages, add_generation_prompt, template, dict kwargs, ChatParser parser=None):
         # sessions call this directly: a closed model whose weights a session keeps alive still renders
         if self._model == NULL:
             raise ClosedError("this Model is closed")
@@ -655,7 +660,10 @@ cdef class Model:
             raise TypeError(f"add_generation_prompt must be True or False, got {add_generation_prompt!r}")
         msgs = _chat_messages_json(messages)
         tools, enable_thinking, kw = _chat_template_args(kwargs)
-        return self._render_chat(msgs, tools, add_generation_prompt, enable_thinking, kw, template)
+        cdef mtp_cy_chat_parser * p = NULL
+        if parser is not None:
+            p = parser.p
+        return self._render_chat(msgs, tools, add_generation_prompt, enable_thinking, kw, template, p)
 
     cdef common_chat_templates * _compile_template(self, str src, str what) except NULL:
         """Parse a Jinja chat template (made stack-safe first, see mtp_cy._template_guard)."""
@@ -665,13 +673,15 @@ cdef class Model:
             try:
                 src = _template_guard.guard(src)
             except _template_guard.TemplateTooDeep as exc:
-                raise ChatTemplateError(f"{what} cannot be rendered safely: {exc}") from None
+                raise ChatTemplateError(f"{what.rstrip(':')} cannot be rendered safely: {exc}") from None
         csrc = src.encode("utf-8", "surrogatepass")
         try:
             with nogil:
                 t = mtp_cy_chat_init(self._model, csrc)
         except Exception as exc:
-            raise ChatTemplateError(f"{what} does not parse: {exc}") from None
+            if what.endswith(":"):
+                raise ChatTemplateError(f"{what} {exc}") from None
+            raise ChatTemplateError(f"{what} does not parse: {exc}; pass a working one with template=...") from None
         return t
 
     cdef str _gguf_template(self, bytes name):
@@ -682,7 +692,8 @@ cdef class Model:
             t = llama_model_chat_template(self._model, name)
         return None if t == NULL else (<bytes>t).decode("utf-8", "replace")
 
-    cdef str _render_chat(self, bytes msgs, bytes tools, bint agp, bint think, dict kw, template):
+    cdef str _render_chat(self, bytes msgs, bytes tools, bint agp, bint think, dict kw, template,
+                          mtp_cy_chat_parser * parser=NULL):
         cdef common_chat_templates * t = NULL
         cdef bint own = False
         cdef cmap[string, string] m
@@ -714,7 +725,7 @@ cdef class Model:
                 raise TypeError(f"template must be a str (Jinja source) or None, got {type(template).__name__}")
             if not (<str>template).strip():
                 raise ValueError("template is empty; pass the Jinja source, or None for the model's own template")
-            t = self._compile_template(template, "the chat template (template=)")
+            t = self._compile_template(template, "invalid chat template (template=):")
             own = True
         err = None
         self._retain()      # the weights stay alive even if close() is called meanwhile
@@ -722,7 +733,7 @@ cdef class Model:
             with self._chat_lock:
                 try:
                     with nogil:
-                        out = mtp_cy_chat_apply(t, cmsgs, ctools, agp, think, m)
+                        out = mtp_cy_chat_apply(t, cmsgs, ctools, agp, think, m, parser)
                 except Exception as exc:
                     err = exc
         finally:

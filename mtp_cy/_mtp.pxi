@@ -269,6 +269,7 @@ cdef class MTP(_Engine):
         cdef rpc.watch * w = self.model._rpcw
         cdef bint rpc_bad = False
         cdef float p_min = self.p_min
+        cdef int n_vocab = llama_vocab_n_tokens(self.model._vocab)
         if n_past >= self.n_ctx:
             return R_CTX
         k = self.policy.choose() if self.auto else self.k_max
@@ -309,6 +310,10 @@ cdef class MTP(_Engine):
                     self.drafter.truncate(new_past)
                     s.last = ids.back()
                     s.pending = ids
+                    if s.n_top >= 0:
+                        for i in range(n_acc + 1):
+                            s.lp_vals.push_back(mtp_cy_logprobs(llama_get_logits_ith(self.ctx, i), n_vocab, ids[i],
+                                                                s.n_top, s.lp_top_ids, s.lp_top_vals))
                     mtp_cy_add(self.st.iters, 1)
                     mtp_cy_add(self.st.drafts_generated, nb - 1)
                     mtp_cy_add(self.st.drafts_accepted, n_acc)

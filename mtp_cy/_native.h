@@ -2,10 +2,13 @@
 // counters, the state read by llama.cpp's abort callback, the per-session
 // CPU thread pool and the conversion of C++ exceptions into messages.
 #pragma once
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <exception>
 #include <string>
+#include <vector>
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -124,4 +127,37 @@ static inline void mtp_cy_threadpool_free(ggml_threadpool_t tp) {
 // Put the helper threads to sleep (no polling) until the next graph.
 static inline void mtp_cy_threadpool_pause(ggml_threadpool_t tp) {
     mtp_cy_threadpool_call(tp, "ggml_threadpool_pause");
+}
+
+// ---------------------------------------------------------------------------
+// Log-probabilities of the model's distribution (the log-softmax of the raw
+// logits, before any sampler): the chosen token's, and the top_n most probable
+// tokens with theirs (appended to top_ids / top_lps, most probable first).
+// ---------------------------------------------------------------------------
+static inline float mtp_cy_logprobs(const float * logits, int32_t n_vocab, llama_token tok, int32_t top_n,
+                                    std::vector<llama_token> & top_ids, std::vector<float> & top_lps) {
+    float mx = -INFINITY;
+    for (int32_t i = 0; i < n_vocab; ++i) {
+        mx = std::max(mx, logits[i]);
+    }
+    double sum = 0.0;
+    for (int32_t i = 0; i < n_vocab; ++i) {
+        sum += std::exp((double) logits[i] - mx);
+    }
+    const double lse = mx + std::log(sum);
+    if (top_n > 0) {
+        top_n = std::min(top_n, n_vocab);
+        std::vector<int32_t> idx(n_vocab);
+        for (int32_t i = 0; i < n_vocab; ++i) {
+            idx[i] = i;
+        }
+        std::partial_sort(idx.begin(), idx.begin() + top_n, idx.end(), [&](int32_t a, int32_t b) {
+            return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+        });
+        for (int32_t j = 0; j < top_n; ++j) {
+            top_ids.push_back(idx[j]);
+            top_lps.push_back((float) (logits[idx[j]] - lse));
+        }
+    }
+    return (float) (logits[tok] - lse);
 }

@@ -45,6 +45,7 @@ cdef class Session(_Engine):
         cdef int64_t t0, t1, t2
         cdef rpc.watch * w = self.model._rpcw
         cdef bint rpc_bad = False
+        cdef int n_vocab = llama_vocab_n_tokens(self.model._vocab)
         if n_past >= self.n_ctx:
             return R_CTX
         try:
@@ -62,6 +63,9 @@ cdef class Session(_Engine):
                     common_sampler_accept(s.smpl, tok, True)
                     s.last = tok
                     s.pending.push_back(tok)
+                    if s.n_top >= 0:
+                        s.lp_vals.push_back(mtp_cy_logprobs(llama_get_logits_ith(self.ctx, 0), n_vocab, tok,
+                                                            s.n_top, s.lp_top_ids, s.lp_top_vals))
                 t2 = ggml_time_us()
                 mtp_cy_add(self.st.t_verify_us, t1 - t0)
                 mtp_cy_add(self.st.t_sample_us, t2 - t1)

@@ -24,6 +24,10 @@ cdef tuple _stop_strings(stop):
 
 
 
+_OPENAI_FINISH = (None, "length", "stop", "length", "cancelled", "error", "stop")
+_STOP_REASONS = (None, "max_tokens", "eog", "ctx_full", "cancelled", "error", "stop_string")
+
+
 @cython.no_gc_clear
 cdef class _Stream:
     """Iterator over the output of one generation call (see Session.stream / MTP.stream).
@@ -69,6 +73,19 @@ cdef class _Stream:
     cdef int64_t timeout_us
     cdef int64_t prompt_timeout_us
     cdef int ckpt_hint            # chat(): a position worth a state checkpoint (0: none)
+    # this call's results
+    cdef list out_tokens          # delivered token ids
+    cdef list out_text            # delivered text, in pieces
+    cdef list out_logprobs        # per delivered token (logprobs requested)
+    cdef dict stats0              # the engine's counters when the stream opened
+    cdef int n_cached             # prompt tokens whose state was reused
+    cdef object chat_parser       # chat(): the ChatParser of the rendered conversation
+    cdef object _completion
+    # log-probabilities (n_top < 0: not requested) of the pending tokens
+    cdef int n_top
+    cdef vector[float] lp_vals
+    cdef vector[llama_token] lp_top_ids
+    cdef vector[float] lp_top_vals
     cdef object decoder
     cdef list queue
     cdef object deferred          # an error raised after the held-back text was flushed
@@ -103,6 +120,11 @@ cdef class _Stream:
         self.hit = None
         self.deferred = None
         self.executing = False
+        self.out_tokens = []
+        self.out_text = []
+        self.out_logprobs = None
+        self.n_top = -1
+        self._completion = None
 
     def __dealloc__(self):
         self._release()
@@ -151,9 +173,18 @@ cdef class _Stream:
 
     @property
     def finish_reason(self):
-        """``None`` while running, then ``"max_tokens"``, ``"eog"``, ``"stop"``, ``"ctx_full"``,
-        ``"cancelled"`` or ``"error"``."""
-        return _FINISH_REASONS[self.reason]
+        """Why the stream ended, in OpenAI's vocabulary: ``None`` while it runs, then
+        ``"stop"`` (the model ended the text, or a stop string), ``"length"``
+        (``max_tokens``, or the context is full), ``"cancelled"`` or ``"error"``.
+        :attr:`stop_reason` has the detail."""
+        return _OPENAI_FINISH[self.reason]
+
+    @property
+    def stop_reason(self):
+        """The detail of :attr:`finish_reason`: ``None`` while running, then ``"eog"``,
+        ``"stop_string"``, ``"max_tokens"``, ``"ctx_full"``, ``"cancelled"`` or ``"error"``
+        (the same words as ``stats["stop_reason"]`` of the ``("done", stats)`` event)."""
+        return _STOP_REASONS[self.reason]
 
     @property
     def stop_string(self):
@@ -161,27 +192,79 @@ cdef class _Stream:
         return self.hit
 
     @property
+    def completion(self):
+        """This call's :class:`mtp_cy.Completion` (text, token ids, reasons, usage,
+        statistics, log-probabilities) once the stream has ended; ``None`` before."""
+        if self.reason == R_NONE:
+            return None
+        if self._completion is None:
+            from mtp_cy.completion import Completion
+            self._completion = Completion._from_stream(self)
+        return self._completion
+
+    @property
+    def chat_parser(self):
+        """For :meth:`Session.chat` streams: the :class:`ChatParser` that turns the reply
+        into content, reasoning and tool calls; ``None`` otherwise."""
+        return self.chat_parser
+
+    def _result(self):
+        """The raw material of :attr:`completion` (a dict)."""
+        return {"text": "".join(self.out_text), "tokens": list(self.out_tokens),
+                "finish_reason": _OPENAI_FINISH[self.reason], "stop_reason": _STOP_REASONS[self.reason],
+                "stop_string": self.hit, "prompt_tokens": <int>self.prompt.size(), "cached_tokens": self.n_cached,
+                "stats": self._call_stats(), "logprobs": self.out_logprobs,
+                "chat_parser": self.chat_parser}
+
+    cdef dict _call_stats(self):
+        """This call's statistics: the engine's counters since the stream opened."""
+        now = self.engine._stats()
+        d = {}
+        for k in ("iters", "drafts_generated", "drafts_accepted", "tokens_emitted", "calls"):
+            d[k] = now[k] - self.stats0[k]
+        d["acceptance_rate"] = (d["drafts_accepted"] / d["drafts_generated"]) if d["drafts_generated"] else 0.0
+        t = {k: now["timing_us"][k] - self.stats0["timing_us"][k] for k in now["timing_us"]}
+        d["timing_us"] = t
+        d["tokens_per_sec"] = (d["tokens_emitted"] * 1e6 / t["total"]) if t["total"] > 0 else 0.0
+        d["prompt_tokens"] = <int>self.prompt.size()
+        d["prompt_tokens_cached"] = self.n_cached
+        self.engine._more_stats(d)
+        d.pop("policy", None)
+        return d
+
+    @property
     def tokens_delivered(self):
         """Tokens delivered so far by this stream (see the class docstring)."""
         return self.delivered
 
     # -- delivery ---------------------------------------------------------------------
-    cdef void _deliver(self, llama_token tok, piece, bint with_text) except *:
+    cdef void _deliver(self, llama_token tok, piece, bint with_text, lp=None) except *:
         self.delivered += 1
         mtp_cy_add(self.engine.st.tokens_emitted, 1)
+        self.out_tokens.append(tok)
+        if self.out_logprobs is not None:
+            self.out_logprobs.append(lp)
         if self.events:
-            self.queue.append(("token", tok, piece))
+            self.out_text.append(piece)
+            if self.n_top >= 0:
+                self.queue.append(("token", tok, piece, lp))
+            else:
+                self.queue.append(("token", tok, piece))
             if self.emit_stats_every > 0 and self.delivered % self.emit_stats_every == 0:
                 self.queue.append(("stats", self.engine._stats()))
         elif with_text and piece:
-            self.queue.append(piece)
+            self._text_out(piece)
+
+    cdef void _text_out(self, str piece) except *:
+        self.out_text.append(piece)
+        self.queue.append(piece)
 
     cdef void _release_to(self, Py_ssize_t upto) except *:
         """Release the text up to character ``upto`` and deliver the tokens it completes."""
         cdef Py_ssize_t nb
         cdef tuple h
         if not self.events and upto > self.released:
-            self.queue.append(self.text[self.released - self.base:upto - self.base])
+            self._text_out(self.text[self.released - self.base:upto - self.base])
         if upto > self.released:
             self.released = upto
         while self.held:
@@ -190,7 +273,7 @@ cdef class _Stream:
                 break
             del self.held[0]
             self._deliver(h[0], self.text[<Py_ssize_t>h[1] - self.base:<Py_ssize_t>h[3] - self.base]
-                          if self.events else None, False)
+                          if self.events else None, False, h[4])
         nb = self.released
         if self.held:
             nb = min(nb, <Py_ssize_t>(<tuple>self.held[0])[1])
@@ -212,13 +295,13 @@ cdef class _Stream:
         if best >= 0:
             p = self.base + best
             if not self.events and best > rel:
-                self.queue.append(self.text[rel:best])
+                self._text_out(self.text[rel:best])
             self.released = p
             for h in self.held:
                 if <Py_ssize_t>h[1] < p:     # its text starts before the stop string
                     self._deliver(h[0], self.text[<Py_ssize_t>h[1] - self.base:
                                                   min(<Py_ssize_t>h[3], p) - self.base]
-                                  if self.events else None, False)
+                                  if self.events else None, False, h[4])
             self.held = []
             self.hit = hit
             self._finish_event(R_STOP)
@@ -247,26 +330,38 @@ cdef class _Stream:
         self._release_to(self.total)
         for h in self.held:    # tokens ending in an incomplete character (its bytes are dropped)
             self._deliver(h[0], self.text[<Py_ssize_t>h[1] - self.base:<Py_ssize_t>h[3] - self.base]
-                          if self.events else None, False)
+                          if self.events else None, False, h[4])
         self.held = []
 
-    cdef int _take(self, llama_token tok) except -1:
-        """Process one generated token: end of generation, text, stop strings, max_tokens."""
+    cdef object _logprob(self, size_t i):
+        """The log-probability record of pending token ``i``."""
+        cdef size_t j, n = <size_t>self.n_top
+        if self.n_top < 0 or i >= self.lp_vals.size():
+            return None
+        return {"logprob": self.lp_vals[i],
+                "top_logprobs": [(self.lp_top_ids[i * n + j], self.lp_top_vals[i * n + j]) for j in range(n)]}
+
+    cdef int _take(self, llama_token tok, size_t i) except -1:
+        """Process generated token ``tok`` (pending index ``i``): end of generation, text,
+        stop strings, max_tokens."""
         cdef Py_ssize_t start
         if llama_vocab_is_eog(self.vocab, tok):
             self._finish_event(R_EOG)
             return 0
         b = self.model._piece(tok)
+        lp = self._logprob(i)
+        if lp is not None:
+            lp["text"] = b.decode("utf-8", "replace")
         self.emitted += 1
         if self.stops is None:
-            self._deliver(tok, self.decoder.decode(b), True)
+            self._deliver(tok, self.decoder.decode(b), True, lp)
         else:
             start = self.total
             piece = self.decoder.decode(b)
             self.total += len(piece)
             self.text += piece
             # a token whose bytes start a character belongs to that character
-            self.held.append((tok, start, self.total + (1 if self.decoder.getstate()[0] else 0), self.total))
+            self.held.append((tok, start, self.total + (1 if self.decoder.getstate()[0] else 0), self.total, lp))
             if self._scan():
                 return 0
         if self.emitted >= self.max_tokens:
@@ -284,8 +379,8 @@ cdef class _Stream:
             elif reason == R_STOP:
                 self.queue.append(("stop", self.hit))
             elif reason in (R_MAX, R_CTX, R_CANCEL):
-                fs = eng.stats()
-                fs["stop_reason"] = {R_MAX: "max_tokens", R_CTX: "ctx_full", R_CANCEL: "cancelled"}[reason]
+                fs = self._call_stats()
+                fs["stop_reason"] = _STOP_REASONS[reason]
                 self.queue.append(("done", fs))
         # bytes of a character left incomplete when generation stopped are dropped (in
         # both modes), never yielded as a broken half or a replacement character
@@ -296,6 +391,9 @@ cdef class _Stream:
         cdef int r
         self.pending.clear()
         self.pending_pos = 0
+        self.lp_vals.clear()
+        self.lp_top_ids.clear()
+        self.lp_top_vals.clear()
         try:
             r = eng._native(self)
         except Exception as exc:
@@ -348,7 +446,7 @@ cdef class _Stream:
             if self.pending_pos < self.pending.size():
                 tok = self.pending[self.pending_pos]
                 self.pending_pos += 1
-                self._take(tok)
+                self._take(tok, self.pending_pos - 1)
                 continue
             # need more tokens: run one native step
             self._native_step()
@@ -376,7 +474,7 @@ cdef class _Stream:
                         break
                     tok = self.pending[self.pending_pos]
                     self.pending_pos += 1
-                    self._take(tok)
+                    self._take(tok, self.pending_pos - 1)
                 else:
                     break
             return out

@@ -211,7 +211,8 @@ def test_mtp_equals_plain_when_the_context_fills(mtp_model, mtp_sm, n_ctx, n_dra
             b = m.stream(p, max_tokens=100, temp=0)
             tb = "".join(b)
             assert ta == tb, (n_prompt, ta, tb)
-            assert a.finish_reason == b.finish_reason == "ctx_full"
+            assert a.stop_reason == b.stop_reason == "ctx_full"
+            assert a.finish_reason == b.finish_reason == "length"
             assert len(m.model.tokenize(tb, add_special=False)) == n_ctx - n_prompt + 1
 
 

@@ -117,7 +117,8 @@ def check(kind, e, sm, p, max_tokens, stops):
     e.reset_stats()
     it = e.stream(p, max_tokens=max_tokens, temp=0, stop=arg)
     assert list(it) == ref["chunks"]
-    assert it.finish_reason == ("stop" if ref["hit"] else "max_tokens")
+    assert it.stop_reason == ("stop_string" if ref["hit"] else "max_tokens")
+    assert it.finish_reason == ("stop" if ref["hit"] else "length")
     assert it.stop_string == ref["hit"]
     assert counters(e) == expected_counters(kind, pred, ref["last"], ref["delivered"])
 

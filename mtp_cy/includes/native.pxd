@@ -47,6 +47,8 @@ cdef extern from "_native.h" nogil:
         cbool held()
 
     string mtp_cy_current_exception_what()
+    float mtp_cy_logprobs(const float * logits, int32_t n_vocab, llama_token tok, int32_t top_n,
+                          vector[llama_token] & top_ids, vector[float] & top_lps) except +
     ggml_threadpool_t mtp_cy_threadpool_new(int n_threads)
     void mtp_cy_threadpool_free(ggml_threadpool_t tp)
     void mtp_cy_threadpool_pause(ggml_threadpool_t tp)
