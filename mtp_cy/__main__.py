@@ -1,11 +1,14 @@
 """Command line: ``python -m mtp_cy {demo,run,bench,info,rpc-server}`` (also installed as ``mtp-cy``).
 
 * ``demo``: generate (once, then cached) a small synthetic MTP model, stream an
-  MTP generation with a live statistics line, then print a summary, including
-  a check that the text equals plain greedy decoding of the same model.
+  MTP generation (``--n-draft auto`` by default) with a live statistics line,
+  then print a summary, one line comparing MTP with plain decoding on this
+  machine (and what ``auto`` chose), and a check that the text equals plain
+  greedy decoding of the same model.
 * ``run MODEL.gguf "prompt"``: stream from any GGUF (MTP when the model has an
-  MTP head, plain decoding otherwise or with ``--plain``).
-* ``bench MODEL.gguf``: plain vs MTP (``--n-draft 1,2,3,4``) side by side.
+  MTP head -- its own, or a sidecar given with ``--mtp-head`` -- plain decoding
+  otherwise or with ``--plain``).
+* ``bench MODEL.gguf``: plain vs MTP (``--n-draft 1,2,3,4,auto``) side by side.
 * ``info``: versions, CPU features and backend devices.
 * ``rpc-server``: serve this machine's devices to other hosts with llama.cpp's
   RPC server, so that ``Model(path, rpc_servers=["this-host:50052"])`` (or
@@ -127,6 +130,8 @@ def _rpc_list(value: Optional[str]) -> Optional[List[str]]:
 def _load(path, args):
     import mtp_cy
     kw = {"progress": not args.quiet and sys.stderr.isatty()}
+    if getattr(args, "mtp_head", None):
+        kw["mtp_head"] = args.mtp_head
     if getattr(args, "n_gpu_layers", None) is not None:
         kw["n_gpu_layers"] = args.n_gpu_layers
     if getattr(args, "rpc", None):
@@ -143,6 +148,28 @@ def _ctx_opts(args) -> dict:
 
 # ----------------------------------------------------------------------------- commands
 
+def _draft_desc(n_draft) -> str:
+    return "n_draft=auto" if n_draft == "auto" else f"n_draft={n_draft}"
+
+
+def _policy_line(st: dict) -> str:
+    """What n_draft="auto" chose, and why, in one phrase."""
+    pol = st.get("policy")
+    if not pol:
+        return ""
+    chosen = pol["chosen"]
+    total = sum(chosen.values()) or 1
+    plain = chosen.get(0, 0) / total
+    v1 = pol["verify_us"].get(1) or 0.0
+    ratio = pol["draft_token_us"] / v1 if v1 else 0.0
+    if plain >= 0.5:
+        return (f"auto decoded plainly in {plain:.0%} of the iterations: a draft token costs {ratio:.2f}x a "
+                f"target step here, so drafting does not pay (it still probes now and then)")
+    k = max((k for k in chosen if k), key=lambda k: chosen[k])
+    return (f"auto drafted {k} token(s) most of the time ({chosen[k] / total:.0%} of the iterations; "
+            f"a draft token costs {ratio:.2f}x a target step here)")
+
+
 def cmd_demo(args) -> int:
     import mtp_cy
     from mtp_cy import synthetic
@@ -152,10 +179,11 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     sm = synthetic.cached_model(mtp=True, acceptance=args.acceptance, size=args.size)
     err.write(f"model: {sm.path} ({sm.n_params / 1e6:.1f}M params, ready in {time.perf_counter() - t0:.1f} s)\n")
-    with _load(sm.path, args) as model, mtp_cy.MTP(model, n_draft=args.n_draft, **_ctx_opts(args)) as mtp:
+    with _load(sm.path, args) as model, mtp_cy.MTP(model, n_draft=args.n_draft, **_ctx_opts(args)) as mtp, \
+            mtp_cy.Session(model, **_ctx_opts(args)) as plain:
         prompt = args.prompt
-        err.write(f"prompt: {prompt!r}   n_draft={args.n_draft}  max_tokens={args.max_tokens}\n\n")
-        view = LiveView(mtp, every=args.stats_every)
+        err.write(f"prompt: {prompt!r}   {_draft_desc(args.n_draft)}  max_tokens={args.max_tokens}\n\n")
+        view = LiveView(mtp, every=args.stats_every, live=False if args.quiet else None)
         t0 = time.perf_counter()
         parts = []
         try:
@@ -166,24 +194,33 @@ def cmd_demo(args) -> int:
             view.finish()
         wall = time.perf_counter() - t0
         st = mtp.stats()
-        print("\nsummary:")
-        print(_summary(st, wall))
-        # the promise of speculative decoding: the same text as plain decoding, and the
-        # counters the synthetic model's oracle predicts
-        with mtp_cy.Session(model, **_ctx_opts(args)) as plain:
-            t1 = time.perf_counter()
-            plain_text = plain.generate(prompt, max_tokens=args.max_tokens, temp=0)
-            plain_wall = time.perf_counter() - t1
-            plain_st = plain.stats()
+        if not args.quiet:
+            print("\nsummary:")
+            print(_summary(st, wall))
+        # the promise of speculative decoding: the same text as plain decoding (and, with a
+        # fixed n_draft, the counters that the synthetic model's oracle predicts)
+        plain_text = plain.generate(prompt, max_tokens=args.max_tokens, temp=0)
         same = plain_text == "".join(parts)
-        want = sm.predict(model.tokenize(prompt, parse_special=True), args.max_tokens, args.n_draft,
-                          n_ctx=mtp.n_ctx)
-        exact = (want.iters, want.drafts_generated, want.drafts_accepted, want.tokens_emitted) == \
-                (st["iters"], st["drafts_generated"], st["drafts_accepted"], st["tokens_emitted"])
-        print(f"  {'plain decoding (same model)':<39}  {plain_st['tokens_per_sec']:.1f} tok/s "
-              f"(wall {plain_wall:.2f} s)")
+        exact = True
+        if args.n_draft != "auto":
+            want = sm.predict(model.tokenize(prompt), args.max_tokens, args.n_draft, n_ctx=mtp.n_ctx)
+            exact = (want.iters, want.drafts_generated, want.drafts_accepted, want.tokens_emitted) == \
+                    (st["iters"], st["drafts_generated"], st["drafts_accepted"], st["tokens_emitted"])
+        # MTP against plain decoding on this machine, side by side (interleaved, best of 3)
+        speed = {"mtp": 0.0, "plain": 0.0}
+        for _ in range(3):
+            for name, eng in (("mtp", mtp), ("plain", plain)):
+                t1 = time.perf_counter()
+                n = len(eng.complete(prompt, max_tokens=args.max_tokens, temp=0).tokens)
+                speed[name] = max(speed[name], n / (time.perf_counter() - t1))
+        ratio = speed["mtp"] / speed["plain"] if speed["plain"] else 0.0
+        print(f"\non this machine: MTP ({_draft_desc(args.n_draft)}) {speed['mtp']:.0f} tok/s, plain decoding "
+              f"{speed['plain']:.0f} tok/s -> {ratio:.2f}x. " + (_policy_line(mtp.stats()) or
+              ("MTP pays when a draft token costs a small fraction of a target step (large, memory-bound "
+               "models); on a tiny model it rarely does: try --n-draft auto")))
         print(f"  {'identical to plain greedy text':<39}  {'yes' if same else 'NO'}")
-        print(f"  {'statistics equal the oracle':<39}  {'yes' if exact else 'NO'}")
+        if args.n_draft != "auto":
+            print(f"  {'statistics equal the oracle':<39}  {'yes' if exact else 'NO'}")
         if args.upstream_stats:
             mtp.print_stats()
     return 0 if (same and exact) else 1
@@ -196,6 +233,10 @@ def cmd_run(args) -> int:
         use_mtp = model.has_mtp and not args.plain
         if not use_mtp and not args.plain and not args.quiet:
             sys.stderr.write("note: this model has no MTP head; using plain decoding\n")
+        if use_mtp and not args.quiet:
+            src = f"the sidecar {model.mtp_head}" if model.mtp_source == "sidecar" else "the model file"
+            sys.stderr.write(f"MTP head: {src} ({model.n_layer_nextn} NextN layer(s)), "
+                             f"{_draft_desc(args.n_draft)}\n")
         eng = (mtp_cy.MTP(model, n_draft=args.n_draft, **_ctx_opts(args)) if use_mtp
                else mtp_cy.Session(model, **_ctx_opts(args)))
         with eng:
@@ -218,7 +259,7 @@ def cmd_bench(args) -> int:
     from mtp_cy.bench import format_table, measure
     model = _load(args.model, args)
     with model:
-        drafts = [int(x) for x in args.n_draft.split(",") if x.strip()] if model.has_mtp else []
+        drafts = [_n_draft(x.strip()) for x in args.n_draft.split(",") if x.strip()] if model.has_mtp else []
         if not model.has_mtp:
             sys.stderr.write("note: this model has no MTP head; measuring plain decoding only\n")
 
@@ -342,6 +383,16 @@ def _positive_int(s):
     return v
 
 
+def _n_draft(s):
+    """``auto`` or a positive int."""
+    if s == "auto":
+        return s
+    try:
+        return _positive_int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an int >= 1, got {s!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mtp_cy",
                                 description="MTP speculative decoding over llama.cpp (mtp_cy).")
@@ -356,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar, live line or summary")
 
     d = sub.add_parser("demo", help="stream from a synthetic MTP model with live statistics")
-    d.add_argument("--n-draft", type=_positive_int, default=3)
+    d.add_argument("--n-draft", type=_n_draft, default="auto",
+                   help="draft length, or 'auto' to let the loop choose (default %(default)s)")
     d.add_argument("--max-tokens", type=_positive_int, default=160)
     d.add_argument("--acceptance", type=float, default=0.75, help="fraction of drafts that are right")
     d.add_argument("--size", choices=["tiny", "bench"], default="tiny", help="tiny (~10 MB) or bench (>=200M params)")
@@ -369,7 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="stream a completion from a GGUF model")
     r.add_argument("model", help="path to a .gguf file")
     r.add_argument("prompt")
-    r.add_argument("--n-draft", type=_positive_int, default=3)
+    r.add_argument("--n-draft", type=_n_draft, default="auto",
+                   help="draft length, or 'auto' to let the loop choose (default %(default)s)")
+    r.add_argument("--mtp-head", default=None, metavar="GGUF",
+                   help="an MTP sidecar (mtp-<name>.gguf) for a model file without MTP layers")
     r.add_argument("--max-tokens", type=_positive_int, default=256)
     r.add_argument("--temp", type=float, default=0.8)
     r.add_argument("--top-k", type=int, default=None)
@@ -386,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model")
     b.add_argument("--prompt", default="The quick brown fox")
     b.add_argument("--max-tokens", type=_positive_int, default=128)
-    b.add_argument("--n-draft", default="1,2,3,4", help="comma-separated draft lengths (default %(default)s)")
+    b.add_argument("--n-draft", default="1,2,3,4,auto",
+                   help="comma-separated draft lengths, 'auto' included (default %(default)s)")
+    b.add_argument("--mtp-head", default=None, metavar="GGUF", help="an MTP sidecar for a model without MTP layers")
     b.add_argument("--repeats", type=_positive_int, default=3)
     b.add_argument("--n-gpu-layers", type=int, default=None)
     common(b)

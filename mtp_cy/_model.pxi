@@ -45,6 +45,32 @@ _SPLIT_MODES = {"none": LLAMA_SPLIT_MODE_NONE, "layer": LLAMA_SPLIT_MODE_LAYER,
                 "row": LLAMA_SPLIT_MODE_ROW, "tensor": LLAMA_SPLIT_MODE_TENSOR}
 
 
+cdef str _model_arch(const llama_model * m):
+    cdef char buf[128]
+    cdef int32_t n = llama_model_meta_val_str(m, b"general.architecture", buf, sizeof(buf))
+    return buf[:max(n, 0)].decode("utf-8", "replace") if n >= 0 else None
+
+
+cdef object _head_mismatch(const llama_model * model, const llama_model * head):
+    """Why ``head`` cannot draft for ``model`` (None when it fits)."""
+    cdef str a = _model_arch(model), b = _model_arch(head)
+    if llama_model_n_layer_nextn(head) <= 0:
+        return (f"it has no MTP (NextN) layer (architecture {b!r}, nextn_predict_layers = 0): it is not an "
+                f"MTP head, e.g. a plain model was given as mtp_head")
+    if a != b:
+        return f"it is a {b!r} model, the model is {a!r}"
+    if llama_model_n_embd(head) != llama_model_n_embd(model):
+        return f"its width is {llama_model_n_embd(head)}, the model's is {llama_model_n_embd(model)}"
+    cdef int nv_h = llama_vocab_n_tokens(llama_model_get_vocab(head))
+    cdef int nv_m = llama_vocab_n_tokens(llama_model_get_vocab(model))
+    if nv_h != nv_m:
+        return f"its vocabulary has {nv_h} tokens, the model's has {nv_m}"
+    cdef int trunk_h = llama_model_n_layer(head), trunk_m = llama_model_n_layer(model)
+    if trunk_h != trunk_m:
+        return f"it was made for a trunk of {trunk_h} layers, the model has {trunk_m}"
+    return None
+
+
 cdef _check_gguf_file(str path):
     if not os.path.exists(path):
         raise ModelLoadError(f"model file not found: {path!r}")
@@ -87,6 +113,13 @@ cdef class Model:
       place the layers on them; layers not offloaded stay on this machine's CPU.
       Every server must answer before anything is loaded; one that does not
       raises :class:`ModelLoadError` naming it.
+    * ``mtp_head``: path of an MTP sidecar GGUF (upstream's ``mtp-<name>.gguf``: the
+      NextN block, with the embedding/norm/output tensors it needs) for a model file
+      without MTP layers, e.g. a plain quant; :class:`MTP` then drafts with it.
+      The head must fit the model (same architecture, width, vocabulary size and
+      trunk depth, at least one NextN layer): otherwise
+      :class:`MTPUnsupportedError` says why.  :attr:`mtp_source` and
+      :attr:`mtp_head` tell where the head came from.
     * ``rpc_timeout``: seconds to wait for a server to accept the connection
       and to answer each request while connecting, loading and freeing
       (``None`` = no limit).  While a stream runs, its own ``timeout`` applies.
@@ -107,6 +140,8 @@ cdef class Model:
     cdef int _users
     cdef bint _mtp_loaded
     cdef bint _vocab_only
+    cdef llama_model * _head                    # an MTP sidecar (mtp_head=...), or NULL
+    cdef readonly str mtp_head
     cdef dict _meta_cache
     cdef common_chat_templates * _chat_tmpls   # the GGUF's own template, parsed on first use
     cdef common_chat_templates * _chat_tmpls_tools   # its separate tool_use template, if any
@@ -118,6 +153,8 @@ cdef class Model:
 
     def __cinit__(self):
         self._model = NULL
+        self._head = NULL
+        self.mtp_head = None
         self._vocab = NULL
         self._closed = True
         self._users = 0
@@ -130,7 +167,7 @@ cdef class Model:
 
     def __init__(self, path, *, n_gpu_layers=-1, use_mmap=True, use_mlock=False, load_mtp=None,
                  main_gpu=0, split_mode="layer", tensor_split=None, vocab_only=False, progress=None,
-                 rpc_servers=None, rpc_timeout=30.0):
+                 rpc_servers=None, rpc_timeout=30.0, mtp_head=None):
         if self._model != NULL:
             raise MTPError("Model.__init__ called twice")
         path = os.fspath(path)
@@ -148,6 +185,15 @@ cdef class Model:
             raise TypeError(f"split_mode must be a str, got {type(split_mode).__name__}")
         if load_mtp is not None and not isinstance(load_mtp, bool):
             raise TypeError("load_mtp must be None, True or False")
+        head_path = None
+        if mtp_head is not None:
+            head_path = os.fspath(mtp_head)
+            if isinstance(head_path, bytes):
+                head_path = head_path.decode()
+            if vocab_only:
+                raise ValueError("mtp_head cannot be used with vocab_only=True (nothing would run the head)")
+            if load_mtp is False:
+                raise ValueError("mtp_head=... loads an MTP head; it contradicts load_mtp=False")
         if progress is not None and progress is not True and progress is not False and not callable(progress):
             raise TypeError("progress must be None, True or a callable taking a float in [0, 1]")
         cdef int64_t rpc_tus = _timeout_us(rpc_timeout, "rpc_timeout")
@@ -268,6 +314,13 @@ cdef class Model:
         if w != NULL:
             self._rpcw = w
             self.rpc_servers = tuple(ep for _, _, ep in endpoints)
+        if head_path is not None:
+            try:
+                self._load_head(head_path, mp)
+            except BaseException:
+                self._closed = True
+                self._free()
+                raise
 
     cdef int _rpc_guard(self) except -1:
         """Refuse to run anything on a model whose RPC server failed."""
@@ -311,12 +364,40 @@ cdef class Model:
         if self._closed:
             raise ClosedError("this Model is closed")
 
+    cdef int _load_head(self, str path, llama_model_params mp) except -1:
+        """Load an MTP-only sidecar GGUF (upstream's ``mtp-<name>.gguf``) and check that it fits."""
+        _check_gguf_file(path)
+        cdef bytes bpath = path.encode()
+        cdef const char * cpath = bpath
+        cdef llama_model * h
+        mp.load_mtp = True
+        mp.vocab_only = False
+        mp.progress_callback = NULL
+        mp.progress_callback_user_data = NULL
+        _take_errors()
+        with nogil:
+            h = llama_model_load_from_file(cpath, mp)
+        if h == NULL:
+            raise ModelLoadError(f"failed to load the MTP head {path!r}: {_take_errors() or 'unknown error'}")
+        try:
+            why = _head_mismatch(self._model, h)
+        except BaseException:
+            llama_model_free(h)
+            raise
+        if why is not None:
+            llama_model_free(h)
+            raise MTPUnsupportedError(f"{path!r} cannot be the MTP head of {self.path!r}: {why}")
+        self._head = h
+        self.mtp_head = path
+        self._mtp_loaded = True
+        return 0
+
     cdef bint _has_sidecar(self):
-        return False
+        return self._head != NULL
 
     cdef const llama_model * _mtp_model(self):
         """The llama_model whose NextN block drafts (the model itself, or its MTP sidecar)."""
-        return self._model
+        return self._head if self._head != NULL else self._model
 
     @property
     def vocab_only(self):
@@ -333,6 +414,11 @@ cdef class Model:
 
     cdef void _free(self):
         cdef llama_model * m = self._model
+        cdef llama_model * h = self._head
+        if h != NULL:
+            self._head = NULL
+            with nogil:
+                llama_model_free(h)
         mtp_cy_chat_free(self._chat_tmpls)
         self._chat_tmpls = NULL
         mtp_cy_chat_free(self._chat_tmpls_tools)
@@ -368,6 +454,9 @@ cdef class Model:
         self._chat_tmpls = NULL
         mtp_cy_chat_free(self._chat_tmpls_tools)
         self._chat_tmpls_tools = NULL
+        if self._head != NULL:
+            llama_model_free(self._head)
+            self._head = NULL
         if self._model != NULL:
             llama_model_free(self._model)
             self._model = NULL
@@ -379,7 +468,7 @@ cdef class Model:
         if self._closed:
             return f"<mtp_cy.Model closed path={self.path!r}>"
         return (f"<mtp_cy.Model {self.arch} {self.n_params / 1e6:.1f}M params"
-                f"{' +MTP' if self.has_mtp else ''}"
+                f"{(' +MTP(' + os.path.basename(self.mtp_head) + ')') if self.mtp_head else (' +MTP' if self.has_mtp else '')}"
                 f"{' rpc=' + ','.join(self.rpc_servers) if self.rpc_servers else ''} path={self.path!r}>")
 
     # -- metadata ---------------------------------------------------------------
@@ -461,15 +550,26 @@ cdef class Model:
 
     @property
     def n_layer_nextn(self):
-        """Number of MTP (NextN) layers declared by the GGUF (0 for a plain model)."""
+        """Number of MTP (NextN) layers of the head in use: the sidecar's with ``mtp_head=``,
+        else the ones the GGUF declares (0 for a plain model)."""
         self._check()
-        return llama_model_n_layer_nextn(self._model)
+        return llama_model_n_layer_nextn(self._mtp_model())
 
     @property
     def has_mtp(self):
-        """``True`` when the model has MTP layers and they were loaded (see ``load_mtp``)."""
+        """``True`` when an MTP head is loaded: the GGUF's own layers (see ``load_mtp``) or a
+        sidecar (``mtp_head``)."""
         self._check()
         return self._mtp_loaded
+
+    @property
+    def mtp_source(self):
+        """Where the MTP head comes from: ``"sidecar"`` (``mtp_head=``, whose path is
+        :attr:`mtp_head`), ``"model"`` (the GGUF's own layers) or ``None`` (no head)."""
+        self._check()
+        if self._head != NULL:
+            return "sidecar"
+        return "model" if self._mtp_loaded else None
 
     @property
     def n_params(self):

@@ -19,9 +19,9 @@
 //
 // (a plain step's row is kept and fed to the MTP head later in one batch, so
 // its catch-up cost is paid when drafting resumes; it is charged to the
-// drafting iterations, where it belongs).  Each cost is the median of its
-// last samples (robust to the odd slow step when another process takes the
-// CPU for a moment, yet following a lasting change within a few iterations)
+// drafting iterations, where it belongs).  Each cost is a low quantile of its
+// last samples (robust to slow steps when another process takes the CPU for a
+// moment, yet following a lasting change within a few iterations)
 // and the acceptances are exponentially decayed counts, so the policy follows
 // changes (another process loading the CPU, a text that becomes predictable).  It explores: lengths it has never measured get an
 // optimistic cost, it regularly tries the neighbours of the best length, and
@@ -38,7 +38,10 @@
 #include <cstdint>
 #include <cstring>
 
-// The median of the last N samples of a cost.
+// A low quantile (the 25th percentile) of the last N samples of a cost.  A
+// stall (another process takes the CPU in the middle of a step) only ever adds
+// time, so a low quantile sees through up to 3 stalls in 4 samples, and it
+// still follows a lasting change within a few iterations.
 struct mtp_cy_median {
     static const int N = 9;
     double buf[N];
@@ -59,14 +62,9 @@ struct mtp_cy_median {
         }
         double tmp[N];
         std::copy(buf, buf + n, tmp);
-        std::nth_element(tmp, tmp + n / 2, tmp + n);
-        double m = tmp[n / 2];
-        if (n % 2 == 0) {
-            // even count: mean of the two middle values
-            const double lo = *std::max_element(tmp, tmp + n / 2);
-            m = 0.5 * (m + lo);
-        }
-        return m;
+        const int q = (n - 1) / 4;
+        std::nth_element(tmp, tmp + q, tmp + n);
+        return tmp[q];
     }
 };
 
@@ -237,9 +235,11 @@ struct mtp_cy_policy {
     // -- decisions ---------------------------------------------------------------
     int choose() {
         int k;
-        if (iter < k_max + 2) {
-            // measure every length once: 0, 0 (the first step after the prompt is cold), 1 .. k_max
-            k = iter < 2 ? 0 : (int) iter - 1;
+        if (iter < 2 * k_max + 3) {
+            // measure every length twice: 0, 0 (the first step after the prompt is cold),
+            // 1 .. k_max, 0, 1 .. k_max
+            const int i = (int) iter;
+            k = i < 2 ? 0 : (i < k_max + 2 ? i - 1 : i - (k_max + 2));
         } else {
             int b = 0;
             double bs = score(0);

@@ -201,8 +201,9 @@ def test_estimates_and_validation():
     hw = Hardware(**SHAPES["gpu"], noise=0.0, seed=8)
     p = DraftPolicy(4)
     simulate(p, hw, 2000)
+    # well observed positions are estimated closely, rarely drafted ones roughly
     for j, a in enumerate([0.85, 0.75, 0.65, 0.55], start=1):
-        assert p.acceptance(j) == pytest.approx(a, abs=0.12)
+        assert p.acceptance(j) == pytest.approx(a, abs=0.1 if j <= 2 else 0.2)
     assert p.cost_us(0) == pytest.approx(hw.verify(1) + hw.sample, rel=0.05)
     assert p.iterations == 2000 and sum(p.chosen.values()) == 2000
     assert p.tokens_per_second(p.best) == max(p.tokens_per_second(k) for k in range(5))
