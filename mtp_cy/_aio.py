@@ -105,6 +105,15 @@ class AsyncStream(Generic[T]):
                 s._cancel()
         return s._pull()
 
+    def _step_all(self):
+        """Runs in a worker thread: the whole stream at once (for :func:`collect`)."""
+        out = []
+        while True:
+            items = self._step()
+            if not items:
+                return out
+            out.extend(items)
+
     def _request_cancel(self):
         self._cancel_requested = True
         s = self._stream
@@ -209,11 +218,31 @@ class AsyncStream(Generic[T]):
 
 
 async def collect(stream: "AsyncStream[str]") -> str:
-    """Join the pieces of an :class:`AsyncStream` (``agenerate``)."""
-    parts = []
+    """Join the pieces of an :class:`AsyncStream` (``agenerate``).
+
+    The whole generation runs in one worker job (no hop through the event loop per
+    token: nobody consumes the pieces one by one), with the same cancellation
+    guarantee as ``__anext__``: when a cancelled ``agenerate`` has returned, the
+    native loop has stopped and the session is free."""
+    if stream._done or stream._future is not None or stream._items:
+        parts = []
+        try:
+            async for piece in stream:
+                parts.append(piece)
+        finally:
+            await stream.aclose()
+        return "".join(parts)
+    cf = _pool().submit(_Once(stream._step_all))
+    stream._future = cf
     try:
-        async for piece in stream:
-            parts.append(piece)
-    finally:
-        await stream.aclose()
-    return "".join(parts)
+        items = await asyncio.wrap_future(cf)
+    except asyncio.CancelledError:
+        await stream._stop(cf)
+        raise
+    except BaseException:
+        stream._future = None
+        stream._finish()
+        raise
+    stream._future = None
+    stream._finish()
+    return "".join(items)
