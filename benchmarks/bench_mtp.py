@@ -1,38 +1,43 @@
 #!/usr/bin/env python3
-"""mtp_cy against llama.cpp's native loops, side by side, in one run.
+"""mtp_cy against llama.cpp's native loops, side by side, in one run: plain decoding,
+fixed draft lengths, p_min and n_draft="auto", on models shaped like real MTP models.
 
-    python benchmarks/bench_mtp.py                 # >=200M-param synthetic model, n_draft 1-4
-    python benchmarks/bench_mtp.py --size tiny     # per-iteration overhead dominates
+    python benchmarks/bench_mtp.py                               # all default models
+    python benchmarks/bench_mtp.py --models tiny,bench --repeats 3
+    python benchmarks/bench_mtp.py --models dense-1.3b --configs plain,3,auto --json out.json
 
-Part 1 (throughput), on a synthetic qwen35 + MTP model (``--size bench``:
->= 200M parameters, f16, memory-bound decoding), interleaved per repeat:
+Models (``mtp_cy.synthetic``, generated once and cached; the acceptance knob is 0.75
+and, so that ``p_min`` has something to cut, the MTP head is unsure where it is wrong:
+``draft_confidence`` 0.58):
 
-* mtp_cy ``Session`` (plain greedy) and ``MTP`` for each ``--n-draft``;
-* upstream ``llama-speculative-simple --spec-type draft-mtp`` with the same
-  model, prompt, ``-n``, context, threads and draft length (its
-  ``decoded N tokens in T seconds`` line: decode phase only, like ours);
-* upstream ``llama-completion`` (plain decoding, its ``eval time`` line).
+* ``tiny``: 10M parameters -- per-token overheads dominate, drafting cannot pay;
+* ``bench``: 239M parameters, f16;
+* ``dense-1.3b`` / ``dense-1.3b-q8_0`` / ``dense-1.3b-q4_k_m``: the shape of a real
+  MTP model (n_embd 2048, 16 trunk layers of which 12 Gated-DeltaNet, n_ff 8192,
+  the MTP head sharing the output head; ~1.35B parameters), f16 and quantized by
+  upstream's llama-quantize;
+* ``moe-2.3b-a0.6b`` (and ``-q4_k_m``): the MoE shape (64 experts, 8 used, plus a
+  shared expert).
 
-Reported: tokens/s (median of the repeats), mtp_cy / native ratio per
-configuration, speed-up over plain decoding, acceptance.
-
-Part 2 (Python-side cost per token), on the tiny model: plain ``Session``
-against ``llama-completion``'s eval rate (its ``eval time`` plus its
-``sampling time`` per token, since mtp_cy's loop samples too):
-``1e6/ours - 1e6/native`` microseconds per token (and mtp_cy's own
-measurement: wall-clock decode time minus native loop time, per token).
-
-The upstream programs are built from the vendored llama.cpp in the native
-build tree (``build/native``) on first use.
+Configurations (``--configs``): ``plain``, a draft length ``k``, ``k@p`` (draft length k
+with ``p_min=p``) and ``auto``.  For each model, every repeat runs every configuration
+once, interleaved, mtp_cy then the native program with the same settings
+(``llama-completion`` for plain decoding, ``llama-speculative-simple --spec-type
+draft-mtp`` otherwise; ``auto`` has no native counterpart); medians are reported with
+the ratios mtp_cy/native and configuration/plain, the acceptance, what ``auto`` chose,
+and the draft cost relative to a target step (measured by ``auto``, and the
+theoretical parameter ratio of the model).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,9 +47,22 @@ except ImportError:  # a checkout built in place (python setup.py build_ext --in
     sys.path.insert(0, str(ROOT))
     import mtp_cy  # noqa: E402
 from mtp_cy import synthetic  # noqa: E402
-from mtp_cy.bench import format_table, measure  # noqa: E402
+from mtp_cy.bench import _one_run  # noqa: E402
 
 PROMPT_WORDS = "the sea moon star"
+DEFAULT_MODELS = "tiny,bench,dense-1.3b,dense-1.3b-q4_k_m"
+DEFAULT_CONFIGS = "plain,1,2,3,4,4@0.5,4@0.8,auto"
+
+
+def model_of(name: str, acceptance: float, confidence):
+    """The synthetic model for a benchmark model name (generated on first use)."""
+    kw = dict(mtp=True, acceptance=acceptance, draft_confidence=confidence)
+    base, _, q = name.partition("-q")
+    if name in ("tiny", "bench"):
+        return synthetic.cached_model(size=name, **kw)
+    dtype = f"q{q}" if q else "f16"
+    preset = base if q else name
+    return synthetic.cached_model(preset=preset, dtype=dtype, **kw)
 
 
 def upstream_bin(name: str) -> Path:
@@ -52,126 +70,149 @@ def upstream_bin(name: str) -> Path:
     import native_build
     path = native_build.upstream_program(name, ROOT)
     if path is None:
-        sys.exit(f"upstream's {name} not found: set MTP_CY_UPSTREAM_BIN to a directory holding it, or "
-                 f"run `pip install -e .` (or python setup.py build_ext --inplace) first to make the "
-                 f"native build tree it is built in")
+        sys.exit(f"upstream's {name} not found: set MTP_CY_UPSTREAM_BIN to a directory holding it, or build "
+                 f"mtp_cy from a checkout first (pip install -e . or python setup.py build_ext --inplace)")
     return path
 
 
-def run_spec(binary, sm, text, n_draft, n, n_ctx, threads):
-    cmd = [str(binary), "-m", str(sm.path), "--spec-type", "draft-mtp", "--spec-draft-n-max", str(n_draft),
+def run_spec(binary, path, text, n_draft, p_min, n, n_ctx, threads):
+    cmd = [str(binary), "-m", str(path), "--spec-type", "draft-mtp", "--spec-draft-n-max", str(n_draft),
            "-n", str(n), "-p", text, "--temp", "0", "-c", str(n_ctx), "-t", str(threads)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    if p_min:
+        cmd += ["--spec-draft-p-min", str(p_min)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, stdin=subprocess.DEVNULL)
     if p.returncode != 0:
         raise RuntimeError(f"{binary.name} failed:\n{p.stderr[-2000:]}")
     m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", p.stderr)
     acc = re.search(r"n_drafted\s*=\s*(\d+).*?n_accept\s*=\s*(\d+)", p.stderr, re.S)
-    n_dec, secs = int(m.group(1)), float(m.group(2))
     acceptance = int(acc.group(2)) / int(acc.group(1)) if acc and int(acc.group(1)) else 0.0
-    return n_dec / secs, acceptance
+    return int(m.group(1)) / float(m.group(2)), acceptance
 
 
-def run_completion(binary, sm, text, n, n_ctx, threads):
-    cmd = [str(binary), "-m", str(sm.path), "-p", text, "-n", str(n), "--temp", "0", "-no-cnv",
+def run_completion(binary, path, text, n, n_ctx, threads):
+    cmd = [str(binary), "-m", str(path), "-p", text, "-n", str(n), "--temp", "0", "-no-cnv",
            "-c", str(n_ctx), "-t", str(threads)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, stdin=subprocess.DEVNULL)
     if p.returncode != 0:
         raise RuntimeError(f"{binary.name} failed:\n{p.stderr[-2000:]}")
     m = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs", p.stderr)
     ms, runs = float(m.group(1)), int(m.group(2))
-    sm_ = re.search(r"\bsampling time =\s*([\d.]+) ms", p.stderr)   # common_perf_print: total over the run
-    per_tok_s = (ms + (float(sm_.group(1)) if sm_ else 0.0)) / runs / 1e3
-    return 1.0 / per_tok_s          # tokens/s of decode + sampling, as in our loop
+    s = re.search(r"\bsampling time =\s*([\d.]+) ms", p.stderr)   # total over the run
+    return runs / ((ms + (float(s.group(1)) if s else 0.0)) / 1e3), None
 
 
-def part_throughput(args):
-    sm = synthetic.cached_model(mtp=True, acceptance=args.acceptance, size=args.size)
-    drafts = [int(x) for x in args.n_draft.split(",")]
+def parse_configs(spec: str):
+    """``plain,1,2,4@0.8,auto`` -> [(name, MTP options or None)]"""
+    out = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        if item == "plain":
+            out.append(("plain", None))
+        elif item == "auto":
+            out.append(("mtp-auto", {"n_draft": "auto"}))
+        elif "@" in item:
+            k, p = item.split("@")
+            out.append((f"mtp-{int(k)}-p{float(p):g}", {"n_draft": int(k), "p_min": float(p)}))
+        else:
+            out.append((f"mtp-{int(item)}", {"n_draft": int(item)}))
+    return out
+
+
+def bench_model(name, args, configs, spec_bin, comp_bin):
+    t0 = time.perf_counter()
+    sm = model_of(name, args.acceptance, args.draft_confidence)
+    gen_s = time.perf_counter() - t0
     prompt = sm.encode(PROMPT_WORDS)
     text = sm.decode(prompt)
     n_ctx = len(prompt) + args.max_tokens + 64
-    spec = None if args.skip_upstream else upstream_bin("llama-speculative-simple")
-    comp = None if args.skip_upstream else upstream_bin("llama-completion")
-    print(f"# model: synthetic qwen35+MTP, size={args.size}, {sm.n_params / 1e6:.0f}M params, "
-          f"acceptance knob {args.acceptance}; prompt {text!r}; {args.max_tokens} tokens; "
-          f"threads {args.threads}; {args.repeats} interleaved repeats", flush=True)
-    ours = {}
-    native = {}
+    cost = sm.draft_cost() if hasattr(sm, "draft_cost") else None
+    print(f"\n## {name}: {sm.n_params / 1e6:.0f}M parameters, {sm.dtype}, {Path(sm.path).stat().st_size / 2**20:.0f} MiB"
+          f" (ready in {gen_s:.0f} s); theoretical draft/target cost "
+          f"{'%.3f' % cost.ratio if cost else '?'}", flush=True)
+    ours, native = {}, {}
+    sampling = {"temp": 0.0}
     with mtp_cy.Model(sm.path) as model:
-        for r in range(args.repeats):
-            rows = measure(model, prompt, max_tokens=args.max_tokens, n_drafts=drafts, repeats=1,
-                           n_ctx=n_ctx, n_threads=args.threads)
-            for row in rows:
-                ours.setdefault(row.name, []).append(row)
-            if spec is not None:
-                native.setdefault("plain", []).append((run_completion(comp, sm, text, args.max_tokens,
-                                                                      n_ctx, args.threads), None))
-                for k in drafts:
-                    native.setdefault(f"mtp-{k}", []).append(run_spec(spec, sm, text, k, args.max_tokens,
-                                                                     n_ctx, args.threads))
-            print(f"# repeat {r + 1}/{args.repeats} done", flush=True)
-    med_rows = []
-    for name, rs in ours.items():
-        rs = sorted(rs, key=lambda x: x.decode_tok_s)
-        med_rows.append(rs[len(rs) // 2])
-    print()
-    print(format_table(med_rows))
-    if native:
-        print()
-        base_ours = next(r.decode_tok_s for r in med_rows if r.name == "plain")
-        base_nat = statistics.median(v for v, _ in native["plain"])
-        head = f"{'config':<10}{'mtp_cy tok/s':>14}{'native tok/s':>14}{'mtp_cy/native':>15}" \
-               f"{'speed-up mtp_cy':>17}{'speed-up native':>17}{'accept':>9}"
-        print(head)
-        print("-" * len(head))
-        for row in med_rows:
-            nat = statistics.median(v for v, _ in native[row.name])
-            acc = f"{row.acceptance * 100:.1f}%" if row.n_draft else "-"
-            nat_name = "llama-completion" if row.name == "plain" else "speculative-simple"
-            print(f"{row.name:<10}{row.decode_tok_s:>14.1f}{nat:>14.1f}{row.decode_tok_s / nat:>14.2f}x"
-                  f"{row.decode_tok_s / base_ours:>16.2f}x{nat / base_nat:>16.2f}x{acc:>9}   ({nat_name})")
-    return med_rows
-
-
-def part_python_cost(args):
-    sm = synthetic.cached_model(mtp=True, acceptance=args.acceptance, size="tiny")
-    prompt = sm.encode(PROMPT_WORDS)
-    text = sm.decode(prompt)
-    n = 256
-    n_ctx = len(prompt) + n + 64
-    comp = upstream_bin("llama-completion")
-    ours, nat = [], []
-    with mtp_cy.Model(sm.path) as model:
-        for _ in range(args.repeats):
-            rows = measure(model, prompt, max_tokens=n, n_drafts=[], repeats=1, n_ctx=n_ctx,
-                           n_threads=args.threads)
-            ours.append(rows[0])
-            nat.append(run_completion(comp, sm, text, n, n_ctx, args.threads))
-    o = sorted(ours, key=lambda x: x.decode_tok_s)[len(ours) // 2]
-    u = statistics.median(nat)
-    print(f"\n# Python-side cost per token (tiny model, {sm.n_params / 1e6:.0f}M params, plain decoding, "
-          f"{n} tokens)")
-    print(f"mtp_cy Session: {o.decode_tok_s:.0f} tok/s (native loop alone {o.native_tok_s:.0f} tok/s); "
-          f"llama-completion eval: {u:.0f} tok/s")
-    print(f"cost vs llama-completion: {1e6 / o.decode_tok_s - 1e6 / u:+.1f} us/token; "
-          f"generator + bookkeeping measured inside mtp_cy: {o.py_us_per_token:.1f} us/token")
+        opts = {"n_ctx": n_ctx, "n_threads": args.threads}
+        engines = {c: (mtp_cy.Session(model, **opts) if o is None else mtp_cy.MTP(model, **o, **opts))
+                   for c, o in configs}
+        try:
+            # warm-up: weights paged in, graphs built; n_draft="auto" gets one generation to
+            # measure this machine (it keeps learning during the measured runs too)
+            for c, o in configs:
+                _one_run(engines[c], prompt, args.max_tokens if o and o.get("n_draft") == "auto" else 8, sampling)
+            for r in range(args.repeats):
+                for cname, o in configs:
+                    ours.setdefault(cname, []).append(_one_run(engines[cname], prompt, args.max_tokens, sampling))
+                    if spec_bin is None or (o and o.get("n_draft") == "auto"):
+                        continue
+                    if o is None:
+                        native.setdefault(cname, []).append(run_completion(comp_bin, sm.path, text, args.max_tokens,
+                                                                           n_ctx, args.threads))
+                    else:
+                        native.setdefault(cname, []).append(run_spec(spec_bin, sm.path, text, o["n_draft"],
+                                                                     o.get("p_min"), args.max_tokens, n_ctx,
+                                                                     args.threads))
+                print(f"# {name}: repeat {r + 1}/{args.repeats} done", flush=True)
+            policies = {c: e.stats().get("policy") for c, e in engines.items()}
+        finally:
+            for e in engines.values():
+                e.close()
+    res = {"model": name, "params": sm.n_params, "dtype": sm.dtype,
+           "theoretical_draft_ratio": cost.ratio if cost else None, "configs": {}}
+    base = statistics.median(x["decode_tok_s"] for x in ours["plain"]) if "plain" in ours else None
+    nat_base = statistics.median(v for v, _ in native["plain"]) if "plain" in native else None
+    head = (f"| config | mtp_cy tok/s | vs plain | native tok/s | native vs plain | mtp_cy/native | "
+            f"acceptance | notes |")
+    print(head)
+    print("|" + "---|" * 8)
+    for cname, _ in configs:
+        runs = ours[cname]
+        tps = statistics.median(x["decode_tok_s"] for x in runs)
+        acc_rate = statistics.median(x["st"]["acceptance_rate"] for x in runs)
+        nat = statistics.median(v for v, _ in native[cname]) if cname in native else None
+        note = ""
+        entry = {"mtp_cy_tok_s": tps, "runs": [x["decode_tok_s"] for x in runs], "acceptance": acc_rate,
+                 "native_tok_s": nat, "native_runs": [v for v, _ in native.get(cname, [])]}
+        pol = policies.get(cname)
+        if pol:
+            total = sum(pol["chosen"].values()) or 1
+            share = {k: v / total for k, v in pol["chosen"].items()}
+            v1 = pol["verify_us"].get(1) or 0
+            ratio = pol["draft_token_us"] / v1 if v1 else 0
+            note = ("chose " + ", ".join(f"{k}:{share[k]:.0%}" for k in sorted(share) if share[k] >= 0.01) +
+                    f"; measured draft/target {ratio:.2f}")
+            entry["policy_chosen"] = pol["chosen"]
+            entry["measured_draft_ratio"] = ratio
+        res["configs"][cname] = entry
+        acc = f"{acc_rate * 100:.1f}%" if cname != "plain" else "-"
+        vs = f"{tps / base:.2f}x" if base else "-"
+        print(f"| {cname} | {tps:.2f} | {vs} | {'%.2f' % nat if nat else '-'} | "
+              f"{'%.2fx' % (nat / nat_base) if nat and nat_base else '-'} | "
+              f"{'%.2fx' % (tps / nat) if nat else '-'} | {acc} | {note} |", flush=True)
+    return res
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="bench", choices=["bench", "tiny"])
+    ap.add_argument("--models", default=DEFAULT_MODELS)
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS)
     ap.add_argument("--acceptance", type=float, default=0.75)
+    ap.add_argument("--draft-confidence", type=float, default=0.58)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--n-draft", default="1,2,3,4")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--skip-upstream", action="store_true", help="only mtp_cy (no native comparison)")
-    ap.add_argument("--skip-python-cost", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
+    configs = parse_configs(args.configs)
     print(f"# mtp_cy {mtp_cy.__version__}, llama.cpp {mtp_cy.llama_cpp_commit}; {mtp_cy.system_info()}")
-    part_throughput(args)
-    if not args.skip_upstream and not args.skip_python_cost:
-        part_python_cost(args)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}; {args.threads} threads; {args.max_tokens} tokens, greedy; "
+          f"median of {args.repeats} interleaved repeats; command: {' '.join(sys.argv)}")
+    spec = comp = None
+    if not args.skip_upstream:
+        spec, comp = upstream_bin("llama-speculative-simple"), upstream_bin("llama-completion")
+    results = [bench_model(m.strip(), args, configs, spec, comp) for m in args.models.split(",") if m.strip()]
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

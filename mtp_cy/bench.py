@@ -4,7 +4,9 @@ Used by ``python -m mtp_cy bench MODEL.gguf`` and by ``benchmarks/bench_mtp.py``
 (which adds upstream llama.cpp's native programs to the same table).
 
 What is measured, per configuration (``plain`` = :class:`mtp_cy.Session`,
-``mtp-k`` = :class:`mtp_cy.MTP` with ``n_draft=k``):
+``mtp-k`` = :class:`mtp_cy.MTP` with ``n_draft=k``, ``mtp-auto`` with
+``n_draft="auto"``, ``mtp-k-p0.8`` with ``p_min=0.8``; any other set through
+``configs``):
 
 * ``decode_tok_s``: tokens delivered to Python divided by the *wall-clock*
   decode time seen from Python (the whole stream minus the native prompt
@@ -26,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-__all__ = ["BenchRow", "measure", "format_table"]
+__all__ = ["BenchRow", "measure", "default_configs", "format_table"]
 
 
 @dataclass
@@ -34,7 +36,7 @@ class BenchRow:
     """One configuration's result (medians over the repeats)."""
 
     name: str
-    n_draft: int
+    n_draft: Union[int, str]
     tokens: int
     decode_tok_s: float
     native_tok_s: float
@@ -46,10 +48,12 @@ class BenchRow:
     prefill_ms: float
     runs: List[float] = field(default_factory=list)   # decode_tok_s of every repeat
     text: str = ""
+    policy: Optional[dict] = None                      # n_draft="auto": stats()["policy"] after the runs
 
 
 def _one_run(engine, prompt, max_tokens: int, sampling: dict):
     engine.reset_stats()
+    engine.clear_cache()          # every run processes its prompt (the cache would skip it)
     t0 = time.perf_counter()
     n = 0
     parts = []
@@ -67,15 +71,33 @@ def _one_run(engine, prompt, max_tokens: int, sampling: dict):
                 prefill_ms=t.get("prefill", 0) / 1e3)
 
 
-def measure(model, prompt: Union[str, Sequence[int]], *, max_tokens: int = 128,
-            n_drafts: Sequence[int] = (1, 2, 3, 4), repeats: int = 3, plain: bool = True,
-            n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
-            sampling: Optional[dict] = None, progress=None) -> List[BenchRow]:
-    """Measure plain decoding and MTP for each ``n_draft`` on ``model``; return one row each.
+def default_configs(n_drafts: Sequence[Union[int, str]] = (1, 2, 3, 4), plain: bool = True,
+                    p_mins: Sequence[float] = ()) -> List[tuple]:
+    """``(name, MTP options or None for plain decoding)`` for plain, each ``n_draft`` and,
+    with ``p_mins``, ``n_draft=max(ints)`` with each ``p_min``."""
+    out = [("plain", None)] if plain else []
+    for k in n_drafts:
+        out.append((f"mtp-{k}", {"n_draft": k}))
+    ints = [k for k in n_drafts if k != "auto"]
+    for p in p_mins:
+        k = max(ints) if ints else 3
+        out.append((f"mtp-{k}-p{p:g}", {"n_draft": k, "p_min": p}))
+    return out
 
-    ``sampling`` defaults to greedy (``temp=0``), which makes every run of a
-    configuration produce the same tokens.  ``progress`` is an optional callable
-    receiving a short status string before each run.
+
+def measure(model, prompt: Union[str, Sequence[int]], *, max_tokens: int = 128,
+            n_drafts: Sequence[Union[int, str]] = (1, 2, 3, 4), repeats: int = 3, plain: bool = True,
+            n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
+            sampling: Optional[dict] = None, progress=None, configs: Optional[Sequence[tuple]] = None,
+            warmup: int = 8) -> List[BenchRow]:
+    """Measure plain decoding and MTP for each configuration on ``model``; return one row each.
+
+    ``configs`` is a list of ``(name, MTP options or None)`` (see :func:`default_configs`,
+    the default from ``n_drafts``/``plain``).  ``sampling`` defaults to greedy
+    (``temp=0``), which makes every run of a configuration produce the same tokens.
+    ``progress`` is an optional callable receiving a short status string before each
+    run.  ``warmup`` tokens are generated once per configuration first (weights paged
+    in, graphs built, and ``n_draft="auto"`` past its first measurements).
     """
     import mtp_cy
     if repeats < 1:
@@ -84,22 +106,30 @@ def measure(model, prompt: Union[str, Sequence[int]], *, max_tokens: int = 128,
     opts: Dict[str, object] = {}
     if n_threads is not None:
         opts["n_threads"] = n_threads
-    n_prompt = len(model.tokenize(prompt, parse_special=True)) if isinstance(prompt, str) else len(prompt)
+    n_prompt = len(model.tokenize(prompt)) if isinstance(prompt, str) else len(prompt)
     opts["n_ctx"] = n_ctx if n_ctx is not None else n_prompt + max_tokens + 16
+    if configs is None:
+        configs = default_configs(n_drafts, plain)
     engines = []
-    if plain:
-        engines.append(("plain", 0, mtp_cy.Session(model, **opts)))
-    for k in n_drafts:
-        engines.append((f"mtp-{k}", k, mtp_cy.MTP(model, n_draft=k, **opts)))
+    for name, mtp_opts in configs:
+        if mtp_opts is None:
+            engines.append((name, 0, mtp_cy.Session(model, **opts)))
+        else:
+            engines.append((name, mtp_opts.get("n_draft", 3), mtp_cy.MTP(model, **mtp_opts, **opts)))
     results: Dict[str, list] = {name: [] for name, _, _ in engines}
+    policies: Dict[str, dict] = {}
     try:
-        for name, _, eng in engines:          # warm-up: page in weights, build graphs
-            _one_run(eng, prompt, min(max_tokens, 8), sampling)
+        for name, _, eng in engines:
+            _one_run(eng, prompt, min(max_tokens, warmup), sampling)
         for r in range(repeats):
             for name, _, eng in engines:
                 if progress is not None:
                     progress(f"run {r + 1}/{repeats}: {name}")
                 results[name].append(_one_run(eng, prompt, max_tokens, sampling))
+        for name, _, eng in engines:
+            pol = eng.stats().get("policy")
+            if pol is not None:
+                policies[name] = pol
     finally:
         for _, _, eng in engines:
             eng.close()
@@ -114,7 +144,8 @@ def measure(model, prompt: Union[str, Sequence[int]], *, max_tokens: int = 128,
             py_us_per_token=statistics.median(x["py_us"] for x in runs),
             acceptance=st["acceptance_rate"], iters=st["iters"],
             drafts_generated=st["drafts_generated"], drafts_accepted=st["drafts_accepted"],
-            prefill_ms=med["prefill_ms"], runs=[x["decode_tok_s"] for x in runs], text=med["text"]))
+            prefill_ms=med["prefill_ms"], runs=[x["decode_tok_s"] for x in runs], text=med["text"],
+            policy=policies.get(name)))
     return rows
 
 
