@@ -104,6 +104,12 @@ cdef class MTP(_Engine):
             raise MTPUnsupportedError(
                 f"{model.path!r} was loaded with load_mtp=False, so its MTP layers are not in memory; "
                 f"load it with mtp_cy.Model(path) (load_mtp=None or True)")
+        if model.n_layer_nextn > 1:
+            raise MTPUnsupportedError(
+                f"{model.path!r} ({model.arch!r}) has {model.n_layer_nextn} chained MTP heads (one per draft "
+                f"position, step35-style); mtp_cy drives a single MTP head (the Qwen3.5/3.6 layout) and would "
+                f"draft with the first one only: use upstream's llama-server / llama-speculative-simple for "
+                f"this model, or mtp_cy.Session for plain decoding")
         cdef llama_context_params cp = _context_params(o)
         # A verification batch is [last, drafts...] and, on hybrid/recurrent models, its
         # trailing k + 1 tokens must stay in one ubatch (llama.cpp asserts otherwise):
