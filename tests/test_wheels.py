@@ -80,9 +80,9 @@ def test_cuda_wheels_settings():
     args = env["CMAKE_ARGS"]
     assert "-DGGML_CUDA=ON" in args and "-DGGML_CUDA_COMPRESSION_MODE=size" in args
     archs = args.split("-DCMAKE_CUDA_ARCHITECTURES=")[1].split("'")[0].split(";")
-    # the list the README documents: native code for Turing..Blackwell, PTX for newer GPUs
+    # the list docs/wheels.md documents: native code for Turing..Blackwell, PTX for newer GPUs
     assert archs == ["75-real", "80-real", "86-real", "89-real", "90-real", "120a-real", "90-virtual"]
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "wheels.md").read_text()
     for cc in ("7.5", "8.0", "8.6", "8.9", "9.0", "12.0"):
         assert f"{cc} (" in readme, cc
     assert cfg["test-command"] == load(ROOT / "pyproject.toml")["tool"]["cibuildwheel"]["test-command"]
