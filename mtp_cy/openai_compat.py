@@ -93,7 +93,7 @@ __all__ = ["create_completion", "create_chat_completion", "IGNORED_PARAMETERS", 
 IGNORED_PARAMETERS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
                                 "prompt_cache_key"})
 
-_NEUTRAL_COMMON = {"n": (1,), "logit_bias": (None, {})}
+_NEUTRAL_COMMON: Dict[str, Tuple[Any, ...]] = {"n": (1,), "logit_bias": (None, {})}
 _NEUTRAL_COMPLETION = dict(_NEUTRAL_COMMON, best_of=(None, 1), echo=(False,), suffix=(None, ""))
 _NEUTRAL_CHAT = dict(_NEUTRAL_COMMON, functions=(None,), function_call=(None,), modalities=(None, ["text"]),
                      audio=(None,), prediction=(None,), reasoning_effort=(None,), web_search_options=(None,),
