@@ -24,7 +24,9 @@ Parameters (OpenAI's names)
   llama.cpp: ``temperature=0.8, top_p=0.95, top_k=40, min_p=0.05``) -- not
   OpenAI's ``temperature=1, top_p=1``: pass them explicitly to get those.
 * completions: ``logprobs=N`` (0..20): per token its log-probability and the
-  ``N`` most likely alternatives (plus the sampled token, as OpenAI does).
+  ``N`` most likely alternatives, plus the sampled token itself when it is not among
+  them (OpenAI's and llama-cpp-python's rule: so ``logprobs=0`` lists just the sampled
+  token).
   chat: ``logprobs=True`` and ``top_logprobs=N`` (0..20).  Log-probabilities are
   the log-softmax of the model's raw logits (before temperature, penalties and
   grammar), a non-finite one is reported as ``-9999.0`` as OpenAI does.  In chat
@@ -52,7 +54,7 @@ Parameters (OpenAI's names)
 Accepted and ignored (they do not change the output): ``user``, ``metadata``,
 ``store``, ``service_tier``, ``safety_identifier``, ``prompt_cache_key``.  OpenAI
 parameters that mtp_cy cannot honour raise ``ValueError`` unless they have their
-neutral value: ``n`` (1), ``best_of`` (1), ``echo`` (False), ``suffix`` (None),
+neutral value (or ``None``): ``n`` (1), ``best_of`` (1), ``echo`` (False), ``suffix`` (None),
 ``logit_bias`` (None or empty), ``functions`` / ``function_call`` (None; use
 ``tools``), ``modalities`` (``["text"]``), ``audio``, ``prediction``,
 ``reasoning_effort``, ``web_search_options``, ``verbosity`` (None).  Any other
@@ -93,8 +95,8 @@ __all__ = ["create_completion", "create_chat_completion", "IGNORED_PARAMETERS", 
 IGNORED_PARAMETERS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
                                 "prompt_cache_key"})
 
-_NEUTRAL_COMMON: Dict[str, Tuple[Any, ...]] = {"n": (1,), "logit_bias": (None, {})}
-_NEUTRAL_COMPLETION = dict(_NEUTRAL_COMMON, best_of=(None, 1), echo=(False,), suffix=(None, ""))
+_NEUTRAL_COMMON: Dict[str, Tuple[Any, ...]] = {"n": (None, 1), "logit_bias": (None, {})}
+_NEUTRAL_COMPLETION = dict(_NEUTRAL_COMMON, best_of=(None, 1), echo=(None, False), suffix=(None, ""))
 _NEUTRAL_CHAT = dict(_NEUTRAL_COMMON, functions=(None,), function_call=(None,), modalities=(None, ["text"]),
                      audio=(None,), prediction=(None,), reasoning_effort=(None,), web_search_options=(None,),
                      verbosity=(None,))
@@ -274,8 +276,7 @@ class _CompletionLogprobs:
         tops: Dict[str, float] = {}
         for tid, v in list(top)[: self.n]:
             tops.setdefault(self.p.text(tid), _lp(v))
-        if self.n > 0:
-            tops.setdefault(text, _lp(lp))     # OpenAI always includes the sampled token
+        tops.setdefault(text, _lp(lp))         # OpenAI (and llama-cpp-python) always list the sampled token
         out["top_logprobs"].append(tops)
         out["text_offset"].append(self.offset)
         self.offset += len(self.dec.decode(self.p.bytes(tok)))
@@ -463,7 +464,7 @@ def create_chat_completion(engine, messages: Sequence[Mapping[str, Any]], *, str
             raise TypeError(f"top_logprobs must be an int in [0, 20], got {n_top!r}")
         if not 0 <= n_top <= 20:
             raise ValueError(f"top_logprobs must be in [0, 20], got {n_top}")
-        if not lp_flag:
+        if n_top and not lp_flag:
             raise ValueError("top_logprobs needs logprobs=True")
     if lp_flag:
         opts["logprobs"] = True
