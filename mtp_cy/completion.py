@@ -108,7 +108,6 @@ class Completion:
                    stats=r["stats"], logprobs=lps, message=message)
 
 
-
 def _parse_reply(parser, text: str, stop_reason: Optional[str]) -> Dict[str, Any]:
     """The reply parsed by ``parser``; a reply the parser rejects (the model did not
     follow its template's format, e.g. broken tool-call markup) is kept whole as

@@ -229,10 +229,11 @@ def test_stream_cancelled_and_closed(engine, mtp_sm):
     p = prompt_of(mtp_sm, 3)
     it = e.create_completion(p, temperature=0, max_tokens=100, stream=True, stream_options={"include_usage": True})
     first = next(it)
+    assert first["choices"][0]["text"] == mtp_sm.pieces[mtp_sm.next_token(p[-1])]
     e.cancel()
     rest = list(it)
     assert rest[-2]["choices"][0]["finish_reason"] == "stop"         # "cancelled" has no OpenAI word
-    assert rest[-1]["usage"]["completion_tokens"] == 1 + len(rest) - 2
+    assert rest[-1]["usage"]["completion_tokens"] == 1 + len(rest) - 2 < 100
     it = e.create_completion(p, temperature=0, max_tokens=100, stream=True)
     next(it)
     it.close()                                                         # the session is free again
