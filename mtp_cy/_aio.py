@@ -80,10 +80,10 @@ class AsyncStream(Generic[T]):
     __slots__ = ("_opener", "_stream", "_items", "_future", "_done", "_cancel_requested", "__weakref__")
 
     def __init__(self, opener: Callable[[], Any]) -> None:
-        self._opener = opener
-        self._stream = None
-        self._items = collections.deque()
-        self._future = None
+        self._opener: Optional[Callable[[], Any]] = opener
+        self._stream: Any = None
+        self._items: "collections.deque[Any]" = collections.deque()
+        self._future: "Optional[concurrent.futures.Future[Any]]" = None
         self._done = False
         self._cancel_requested = False
 

@@ -1,20 +1,35 @@
-"""Type stubs for mtp_cy._core (the compiled extension)."""
+"""Type stubs for mtp_cy._core (the compiled extension).
+
+tests/test_stubs.py keeps them exact: every public name of the extension is here and
+nothing else, and the keyword options (and their defaults) written here are the ones
+the extension accepts.
+"""
 from __future__ import annotations
 
 import os
-from typing import (Any, Callable, Dict, Iterator, List, Literal, Mapping, NoReturn, Optional, Sequence, Tuple,
-                    TypedDict, Union)
+from typing import (Any, Callable, Dict, Generic, Iterator, List, Literal, Mapping, NoReturn, Optional, Sequence,
+                    Tuple, TypedDict, TypeVar, Union, overload)
 
 import numpy as np
 import numpy.typing as npt
 
 from mtp_cy._aio import AsyncStream
+from mtp_cy.completion import Completion
+from mtp_cy.errors import (ChatTemplateError as ChatTemplateError, ClosedError as ClosedError,
+                           DecodeError as DecodeError, GenerationTimeout as GenerationTimeout,
+                           ModelLoadError as ModelLoadError, MTPError as MTPError,
+                           MTPUnsupportedError as MTPUnsupportedError, NativeError as NativeError,
+                           RPCError as RPCError, SessionBusyError as SessionBusyError)
 
 Prompt = Union[str, Sequence[int]]
 FlashAttn = Literal["auto", "on", "off", True, False]
 Stop = Union[None, str, Sequence[str]]
 Message = Mapping[str, Any]       # {"role": str, "content": str | None | [{"type": "text", "text": str}], ...}
+Tool = Mapping[str, Any]          # {"type": "function", "function": {"name": str, "parameters": {...}}}
+JsonSchema = Union[None, str, Mapping[str, Any]]
 KVType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+StopReason = Literal["eog", "stop_string", "max_tokens", "ctx_full", "cancelled", "error"]
 
 CONTEXT_DEFAULTS: Dict[str, Any]
 CONTEXT_OPTIONS: Tuple[str, ...]
@@ -33,7 +48,13 @@ class TimingUs(TypedDict):
     prefill: int
 
 
-class Stats(TypedDict):
+class CacheStats(TypedDict):
+    tokens: int
+    checkpoints: int
+    checkpoint_bytes: int
+
+
+class _StatsBase(TypedDict):
     iters: int
     drafts_generated: int
     drafts_accepted: int
@@ -41,13 +62,32 @@ class Stats(TypedDict):
     tokens_emitted: int
     tokens_per_sec: float
     timing_us: TimingUs
-    n_draft: int
     prompt_tokens: int
+    prompt_tokens_cached: int
     calls: int
+    n_draft: Union[int, Literal["auto"]]
 
 
-class FinalStats(Stats, total=False):
+class CallStats(_StatsBase, total=False):
+    """One call's statistics (``Completion.stats``, the ``("done", ...)`` event)."""
+    p_min: float                     # MTP only
+
+
+class Stats(_StatsBase, total=False):
+    """``stats()``: cumulative over every call of the session."""
+    cache: CacheStats
+    p_min: float                     # MTP only
+    policy: Dict[str, Any]           # MTP(n_draft="auto") only: what the policy measured and chose
+
+
+class FinalStats(CallStats, total=False):
     stop_reason: Literal["max_tokens", "ctx_full", "cancelled"]
+
+
+class TokenLogprobRecord(TypedDict):
+    logprob: float
+    top_logprobs: List[Tuple[int, float]]
+    text: str
 
 
 class _DeviceBase(TypedDict):
@@ -70,12 +110,15 @@ class BuildInfo(TypedDict):
     cpu_variant: Optional[str]
 
 
-TokenEvent = Tuple[Literal["token"], int, str]
+TokenEvent = Union[Tuple[Literal["token"], int, str],
+                   Tuple[Literal["token"], int, str, TokenLogprobRecord]]   # the latter with logprobs=True
 StatsEvent = Tuple[Literal["stats"], Stats]
 DoneEvent = Tuple[Literal["done"], FinalStats]
 EogEvent = Tuple[Literal["eog"], None]
 StopEvent = Tuple[Literal["stop"], str]
 Event = Union[TokenEvent, StatsEvent, DoneEvent, EogEvent, StopEvent]
+
+_T = TypeVar("_T")
 
 
 def init() -> None:
@@ -102,6 +145,10 @@ def rpc_server(host: str = "127.0.0.1", port: int = 50052, *, threads: Optional[
     """Serve this machine's devices with llama.cpp's RPC server (blocks; unauthenticated protocol)."""
 
 
+def json_schema_to_grammar(schema: Union[str, bytes, Mapping[str, Any]]) -> str:
+    """A GBNF grammar admitting exactly the JSON documents valid for ``schema`` (llama.cpp's converter)."""
+
+
 class Model:
     """A GGUF model loaded by llama.cpp (weights shared by every session on it)."""
 
@@ -114,6 +161,8 @@ class Model:
                  rpc_timeout: Optional[float] = 30.0) -> None: ...
     @property
     def path(self) -> str: ...
+    @property
+    def vocab_only(self) -> bool: ...
     @property
     def rpc_servers(self) -> Tuple[str, ...]: ...
     @property
@@ -149,7 +198,7 @@ class Model:
     @property
     def eos_token_id(self) -> Optional[int]: ...
     def tokenize(self, text: Union[str, bytes], add_special: bool = True,
-                 parse_special: bool = False) -> npt.NDArray[np.int32]: ...
+                 parse_special: bool = True) -> npt.NDArray[np.int32]: ...
     def token_to_piece(self, token_id: int, special: bool = True) -> bytes: ...
     def detokenize(self, tokens: Sequence[int], remove_special: bool = False,
                    unparse_special: bool = True) -> str: ...
@@ -161,21 +210,41 @@ class Model:
     def __exit__(self, *exc: object) -> bool: ...
 
 
-class _Stream(Iterator[Any]):
-    """The iterator returned by ``stream()`` / ``stream_events()``."""
+class ChatParser:
+    """llama.cpp's chat parser set up for a rendered conversation (``stream.chat_parser``)."""
 
-    def __iter__(self) -> _Stream: ...
-    def __next__(self) -> Any: ...
+    def __init__(self) -> None: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def additional_stops(self) -> List[str]: ...
+    def parse(self, text: str, partial: bool = False) -> Dict[str, Any]: ...
+
+
+class _Stream(Iterator[_T], Generic[_T]):
+    """The iterator returned by ``stream()`` (``_Stream[str]``) and ``stream_events()`` /
+    ``chat_events()`` (``_Stream[Event]``)."""
+
+    def __iter__(self) -> _Stream[_T]: ...
+    def __next__(self) -> _T: ...
     def close(self) -> None: ...
     @property
-    def finish_reason(self) -> Optional[Literal["max_tokens", "eog", "stop", "ctx_full", "cancelled", "error"]]: ...
+    def finish_reason(self) -> Optional[FinishReason]: ...
+    @property
+    def stop_reason(self) -> Optional[StopReason]: ...
     @property
     def stop_string(self) -> Optional[str]: ...
+    @property
+    def completion(self) -> Optional[Completion]: ...
+    @property
+    def chat_parser(self) -> Optional[ChatParser]: ...
     @property
     def tokens_delivered(self) -> int: ...
 
 
 class _Engine:
+    """Base of Session and MTP: the generation API."""
+
     @property
     def model(self) -> Model: ...
     @property
@@ -184,70 +253,123 @@ class _Engine:
     def closed(self) -> bool: ...
     def stats(self) -> Stats: ...
     def reset_stats(self) -> None: ...
+    def clear_cache(self) -> None: ...
     def cancel(self) -> None: ...
     def close(self) -> None: ...
-    def stream(self, prompt: Prompt, *, max_tokens: int = 256, timeout: Optional[float] = 60.0,
-               temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-               seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
-               penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
-               grammar_root: str = "root", stop: Stop = None, emit_stats_every: int = 0) -> Iterator[str]: ...
-    def stream_events(self, prompt: Prompt, emit_stats_every: int = 0, *, max_tokens: int = 256,
-                      timeout: Optional[float] = 60.0, temp: float = 0.8, top_k: int = 40,
-                      top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
-                      penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
-                      penalty_present: float = 0.0, grammar: Optional[str] = None,
-                      grammar_root: str = "root", stop: Stop = None) -> Iterator[Event]: ...
-    def generate(self, prompt: Prompt, *, max_tokens: int = 256, timeout: Optional[float] = 60.0,
-                 temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-                 seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
-                 penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
-                 grammar_root: str = "root", stop: Stop = None, emit_stats_every: int = 0) -> str: ...
-    # chat: the conversation rendered with Model.apply_chat_template, then as stream()
+    def stream(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
+               prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
+               top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None, penalty_last_n: int = 64,
+               penalty_repeat: float = 1.0, penalty_freq: float = 0.0, penalty_present: float = 0.0,
+               grammar: Optional[str] = None, grammar_root: str = "root", json_schema: JsonSchema = None,
+               stop: Stop = None, logprobs: bool = False, top_logprobs: int = 0,
+               emit_stats_every: int = 0) -> _Stream[str]: ...
+    def stream_events(self, prompt: Prompt, *, max_tokens: Optional[int] = 256,
+                      timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None,
+                      temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                      seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
+                      penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
+                      grammar_root: str = "root", json_schema: JsonSchema = None, stop: Stop = None,
+                      logprobs: bool = False, top_logprobs: int = 0,
+                      emit_stats_every: int = 0) -> _Stream[Event]: ...
+    def generate(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
+                 prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
+                 penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
+                 penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
+                 json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
+                 top_logprobs: int = 0, emit_stats_every: int = 0) -> str: ...
+    def complete(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
+                 prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
+                 penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
+                 penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
+                 json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
+                 top_logprobs: int = 0, emit_stats_every: int = 0) -> Completion: ...
     def chat(self, messages: Sequence[Message], *, template: Optional[str] = None,
-             chat_template_kwargs: Optional[Mapping[str, Any]] = None, max_tokens: int = 256,
-             timeout: Optional[float] = 60.0, temp: float = 0.8, top_k: int = 40, top_p: float = 0.95,
-             min_p: float = 0.05, seed: Optional[int] = None, penalty_last_n: int = 64,
-             penalty_repeat: float = 1.0, penalty_freq: float = 0.0, penalty_present: float = 0.0,
-             grammar: Optional[str] = None, grammar_root: str = "root", stop: Stop = None,
-             emit_stats_every: int = 0) -> Iterator[str]: ...
+             chat_template_kwargs: Optional[Mapping[str, Any]] = None, enable_thinking: Optional[bool] = None,
+             tools: Optional[Sequence[Tool]] = None, max_tokens: Optional[int] = 256,
+             timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None, temp: float = 0.8,
+             top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
+             penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
+             penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
+             json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False, top_logprobs: int = 0,
+             emit_stats_every: int = 0) -> _Stream[str]: ...
     def chat_events(self, messages: Sequence[Message], *, template: Optional[str] = None,
-                    chat_template_kwargs: Optional[Mapping[str, Any]] = None, emit_stats_every: int = 0,
-                    max_tokens: int = 256, timeout: Optional[float] = 60.0, temp: float = 0.8, top_k: int = 40,
+                    chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+                    enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
+                    max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
+                    prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
                     top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
                     penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                     penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
-                    stop: Stop = None) -> Iterator[Event]: ...
-    # asyncio: the native steps run in a worker thread; see mtp_cy._aio
-    def astream(self, prompt: Prompt, *, max_tokens: int = 256, timeout: Optional[float] = 60.0,
-                temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-                seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
-                penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
-                grammar_root: str = "root", stop: Stop = None, emit_stats_every: int = 0) -> AsyncStream[str]: ...
-    def astream_events(self, prompt: Prompt, emit_stats_every: int = 0, *, max_tokens: int = 256,
-                       timeout: Optional[float] = 60.0, temp: float = 0.8, top_k: int = 40,
-                       top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
-                       penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
-                       penalty_present: float = 0.0, grammar: Optional[str] = None,
-                       grammar_root: str = "root", stop: Stop = None) -> AsyncStream[Event]: ...
-    async def agenerate(self, prompt: Prompt, *, max_tokens: int = 256, timeout: Optional[float] = 60.0,
+                    json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
+                    top_logprobs: int = 0, emit_stats_every: int = 0) -> _Stream[Event]: ...
+    def complete_chat(self, messages: Sequence[Message], *, template: Optional[str] = None,
+                      chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+                      enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
+                      max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
+                      prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
+                      top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
+                      penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
+                      penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
+                      json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
+                      top_logprobs: int = 0, emit_stats_every: int = 0) -> Completion: ...
+    def astream(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
+                prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
+                top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
+                penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
+                penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
+                json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
+                top_logprobs: int = 0, emit_stats_every: int = 0) -> AsyncStream[str]: ...
+    def astream_events(self, prompt: Prompt, *, max_tokens: Optional[int] = 256,
+                       timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None,
+                       temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                       seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
+                       penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
+                       grammar_root: str = "root", json_schema: JsonSchema = None, stop: Stop = None,
+                       logprobs: bool = False, top_logprobs: int = 0,
+                       emit_stats_every: int = 0) -> AsyncStream[Event]: ...
+    async def agenerate(self, prompt: Prompt, *, max_tokens: Optional[int] = 256,
+                        timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None,
                         temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                         seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
-                        penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
-                        grammar_root: str = "root", stop: Stop = None, emit_stats_every: int = 0) -> str: ...
+                        penalty_freq: float = 0.0, penalty_present: float = 0.0,
+                        grammar: Optional[str] = None, grammar_root: str = "root",
+                        json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
+                        top_logprobs: int = 0, emit_stats_every: int = 0) -> str: ...
     def achat(self, messages: Sequence[Message], *, template: Optional[str] = None,
-              chat_template_kwargs: Optional[Mapping[str, Any]] = None, max_tokens: int = 256,
-              timeout: Optional[float] = 60.0, temp: float = 0.8, top_k: int = 40, top_p: float = 0.95,
+              chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+              enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
+              max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
+              prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40, top_p: float = 0.95,
               min_p: float = 0.05, seed: Optional[int] = None, penalty_last_n: int = 64,
               penalty_repeat: float = 1.0, penalty_freq: float = 0.0, penalty_present: float = 0.0,
-              grammar: Optional[str] = None, grammar_root: str = "root", stop: Stop = None,
+              grammar: Optional[str] = None, grammar_root: str = "root", json_schema: JsonSchema = None,
+              stop: Stop = None, logprobs: bool = False, top_logprobs: int = 0,
               emit_stats_every: int = 0) -> AsyncStream[str]: ...
     def achat_events(self, messages: Sequence[Message], *, template: Optional[str] = None,
-                     chat_template_kwargs: Optional[Mapping[str, Any]] = None, emit_stats_every: int = 0,
-                     max_tokens: int = 256, timeout: Optional[float] = 60.0, temp: float = 0.8, top_k: int = 40,
+                     chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+                     enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
+                     max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
+                     prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
                      top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
                      penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                      penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
-                     stop: Stop = None) -> AsyncStream[Event]: ...
+                     json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
+                     top_logprobs: int = 0, emit_stats_every: int = 0) -> AsyncStream[Event]: ...
+    # OpenAI-shaped results (mtp_cy.openai_compat): dicts, or iterators of chunk dicts
+    @overload
+    def create_completion(self, prompt: Union[Prompt, Sequence[Prompt]], *, stream: Literal[False] = False,
+                          **kwargs: Any) -> Dict[str, Any]: ...
+    @overload
+    def create_completion(self, prompt: Union[Prompt, Sequence[Prompt]], *, stream: Literal[True],
+                          **kwargs: Any) -> Iterator[Dict[str, Any]]: ...
+    @overload
+    def create_chat_completion(self, messages: Sequence[Message], *, stream: Literal[False] = False,
+                               **kwargs: Any) -> Dict[str, Any]: ...
+    @overload
+    def create_chat_completion(self, messages: Sequence[Message], *, stream: Literal[True],
+                               **kwargs: Any) -> Iterator[Dict[str, Any]]: ...
 
 
 class Session(_Engine):
@@ -256,7 +378,8 @@ class Session(_Engine):
     def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: Optional[int] = None,
                  n_ubatch: Optional[int] = None, n_threads: Optional[int] = None,
                  n_threads_batch: Optional[int] = None, flash_attn: FlashAttn = "auto",
-                 type_k: KVType = "f16", type_v: KVType = "f16", offload_kqv: bool = True) -> None: ...
+                 type_k: KVType = "f16", type_v: KVType = "f16", offload_kqv: bool = True,
+                 cache_prompt: bool = True, cache_checkpoints: int = 8, checkpoint_every: int = 2048) -> None: ...
     def __enter__(self) -> Session: ...
     def __exit__(self, *exc: object) -> bool: ...
 
@@ -264,12 +387,42 @@ class Session(_Engine):
 class MTP(_Engine):
     """Multi-Token Prediction speculative decoding with the model's own MTP head."""
 
-    def __init__(self, model: Model, *, n_draft: int = 3, n_ctx: int = 2048, n_batch: Optional[int] = None,
+    def __init__(self, model: Model, *, n_draft: Union[int, Literal["auto"]] = 3, p_min: float = 0.0,
+                 n_draft_max: Optional[int] = None, n_ctx: int = 2048, n_batch: Optional[int] = None,
                  n_ubatch: Optional[int] = None, n_threads: Optional[int] = None,
                  n_threads_batch: Optional[int] = None, flash_attn: FlashAttn = "auto",
-                 type_k: KVType = "f16", type_v: KVType = "f16", offload_kqv: bool = True) -> None: ...
+                 type_k: KVType = "f16", type_v: KVType = "f16", offload_kqv: bool = True,
+                 cache_prompt: bool = True, cache_checkpoints: int = 8, checkpoint_every: int = 2048) -> None: ...
     @property
-    def n_draft(self) -> int: ...
+    def n_draft(self) -> Union[int, Literal["auto"]]: ...
+    @property
+    def n_draft_max(self) -> int: ...
+    @property
+    def p_min(self) -> float: ...
+    def reset_policy(self) -> None: ...
     def print_stats(self) -> str: ...
     def __enter__(self) -> MTP: ...
     def __exit__(self, *exc: object) -> bool: ...
+
+
+class DraftPolicy:
+    """The draft-length policy of ``MTP(n_draft="auto")`` on its own (simulations, tests)."""
+
+    def __init__(self, k_max: int = 4, *, min_gap: Optional[int] = None, max_gap: Optional[int] = None,
+                 explore_every: Optional[int] = None) -> None: ...
+    @property
+    def k_max(self) -> int: ...
+    def choose(self) -> int: ...
+    def observe(self, k: int, n_accepted: int, *, verify_us: float, draft_us: float = 0.0, draft_steps: int = 0,
+                catch_up_us: float = 0.0, catch_up_tokens: int = 0, sample_us: float = 0.0) -> None: ...
+    def reset(self) -> None: ...
+    def expected_tokens(self, k: int) -> float: ...
+    def cost_us(self, k: int) -> float: ...
+    def tokens_per_second(self, k: int) -> float: ...
+    def acceptance(self, position: int) -> float: ...
+    @property
+    def best(self) -> int: ...
+    @property
+    def chosen(self) -> Dict[int, int]: ...
+    @property
+    def iterations(self) -> int: ...

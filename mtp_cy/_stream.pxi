@@ -78,6 +78,7 @@ cdef class _Stream:
     cdef list out_text            # delivered text, in pieces
     cdef list out_logprobs        # per delivered token (logprobs requested)
     cdef dict stats0              # the engine's counters when the stream opened
+    cdef dict stats_end           # this call's statistics, frozen when the stream ended
     cdef int n_cached             # prompt tokens whose state was reused
     cdef object chat_parser       # chat(): the ChatParser of the rendered conversation
     cdef object _completion
@@ -142,6 +143,10 @@ cdef class _Stream:
             self.model = None
 
     cdef void _end(self, int reason):
+        # freeze this call's statistics now: a later call on the same session must not
+        # leak into the (lazily built) completion of this one
+        if self.stats_end is None and self.stats0 is not None:
+            self.stats_end = self._call_stats()
         self.finished = True
         self.reason = reason
         self._release()
@@ -217,7 +222,11 @@ cdef class _Stream:
                 "chat_parser": self.chat_parser}
 
     cdef dict _call_stats(self):
-        """This call's statistics: the engine's counters since the stream opened."""
+        """This call's statistics: the engine's counters since the stream opened (until it ended)."""
+        if self.stats_end is not None:
+            d = dict(self.stats_end)
+            d["timing_us"] = dict(d["timing_us"])
+            return d
         now = self.engine._stats()
         d = {}
         for k in ("iters", "drafts_generated", "drafts_accepted", "tokens_emitted", "calls"):

@@ -7,8 +7,11 @@ once it has ended.  Statistics in it are *this call's* (the cumulative ones stay
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
+
+logger = logging.getLogger("mtp_cy")
 
 __all__ = ["Completion", "Usage", "TokenLogprob"]
 
@@ -24,6 +27,7 @@ class Usage:
 
     @property
     def total_tokens(self) -> int:
+        """``prompt_tokens + completion_tokens``."""
         return self.prompt_tokens + self.completion_tokens
 
     def as_dict(self) -> Dict[str, Any]:
@@ -54,10 +58,13 @@ class Completion:
     tokens: List[int]
     #: OpenAI's vocabulary: ``"stop"`` (end of text or a stop string), ``"length"``
     #: (``max_tokens`` or a full context), ``"tool_calls"`` (a chat reply that calls
-    #: tools), or ``"cancelled"``
+    #: tools), ``"cancelled"`` (``cancel()``, or the stream was closed early) or
+    #: ``"error"`` (the stream raised; only seen on ``stream.completion``)
     finish_reason: str
-    #: the detail: ``"eog"``, ``"stop_string"``, ``"max_tokens"``, ``"ctx_full"``, ``"cancelled"``
+    #: the detail: ``"eog"``, ``"stop_string"``, ``"max_tokens"``, ``"ctx_full"``, ``"cancelled"``,
+    #: ``"error"``
     stop_reason: str
+    #: the stop string that ended the call (``stop_reason == "stop_string"``), else ``None``
     stop_string: Optional[str]
     usage: Usage
     #: this call's statistics (same keys as ``stats()``: MTP counters, timings)
@@ -80,6 +87,7 @@ class Completion:
 
     @classmethod
     def _from_stream(cls, stream) -> "Completion":
+        """Build the result of a stream that has ended (``stream.completion``)."""
         r = stream._result()
         lps = None
         if r["logprobs"] is not None:
@@ -90,7 +98,7 @@ class Completion:
         finish = r["finish_reason"]
         parser = r["chat_parser"]
         if parser is not None:
-            message = parser.parse(r["text"], partial=r["stop_reason"] in ("max_tokens", "ctx_full", "cancelled"))
+            message = _parse_reply(parser, r["text"], r["stop_reason"])
             if message.get("tool_calls") and finish == "stop":
                 finish = "tool_calls"
         return cls(text=r["text"], tokens=r["tokens"], finish_reason=finish, stop_reason=r["stop_reason"],
@@ -99,3 +107,14 @@ class Completion:
                                cached_tokens=r["cached_tokens"]),
                    stats=r["stats"], logprobs=lps, message=message)
 
+
+def _parse_reply(parser, text: str, stop_reason: Optional[str]) -> Dict[str, Any]:
+    """The reply parsed by ``parser``; a reply the parser rejects (the model did not
+    follow its template's format, e.g. broken tool-call markup) is kept whole as
+    ``content`` -- logged as a warning -- rather than lost in an exception."""
+    partial = stop_reason in ("max_tokens", "ctx_full", "cancelled", "error")
+    try:
+        return parser.parse(text, partial=partial)
+    except Exception as exc:
+        logger.warning("chat reply not in the template's format (%s); returned as plain content", exc)
+        return {"role": "assistant", "content": text}

@@ -37,8 +37,11 @@ class SessionBusyError(MTPError):
     """A second stream was started on a session whose previous stream is still open."""
 
 
-class ClosedError(MTPError, ValueError):
-    """The model or session was used after ``close()``."""
+class ClosedError(MTPError):
+    """The model or session was used after ``close()`` (or was closed during a stream).
+
+    A state error, not an argument error: it is an :class:`MTPError` (and so a
+    ``RuntimeError``), not a ``ValueError``."""
 
 
 class GenerationTimeout(MTPError, TimeoutError):

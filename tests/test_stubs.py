@@ -1,12 +1,24 @@
-"""The type stubs (_core.pyi) describe the compiled extension: no missing or stale names."""
+"""The type stubs (_core.pyi) describe the compiled extension: no missing or stale names,
+the keyword options (and defaults) the extension accepts, and the return types that let a
+type checker follow a stream to its result."""
 import ast
 import inspect
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+
+import pytest
 
 import mtp_cy
 from mtp_cy import _core
 
 STUB = Path(mtp_cy.__file__).with_name("_core.pyi")
+
+STREAM_METHODS = ("stream", "stream_events", "generate", "complete", "astream", "astream_events", "agenerate")
+CHAT_METHODS = ("chat", "chat_events", "complete_chat", "achat", "achat_events")
+CHAT_EXTRA = {"template": None, "chat_template_kwargs": None, "enable_thinking": None, "tools": None}
 
 
 def _stub_tree():
@@ -35,6 +47,18 @@ def _members(classes, name):
     return names
 
 
+def _method(cls, meth):
+    classes = {n.name: n for n in _stub_tree().body if isinstance(n, ast.ClassDef)}
+    return next(i for i in classes[cls].body
+                if isinstance(i, (ast.FunctionDef, ast.AsyncFunctionDef)) and i.name == meth)
+
+
+def _kwonly_defaults(cls, meth):
+    """{name: default} of the keyword-only arguments written in the stub."""
+    fn = _method(cls, meth)
+    return {a.arg: ast.literal_eval(d) for a, d in zip(fn.args.kwonlyargs, fn.args.kw_defaults)}
+
+
 def test_stub_parses_and_py_typed_ships():
     assert (Path(mtp_cy.__file__).parent / "py.typed").is_file()
     _stub_tree()
@@ -43,37 +67,155 @@ def test_stub_parses_and_py_typed_ships():
 def test_every_public_runtime_name_is_stubbed():
     classes = _stub_classes()
     funcs = {n.name for n in _stub_tree().body if isinstance(n, ast.FunctionDef)}
-    for fname in ("init", "system_info", "build_info", "devices", "rpc_server"):
+    for fname in ("init", "system_info", "build_info", "devices", "rpc_server", "json_schema_to_grammar"):
         assert fname in funcs
-    for cname in ("Model", "Session", "MTP"):
+    for cname in ("Model", "Session", "MTP", "DraftPolicy", "ChatParser", "_Stream", "_Engine"):
         runtime = {k for k in dir(getattr(_core, cname)) if not k.startswith("_")}
         stubbed = _members(classes, cname)
         assert runtime - stubbed == set(), f"{cname}: not in the stub: {runtime - stubbed}"
         assert {k for k in stubbed if not k.startswith("_")} - runtime == set(), f"{cname}: stale stub names"
 
 
-def test_stubbed_options_match_runtime_defaults():
-    """The keyword options written in the stub are exactly the ones the extension accepts."""
-    classes = {n.name: n for n in _stub_tree().body if isinstance(n, ast.ClassDef)}
+def test_module_level_names_match():
+    """Public functions, classes and constants of the extension are in the stub, and the stub
+    names nothing the extension lacks (type aliases and TypedDicts excepted)."""
+    tree = _stub_tree()
+    stubbed = set()
+    for n in tree.body:
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef)):
+            stubbed.add(n.name)
+        elif isinstance(n, ast.AnnAssign):
+            stubbed.add(n.target.id)
+        elif isinstance(n, ast.ImportFrom) and n.module == "mtp_cy.errors":
+            stubbed |= {a.asname or a.name for a in n.names}
+    runtime = {k for k, v in vars(_core).items()
+               if not k.startswith("_") and not inspect.ismodule(v) and k not in ("logger",)}
+    assert runtime - stubbed == set(), f"not in the stub: {runtime - stubbed}"
+    typing_only = {n.name for n in tree.body if isinstance(n, ast.ClassDef)
+                   and any(isinstance(b, ast.Name) and (b.id == "TypedDict" or b.id.startswith("_") or
+                                                       b.id in ("Stats", "CallStats", "_DeviceBase"))
+                           for b in n.bases)}
+    stale = {k for k in stubbed if not k.startswith("_")} - runtime - typing_only
+    assert stale == set(), f"stale stub names: {stale}"
 
-    def kwonly(cls, meth):
-        fn = next(i for i in classes[cls].body if isinstance(i, ast.FunctionDef) and i.name == meth)
-        return {a.arg for a in fn.args.kwonlyargs} | {a.arg for a in fn.args.args[2:]}
-    stream_opts = set(_core.STREAM_OPTIONS)
-    for meth in ("stream", "generate", "stream_events"):
-        assert kwonly("_Engine", meth) - {"emit_stats_every"} == stream_opts, meth
-    assert kwonly("Session", "__init__") == set(_core.CONTEXT_OPTIONS)
-    assert kwonly("MTP", "__init__") == set(_core.CONTEXT_OPTIONS) | {"n_draft"}
+
+def test_stubbed_options_match_runtime_defaults():
+    """The keyword options written in the stub are exactly the ones the extension accepts,
+    with the extension's defaults."""
+    for meth in STREAM_METHODS:
+        assert _kwonly_defaults("_Engine", meth) == _core.STREAM_DEFAULTS, meth
+        assert not _method("_Engine", meth).args.kwarg, meth    # no **kwargs hiding options
+    for meth in CHAT_METHODS:
+        assert _kwonly_defaults("_Engine", meth) == dict(_core.STREAM_DEFAULTS, **CHAT_EXTRA), meth
+    # positional parameters: only the prompt / messages (emit_stats_every is keyword-only)
+    for meth in STREAM_METHODS + CHAT_METHODS:
+        assert [a.arg for a in _method("_Engine", meth).args.args] in (["self", "prompt"], ["self", "messages"])
+    assert _kwonly_defaults("Session", "__init__") == _core.CONTEXT_DEFAULTS
+    mtp = _kwonly_defaults("MTP", "__init__")
+    assert {k: v for k, v in mtp.items() if k in _core.CONTEXT_OPTIONS} == _core.CONTEXT_DEFAULTS
+    assert set(mtp) - set(_core.CONTEXT_OPTIONS) == {"n_draft", "p_min", "n_draft_max"}
+    assert (mtp["n_draft"], mtp["p_min"], mtp["n_draft_max"]) == (3, 0.0, None)
+
+
+def test_mtp_defaults_written_in_the_stub_are_the_runtime_ones(mtp_model):
+    with mtp_cy.MTP(mtp_model, n_ctx=64, n_threads=1) as m:
+        assert (m.n_draft, m.p_min, m.n_draft_max) == (3, 0.0, 3)
+    with mtp_cy.MTP(mtp_model, n_ctx=64, n_threads=1, n_draft="auto") as m:
+        assert (m.n_draft, m.n_draft_max) == ("auto", 4)
+
+
+def test_return_types():
+    def ret(cls, meth):
+        return ast.unparse(_method(cls, meth).returns)
+    assert ret("_Engine", "stream") == ret("_Engine", "chat") == "_Stream[str]"
+    assert ret("_Engine", "stream_events") == ret("_Engine", "chat_events") == "_Stream[Event]"
+    assert ret("_Engine", "complete") == ret("_Engine", "complete_chat") == "Completion"
+    assert ret("_Engine", "astream") == "AsyncStream[str]"
+    for prop in ("finish_reason", "stop_reason", "stop_string", "completion", "chat_parser"):
+        assert ret("_Stream", prop).startswith("Optional["), prop
+    assert ret("_Stream", "completion") == "Optional[Completion]"
+    assert ret("MTP", "n_draft") == "Union[int, Literal['auto']]"
+
+
+def test_a_type_checker_follows_a_stream_to_its_result(tmp_path):
+    """mypy --strict accepts typical code (when mypy is installed): stream() items are str,
+    .finish_reason / .stop_reason / .stop_string / .completion type-check, and so on."""
+    pytest.importorskip("mypy")
+    snippet = tmp_path / "snippet.py"
+    snippet.write_text(textwrap.dedent("""
+        from typing import Any, Dict, Iterator, Literal, Optional, Union
+        from typing_extensions import assert_type
+        import mtp_cy
+
+        def f(s: mtp_cy.Session, m: mtp_cy.MTP) -> None:
+            it = s.stream("x", max_tokens=None, prompt_timeout=5.0, logprobs=True, top_logprobs=2,
+                          json_schema={"type": "object"}, emit_stats_every=4)
+            for piece in it:
+                assert_type(piece, str)
+            fr: Optional[str] = it.finish_reason
+            sr: Optional[str] = it.stop_reason
+            ss: Optional[str] = it.stop_string
+            c = it.completion
+            assert_type(c, Optional[mtp_cy.Completion])
+            if c is not None:
+                n: int = c.usage.cached_tokens
+                t: Optional[str] = c.reasoning
+            for e in m.stream_events([1, 2], emit_stats_every=3):
+                if e[0] == "token":
+                    tid: int = e[1]
+            assert_type(m.complete("x", max_tokens=3), mtp_cy.Completion)
+            assert_type(s.complete_chat([{"role": "user", "content": "x"}], enable_thinking=False),
+                        mtp_cy.Completion)
+            assert_type(s.create_chat_completion([{"role": "user", "content": "hi"}], temperature=0),
+                        Dict[str, Any])
+            assert_type(s.create_completion("x", stream=True), Iterator[Dict[str, Any]])
+            m2 = mtp_cy.MTP(s.model, n_draft="auto", n_draft_max=4, p_min=0.1)
+            assert_type(m2.n_draft, Union[int, Literal["auto"]])
+            line: str = m2.print_stats()
+            k: int = m2.n_draft_max
+            p: float = m2.p_min
+            m2.reset_policy()
+            s.clear_cache()
+            g: str = mtp_cy.json_schema_to_grammar({"type": "object"})
+            mtp_cy.DraftPolicy(4).observe(2, 1, verify_us=10.0)
+            vo: bool = s.model.vocab_only
+            cp: Optional[mtp_cy.ChatParser] = s.chat([{"role": "user", "content": "x"}]).chat_parser
+            err: type[mtp_cy.MTPError] = mtp_cy.NativeError
+            s.stream("x", no_such_option=1)  # type: ignore[call-arg]
+    """))
+    env = dict(os.environ, MYPYPATH=str(Path(mtp_cy.__file__).parent.parent))
+    r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent",
+                        "--cache-dir", str(tmp_path / "cache"), "--warn-unused-ignores", str(snippet)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# `cdef readonly` attributes of the extension types: Cython gives them no docstring
+# (documented in their class's docstring instead)
+CDEF_ATTRIBUTES = {("Model", "path"), ("Model", "rpc_servers"), ("MTP", "p_min"), ("_Engine", "model"),
+                   ("_Engine", "n_ctx")}
 
 
 def test_public_names_have_docstrings():
-    for obj in (mtp_cy.Model, mtp_cy.Session, mtp_cy.MTP, mtp_cy.init, mtp_cy.system_info, mtp_cy.devices):
+    for obj in (mtp_cy.Model, mtp_cy.Session, mtp_cy.MTP, mtp_cy.DraftPolicy, mtp_cy.ChatParser,
+                mtp_cy.Completion, mtp_cy.Usage, mtp_cy.TokenLogprob, _core._Stream, _core._Engine,
+                mtp_cy.init, mtp_cy.system_info, mtp_cy.devices):
         assert inspect.getdoc(obj), obj
         if inspect.isclass(obj):
             for k, v in vars(obj).items():
-                if not k.startswith("_") and callable(getattr(obj, k, None)):
-                    assert inspect.getdoc(getattr(obj, k)), f"{obj.__name__}.{k}"
+                if (obj.__name__, k) in CDEF_ATTRIBUTES:
+                    continue
+                if not k.startswith("_") and (callable(getattr(obj, k, None)) or isinstance(v, property)
+                                              or inspect.isgetsetdescriptor(v)):
+                    assert inspect.getdoc(getattr(obj, k) if callable(getattr(obj, k, None)) else v), \
+                        f"{obj.__name__}.{k}"
     for name in mtp_cy.__all__:
         obj = getattr(mtp_cy, name)
-        if inspect.isclass(obj) or inspect.isfunction(obj):
+        if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj):
+            assert inspect.getdoc(obj), name
+    from mtp_cy import openai_compat
+    assert inspect.getdoc(openai_compat)
+    for name in openai_compat.__all__:
+        obj = getattr(openai_compat, name)
+        if callable(obj):
             assert inspect.getdoc(obj), name
