@@ -141,7 +141,7 @@ cdef class Model:
     cdef bint _mtp_loaded
     cdef bint _vocab_only
     cdef llama_model * _head                    # an MTP sidecar (mtp_head=...), or NULL
-    cdef readonly str mtp_head
+    cdef str _head_path
     cdef dict _meta_cache
     cdef common_chat_templates * _chat_tmpls   # the GGUF's own template, parsed on first use
     cdef common_chat_templates * _chat_tmpls_tools   # its separate tool_use template, if any
@@ -154,7 +154,7 @@ cdef class Model:
     def __cinit__(self):
         self._model = NULL
         self._head = NULL
-        self.mtp_head = None
+        self._head_path = None
         self._vocab = NULL
         self._closed = True
         self._users = 0
@@ -388,7 +388,7 @@ cdef class Model:
             llama_model_free(h)
             raise MTPUnsupportedError(f"{path!r} cannot be the MTP head of {self.path!r}: {why}")
         self._head = h
-        self.mtp_head = path
+        self._head_path = path
         self._mtp_loaded = True
         return 0
 
@@ -561,6 +561,11 @@ cdef class Model:
         sidecar (``mtp_head``)."""
         self._check()
         return self._mtp_loaded
+
+    @property
+    def mtp_head(self):
+        """The path of the MTP sidecar given as ``mtp_head=``, or ``None``."""
+        return self._head_path
 
     @property
     def mtp_source(self):

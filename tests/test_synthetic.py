@@ -375,9 +375,10 @@ def test_oracle_mtp_cy_examples(m75):
     # draft length never exceeds what is still needed
     r = m75.predict(p, 2, 4)
     assert r.drafts_generated == 1 and len(r.tokens) == 2
-    # context limit bounds the draft: n_ctx - n_past - 2 (n_past = 1 after the prefill)
+    # the context bounds the draft: n_ctx - n_past - 1 (n_past = 1 after the prefill), and
+    # generation ends once every position holds a token (the last one sampled is emitted too)
     r = m75.predict(p, 6, 4, n_ctx=4)
-    assert r.drafts_generated == 1 and len(r.tokens) == 6
+    assert r.steps[0][0] == 2 and r.stop == "ctx_full" and len(p) + len(r.tokens) == 4 + 1
     # hand-traced step: drafts chain through g, verification through f
     m = syn.cached_model(acceptance=1.0)
     r = m.predict(m.encode("the sea"), 8, 3)
