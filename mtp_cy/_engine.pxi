@@ -849,6 +849,12 @@ cdef class _Engine:
             chat_template_kwargs = kw
         parser = ChatParser()
         prompt = self._chat_prompt(messages, template, chat_template_kwargs, parser)
+        extra_stops = parser.additional_stops
+        if extra_stops:
+            # the template's format asks for these stops besides the end-of-turn token
+            user = options.get("stop")
+            user = [] if user is None else ([user] if isinstance(user, str) else list(user))
+            options["stop"] = user + [x for x in extra_stops if x and x not in user]
         cdef _Stream s = self._open(prompt, options, events, where, events,
                                     self._chat_hint(messages, template, chat_template_kwargs, prompt))
         s.chat_parser = parser

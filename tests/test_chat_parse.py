@@ -182,3 +182,21 @@ def test_unparseable_reply_falls_back_to_plain_content(caplog):
     msg = _parse_reply(Broken(), "raw text", "eog")
     assert msg == {"role": "assistant", "content": "raw text"}
     assert "plain content" in caplog.text
+
+
+def test_chat_applies_the_formats_additional_stops(synthetic):
+    """Templates whose reply format ends with a literal stop (upstream's patch for poolside's
+    Laguna: ``</assistant>`` spelled as text) stop chat() there, like llama-server."""
+    from test_chat import templates_dir
+    path = templates_dir() / "poolside-Laguna-XS.2.jinja"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    sm = synthetic.cached_model(mtp=True, chat_template=path.read_text(encoding="utf-8"))
+    with mtp_cy.Model(sm.path) as m, mtp_cy.Session(m, n_ctx=2048, n_threads=1) as s:
+        it = s.chat(USER, grammar=gbnf("hello there</assistant> and more"), temp=0, max_tokens=40)
+        text = "".join(it)
+        assert "</assistant>" in it.chat_parser.additional_stops
+        assert text == "hello there" and it.stop_reason == "stop_string"
+        # the user's own stop strings still apply, first
+        it = s.chat(USER, grammar=gbnf("hello there</assistant>"), temp=0, max_tokens=40, stop=" there")
+        assert "".join(it) == "hello" and it.stop_string == " there"
