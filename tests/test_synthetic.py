@@ -131,9 +131,22 @@ def outside_word_id(m):
     (dict(eog_after="not-a-word"), "eog_after"),
     (dict(eog_after=10 ** 7), "eog_after"),
     (dict(eog_after=True), "eog_after"),
-    (dict(dtype="q8_0"), "dtype"),
+    (dict(dtype="q4_0"), "dtype"),
     (dict(seed=-1), "seed"),
     (dict(mtp="yes"), "mtp"),
+    (dict(arch="llama"), "arch"),
+    (dict(size=dict(n_expert=4)), "MoE keys need arch='qwen35moe'"),
+    (dict(arch="qwen35moe", size=dict(n_ff=64)), "qwen35moe has no n_ff"),
+    (dict(arch="qwen35moe", size=dict(n_expert=1)), "n_expert"),
+    (dict(arch="qwen35moe", size=dict(n_expert=4, n_expert_used=5)), "n_expert_used"),
+    (dict(layout="split"), "layout"),
+    (dict(layout="sidecar", mtp=False), "sidecar"),
+    (dict(draft_confidence=0.5), "draft_confidence"),
+    (dict(draft_confidence=1.0), "draft_confidence"),
+    (dict(draft_confidence="sure"), "draft_confidence"),
+    (dict(draft_confidence=0.6, mtp=False), "draft_confidence"),
+    (dict(preset="huge"), "preset"),
+    (dict(preset="dense-1.3b", n_trunk=6), "fixes n_trunk"),
 ])
 def test_validation(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
