@@ -204,7 +204,10 @@ __all__ = [
     "load_oracle",
     "cached_model",
     "quantize",
+    "preset_cost",
+    "DraftCost",
     "mismatched_sidecar",
+    "MISMATCH_KINDS",
     "find_vocab",
     "cache_dir",
     "single_token_id",
@@ -290,10 +293,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # the output head (real Qwen3.5 layout), GPT-2 vocabulary
     "dense-1.3b": dict(arch="qwen35", n_trunk=16, full_attention_interval=4, mtp_head="shared",
                        vocab="gpt-2", size=dict(_DENSE_2048, n_ff=8192)),
-    # MoE: same attention/DeltaNet shapes, 32 experts of width 1024 (4 used) + a shared expert
-    "moe-2b-a0.4b": dict(arch="qwen35moe", n_trunk=16, full_attention_interval=4, mtp_head="shared",
-                         vocab="gpt-2", size=dict(_DENSE_2048, n_expert=32, n_expert_used=4,
-                                                  expert_ff=512, shared_expert_ff=1024)),
+    # MoE, ~2.26B parameters of which ~0.62B active per token: the same attention /
+    # DeltaNet shapes, 64 experts of width 256 (8 used) plus a shared expert of width 512
+    "moe-2.3b-a0.6b": dict(arch="qwen35moe", n_trunk=16, full_attention_interval=4, mtp_head="shared",
+                           vocab="gpt-2", size=dict(_DENSE_2048, n_expert=64, n_expert_used=8,
+                                                    expert_ff=256, shared_expert_ff=512)),
 }
 #: make_model arguments a preset fixes
 _PRESET_ARGS = ("arch", "size", "n_trunk", "full_attention_interval", "mtp_head", "vocab")
@@ -1662,6 +1666,19 @@ def quantize(src, dst, dtype: str) -> SyntheticModel:
 # --------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------
+
+def preset_cost(preset: str) -> DraftCost:
+    """Parameter counts (:class:`DraftCost`) of a :data:`PRESETS` model without generating it."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    p = PRESETS[preset]
+    n_vocab = _load_vocab(find_vocab(p["vocab"])).n_vocab
+    recurrent = _recurrent_pattern(p["n_trunk"], p["full_attention_interval"])
+    dims = _resolve_dims(p["size"], recurrent, True, p["mtp_head"], n_vocab, p["arch"])
+    tgt, dft = _step_params(dims, p["arch"], recurrent, p["mtp_head"], n_vocab)
+    return DraftCost(target_params=tgt, draft_params=dft,
+                     total_params=_count_params(dims, recurrent, True, p["mtp_head"], n_vocab, p["arch"]))
+
 
 def _apply_preset(preset, args: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
     if preset is None:
