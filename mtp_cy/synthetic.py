@@ -1680,24 +1680,40 @@ def preset_cost(preset: str) -> DraftCost:
                      total_params=_count_params(dims, recurrent, True, p["mtp_head"], n_vocab, p["arch"]))
 
 
-def _apply_preset(preset, args: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
-    if preset is None:
-        return args
-    if preset not in PRESETS:
+class _Default:
+    """A default of make_model that a preset replaces (so that an explicit value, even one
+    equal to the default, can be told apart and checked against the preset)."""
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self):
+        return repr(self.value)
+
+
+def _apply_preset(preset, args: Dict[str, Any]) -> Dict[str, Any]:
+    """Unwrap the defaults of ``args``; with a preset, its fixed arguments replace them (an
+    explicit value must equal the preset's)."""
+    if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    out = dict(args)
-    for k in _PRESET_ARGS:
-        v = PRESETS[preset][k]
-        if args[k] != defaults[k] and args[k] != v:
-            raise ValueError(f"preset {preset!r} fixes {k}={v!r}; do not pass {k}={args[k]!r} with it")
+    out = {}
+    for k, v in args.items():
+        explicit = not isinstance(v, _Default)
+        v = v if explicit else v.value
+        if preset is not None and k in _PRESET_ARGS:
+            want = PRESETS[preset][k]
+            if explicit and v != want:
+                raise ValueError(f"preset {preset!r} fixes {k}={want!r}; do not pass {k}={v!r} with it")
+            v = want
         out[k] = v
     return out
 
 
-def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_interval=4, size="tiny",
-               vocab="gpt-2", mtp_head="own", eog_after=None, dtype="f16", seed=0,
-               vocab_path=None, chat_template=None, arch="qwen35", layout="combined",
-               draft_confidence=None, preset=None) -> SyntheticModel:
+def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=_Default(4), full_attention_interval=_Default(4),
+               size=_Default("tiny"), vocab=_Default("gpt-2"), mtp_head=_Default("own"), eog_after=None,
+               dtype="f16", seed=0, vocab_path=None, chat_template=None, arch=_Default("qwen35"),
+               layout="combined", draft_confidence=None, preset=None) -> SyntheticModel:
     """Write a synthetic ``qwen35`` / ``qwen35moe`` GGUF to ``path`` and return its :class:`SyntheticModel`.
 
     See the module docstring for the construction and ``docs/synthetic.md`` for a guide.  Arguments:
@@ -1744,7 +1760,7 @@ def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_int
                 size=size, vocab=vocab, mtp_head=mtp_head, eog_after=eog_after, dtype=dtype, seed=seed,
                 vocab_path=vocab_path, chat_template=chat_template, arch=arch, layout=layout,
                 draft_confidence=draft_confidence)
-    args = _apply_preset(preset, args, _MAKE_DEFAULTS)
+    args = _apply_preset(preset, args)
     _validate(args["mtp"], args["acceptance"], args["n_trunk"], args["full_attention_interval"], args["mtp_head"],
               args["dtype"], args["seed"], args["arch"], args["layout"], args["draft_confidence"])
     if not (chat_template is None or chat_template is False
@@ -1760,7 +1776,8 @@ def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_int
     return _generate(path, args, preset)
 
 
-_MAKE_DEFAULTS = {p.name: p.default for p in inspect.signature(make_model).parameters.values() if p.name != "path"}
+_MAKE_DEFAULTS = {p.name: p.default.value if isinstance(p.default, _Default) else p.default
+                  for p in inspect.signature(make_model).parameters.values() if p.name != "path"}
 
 
 def _generate(path: Path, a: Dict[str, Any], preset: Optional[str],
@@ -1892,7 +1909,7 @@ def _cache_key(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     unknown = set(kwargs) - names
     if unknown:
         raise TypeError(f"cached_model() got unexpected keyword arguments {sorted(unknown)}")
-    full = {p.name: kwargs.get(p.name, p.default) for p in _MAKE_PARAMS}
+    full = _apply_preset(kwargs.get("preset"), {p.name: kwargs.get(p.name, p.default) for p in _MAKE_PARAMS})
     if full.get("vocab_path") is not None:
         full["vocab_path"] = str(Path(full["vocab_path"]).resolve())
     for k in _KEY_DROP_AT_DEFAULT:
