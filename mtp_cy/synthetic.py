@@ -108,7 +108,7 @@ first ``data[0].p < p_min``.  So the number that matters is
 ``p = 1 / sum_{k<10} exp(l_k - l_0)`` over the 10 largest draft logits; the
 generator computes it for every member from the designed logits and stores
 it (``draft_p``, :meth:`SyntheticModel.draft_prob`).  By default it is
-``~1 - 9e-9`` (own head) and ``~0.881`` (shared head: the runner-up 2 below).
+``1/(1 + 9 e^-20) = 1 - 2e-8`` (own head) and ``~0.881`` (shared head: the runner-up 2 below).
 ``draft_confidence=c`` (0.52..0.99) makes the head unsure exactly where it is
 wrong: on a member with ``g != f`` the draft ``g`` keeps the top logit and
 the target's word ``f`` is the runner-up ``delta = ln(c / (1 - c))`` below
@@ -608,6 +608,7 @@ class DraftCost:
 
     @property
     def ratio(self) -> float:
+        """``draft_params / target_params``."""
         return self.draft_params / self.target_params
 
 
