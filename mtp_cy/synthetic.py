@@ -168,7 +168,9 @@ metadata, so :func:`load_oracle` works on them.  Zero rows stay exactly zero
 and the {0, 1} rows of the embedding / ``eh_proj`` keep equal values, so
 ``f`` and ``g`` survive; the logits move by up to a few tenths (the
 quantization error of the +-20 / 18 entries of the heads), well inside the
-margin of 2, but ``draft_p`` is the f16 design value.
+margin of 2, but ``draft_p`` is the f16 design value.  ``draft_confidence``'s
+small gaps would not survive: :func:`quantize` keeps the MTP head's tensors that
+carry them in their source types.
 
 Everything the oracle needs (words, ids, ``f``, ``g``, runner-ups, draft
 probabilities, EOG, settings) is stored in the GGUF itself under
@@ -1625,13 +1627,25 @@ def _quantize_program() -> Path:
                        "with a native build tree (build/native)")
 
 
-def _run_quantize(src: Path, dst: Path, qtype: str):
+def _keep_types(m: "SyntheticModel") -> List[str]:
+    """llama-quantize options that keep the tensors carrying a draft_confidence design in
+    their source types: its small logit gaps (ln(c/(1-c)), 0.08..4.6) do not survive the
+    K-quants' errors (up to ~0.3 on the heads' +-20 entries, more through the shared head's
+    combinations), while the default design's margin of 2 does."""
+    if m.draft_confidence is None:
+        return []
+    if m.mtp_head == "own":
+        return ["--tensor-type", "shared_head_head=f16"]
+    return ["--output-tensor-type", "f16", "--tensor-type", "eh_proj=f32"]
+
+
+def _run_quantize(src: Path, dst: Path, qtype: str, options: Sequence[str] = ()):
     exe = _quantize_program()
     threads = os.environ.get("MTP_CY_JOBS") or str(os.cpu_count() or 1)
     tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
     try:
-        p = subprocess.run([str(exe), str(src), str(tmp), qtype, threads], capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL)
+        p = subprocess.run([str(exe), *options, str(src), str(tmp), qtype, threads], capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL)
         if p.returncode != 0 or not tmp.is_file():
             raise RuntimeError(f"llama-quantize {src.name} {qtype} failed (rc {p.returncode}):\n"
                                + (p.stdout + p.stderr)[-3000:])
@@ -1649,6 +1663,10 @@ def quantize(src, dst, dtype: str) -> SyntheticModel:
     ``src`` is a path or a :class:`SyntheticModel`; a sidecar layout is quantized
     file by file (``dst`` is the new trunk, its sidecar ``mtp-<dst name>``).
     llama-quantize copies all metadata, so :func:`load_oracle` works on the result.
+    With ``draft_confidence`` the MTP head's precision-critical tensors keep their
+    types (own head: ``nextn.shared_head_head`` f16; shared head: the MTP file's
+    ``output.weight`` f16 and ``nextn.eh_proj`` f32), so that the drafts and their
+    probabilities stay exact.
     """
     if dtype not in _QUANT_TYPES:
         raise ValueError(f"dtype must be one of {list(_QUANT_TYPES)}, got {dtype!r}")
@@ -1658,9 +1676,11 @@ def quantize(src, dst, dtype: str) -> SyntheticModel:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     qtype = _QUANT_TYPES[dtype][0]
+    keep = _keep_types(m)
     if m.mtp_path is not None:
-        _run_quantize(m.mtp_path, _sidecar_path(dst), qtype)
-    _run_quantize(m.path, dst, qtype)
+        _run_quantize(m.mtp_path, _sidecar_path(dst), qtype, keep)
+        keep = []                       # the trunk's output head is the target's only
+    _run_quantize(m.path, dst, qtype, keep)
     return load_oracle(dst)
 
 

@@ -171,23 +171,49 @@ def test_upstream_quantized(tmp_path, arch, head, dtype):
         check_upstream(m, prompt, n_draft, 30, md=m.mtp_path)
 
 
-QUANT_MATRIX = [(arch, head, acc, dtype) for arch in ("qwen35", "qwen35moe") for head in ("own", "shared")
-                for acc in (0.0, 1.0) for dtype in ("q8_0", "q4_k_m")]
+GGML_F32, GGML_F16 = 0, 1
+
+
+@pytest.mark.parametrize("head, layout", [("shared", "combined"), ("own", "sidecar")])
+def test_upstream_quantized_confidence(tmp_path, head, layout):
+    """draft_confidence's small logit gaps would not survive the K-quants: quantize() keeps the
+    MTP head's precision-critical tensors in their source types, and drafts, probabilities and
+    p_min runs stay exact."""
+    need(SPEC)
+    need_quantize()
+    m = syn.make_model(tmp_path / "m.gguf", size=SMALL, mtp_head=head, acceptance=0.5, draft_confidence=0.58,
+                       layout=layout, dtype="q4_k_m")
+    types = gguf_tensor_types(m.mtp_path or m.path)
+    blk = f"blk.{m.n_trunk}."
+    if head == "shared":
+        assert (types["output.weight"], types[blk + "nextn.eh_proj.weight"]) == (GGML_F16, GGML_F32)
+    else:
+        assert types[blk + "nextn.shared_head_head.weight"] == GGML_F16
+        assert types["output.weight"] == GGML_Q6_K and gguf_tensor_types(m.path)["output.weight"] == GGML_Q6_K
+    prompt = m.encode("the sea")
+    for n_draft in (1, 3):
+        for p_min in (None, 0.5, 0.8):
+            check_upstream(m, prompt, n_draft, 30, p_min=p_min, md=m.mtp_path)
+
+
+QUANT_MATRIX = [(arch, head, acc, conf, dtype) for arch in ("qwen35", "qwen35moe") for head in ("own", "shared")
+                for acc, conf in ((0.0, None), (1.0, None), (0.5, 0.6)) for dtype in ("q8_0", "q4_k_m")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, head, acc, dtype", QUANT_MATRIX)
-def test_upstream_quantized_matrix(tmp_path, arch, head, acc, dtype):
+@pytest.mark.parametrize("arch, head, acc, conf, dtype", QUANT_MATRIX)
+def test_upstream_quantized_matrix(tmp_path, arch, head, acc, conf, dtype):
     need(SPEC)
     need(COMPLETION)
     need_quantize()
     size = SMALL if arch == "qwen35" else SMALL_MOE
     m = syn.make_model(tmp_path / "m.gguf", arch=arch, size=size, mtp_head=head, acceptance=acc, dtype=dtype,
-                       eog_after="sky", seed=5)
+                       eog_after="sky", seed=5, draft_confidence=conf)
     prompt = m.encode("moon star")
     assert run_completion(m, prompt, 60) == m.greedy(prompt, 60).text
     for n_draft in (1, 2, 4):
-        check_upstream(m, prompt, n_draft, 30)
+        for p_min in ((None, 0.7) if conf else (None,)):
+            check_upstream(m, prompt, n_draft, 30, p_min=p_min)
 
 
 # ---------------------------------------------------------------- the big presets
