@@ -143,9 +143,9 @@ def test_upstream_confidence_greedy_unchanged():
     assert run_completion(m, prompt, 30) == m.greedy(prompt, 30).text
 
 
-SLOW = [dict(mtp_head=h, acceptance=a, draft_confidence=c, **extra)
-        for h in ("own", "shared") for a, c in ((0.25, 0.55), (0.5, 0.7), (1.0, 0.95))
-        for extra in ({}, {"arch": "qwen35moe"})]
+SLOW = [dict(mtp_head=h, acceptance=a, draft_confidence=c)
+        for h in ("own", "shared") for a, c in ((0.25, 0.55), (0.5, 0.7), (1.0, 0.95))] + \
+       [dict(mtp_head="shared", acceptance=0.5, draft_confidence=0.7, arch="qwen35moe")]
 
 
 @pytest.mark.slow
@@ -156,7 +156,7 @@ def test_upstream_p_min_matrix(cfg):
     p_mins = (0.3, 0.5, 0.62, 0.8, 0.99)
     p_min_values_safe(m, p_mins)
     for p_min in p_mins:
-        for words, n_draft in (("the sea", 1), ("moon star tree", 3), ("river", 5)):
+        for words, n_draft in (("the sea", 1), ("moon star tree", 4)):
             check_upstream(m, m.encode(words), n_draft, 24, p_min=p_min)
 
 
