@@ -125,7 +125,7 @@ def test_quantize(tmp_path, arch):
     need_quantize()
     size = SMALL if arch == "qwen35" else SMALL_MOE
     f16 = syn.make_model(tmp_path / "f16.gguf", arch=arch, size=size, mtp_head="shared", acceptance=0.5,
-                         eog_after="sky", draft_confidence=0.7)
+                         eog_after="sky")
     for dtype, out_type in (("q8_0", GGML_Q8_0), ("q4_k_m", GGML_Q6_K)):
         q = syn.quantize(f16, tmp_path / f"{dtype}.gguf", dtype)
         assert q.dtype == dtype and q.path.stat().st_size < 0.7 * f16.path.stat().st_size
