@@ -1,20 +1,24 @@
-"""Synthetic ``qwen35`` GGUF models whose every prediction is known in advance.
+"""Synthetic ``qwen35`` / ``qwen35moe`` GGUF models whose every prediction is known in advance.
 
 This module writes small (or, on request, benchmark-sized) GGUF files of
 llama.cpp's ``qwen35`` architecture (Qwen3.5 dense: a hybrid trunk of
 Gated-DeltaNet recurrent layers with a full-attention layer every
-``full_attention_interval`` layers) plus one MTP ("NextN") block, using
-numpy and the ``gguf`` writer only.  The weights are *designed*, not trained,
-so that
+``full_attention_interval`` layers) or ``qwen35moe`` (the same trunk with
+mixture-of-experts FFNs) plus one MTP ("NextN") block, using numpy and the
+``gguf`` writer only (quantized forms: upstream's ``llama-quantize``).  The
+weights are *designed*, not trained, so that
 
 * the target model's greedy next token is a fixed function ``f`` of the
   current token alone, and
 * the MTP head's draft is a fixed function ``g`` of the token it is fed,
+  with a known probability ``draft_p`` (the number upstream's draft loop
+  compares with ``--spec-draft-p-min``),
 
 and a pure-Python oracle (:meth:`SyntheticModel.predict`) can reproduce the
 exact greedy continuation *and* the exact speculative-decoding counters of
 both upstream's ``llama-speculative-simple --spec-type draft-mtp`` and
-mtp_cy's own loop.
+mtp_cy's own loop.  ``docs/synthetic.md`` is the user guide (knobs, presets,
+generation times); this docstring is the construction.
 
 Construction (why the predictions are exact)
 ============================================
@@ -35,14 +39,17 @@ Embeddings.  ``token_embd[t] = e_j(t) + e_b`` where ``j(t)`` is the index of
 ``S[t mod W]`` (so it behaves exactly like that member).
 
 Trunk.  Every projection *into* a layer (q/k/v, the DeltaNet qkv/z/alpha/
-beta/conv, FFN gate/up) is a random Gaussian, so the attention, the
-Gated-DeltaNet recurrence, the convolution state and the FFN really run on
-non-trivial data.  Every projection *out of* a layer back into the residual
-stream (``attn_output``, ``ssm_out``, ``ffn_down``) has zero rows except for
-the scratch dimensions, with tiny random values there (outputs of norm
-~1e-2).  Hence the token direction and the bias dimension of the residual
-stream are carried through the whole trunk *bit-exactly*
-(``x + 0 == x``), and the final hidden state is
+beta/conv, FFN gate/up, the MoE router, the experts' gate/up, the shared
+expert's gate/up and its sigmoid gate ``ffn_gate_inp_shexp``) is a random
+Gaussian, so the attention, the Gated-DeltaNet recurrence, the convolution
+state, the FFN and the expert routing really run on non-trivial data.  Every
+projection *out of* a layer back into the residual stream (``attn_output``,
+``ssm_out``, ``ffn_down``, every expert's slice of ``ffn_down_exps``,
+``ffn_down_shexp``) has zero rows except for the scratch dimensions, with
+tiny random values there (outputs of norm ~1e-2).  Hence, whichever experts
+the router picks and with whatever weights, the token direction and the
+bias dimension of the residual stream are carried through the whole trunk
+*bit-exactly* (``x + 0 == x``), and the final hidden state is
 ``x = e_j + e_b + (small scratch noise)``.
 
 Output head.  ``output_norm`` (RMS norm, weight ``sqrt(2/D)``) scales ``x``
@@ -70,7 +77,8 @@ embedding and the RMS-normed target hidden state, concatenated, through
 is exactly ``e_j + e_b``; the hidden-state half is only routed into scratch
 dimensions (tiny weights), so the draft depends on the fed token only.
 ``eh_proj`` maps ``e_j`` to a direction ``e_d`` and ``e_b`` to ``e_b``; the
-block's own attention/FFN again only write scratch dimensions.
+block's own attention/FFN (dense or MoE, like the trunk) again only write
+scratch dimensions.
 
 * ``mtp_head="own"``: ``nextn.shared_head_norm`` + ``nextn.shared_head_head``
   exist; ``d = j`` and the own head maps direction ``j`` to ``g(S[j])``
@@ -82,12 +90,53 @@ block's own attention/FFN again only write scratch dimensions.
   ``c(w)`` following ``w`` in the cycle has no pre-image under ``f``; the
   spare direction ``W`` is mapped by the output head to that member so the
   MTP block can still draft it (the trunk never produces direction ``W``).
+  The draft's logits are the output head's: the runner-up of direction
+  ``d`` sits 2 below the draft.
 
 ``g(t) = f(t)`` for exactly ``round(acceptance * W)`` members (chosen by
 ``seed``) and ``g(t)`` is another member of ``S`` (``!= f(t)``) for the
 rest.  MTP drafting is a chain: ``d1 = g(last)``, ``d2 = g(d1)``, ...;
 verification accepts ``d_i`` while ``d_i == f(previous)`` and then appends
 ``f(last accepted)``.  All of this is computed by :meth:`SyntheticModel.predict`.
+
+Draft probability and ``draft_confidence``.  Upstream's MTP draft loop
+(``common_speculative_impl_draft_mtp::draft``) samples with a ``top_k=10``
+chain whose last stage (``dist``) writes the softmax of the 10 surviving
+logits, without temperature, into ``cur_p->data[k].p``; the draft is
+``data[0]`` (the argmax) and drafting stops, *without* that token, at the
+first ``data[0].p < p_min``.  So the number that matters is
+``p = 1 / sum_{k<10} exp(l_k - l_0)`` over the 10 largest draft logits; the
+generator computes it for every member from the designed logits and stores
+it (``draft_p``, :meth:`SyntheticModel.draft_prob`).  By default it is
+``1/(1 + 9 e^-20) = 1 - 2e-8`` (own head) and ``~0.881`` (shared head: the runner-up 2 below).
+``draft_confidence=c`` (0.52..0.99) makes the head unsure exactly where it is
+wrong: on a member with ``g != f`` the draft ``g`` keeps the top logit and
+the target's word ``f`` is the runner-up ``delta = ln(c / (1 - c))`` below
+(every other token at least 10 below), so ``p ~= c``; where ``g == f`` the
+draft stays certain (``p > 0.9999``).  Own head: the ``f`` entry of
+``shared_head_head``'s row.  Shared head: ``shared_head_norm`` scales the
+draft logits by 5 (the runner-up of a certain draft sits 10 below) and
+``eh_proj`` (then stored f32) maps ``e_j`` of an unsure member to a
+combination of output-head directions solved (a small linear system) so
+that ``g`` gets 0, ``f`` gets ``-delta`` and every other token at most -10.
+The target head is unchanged (same ``f``, runner-ups and logits).
+
+MoE (``arch="qwen35moe"``).  Every layer's FFN, the MTP block's included, is
+a router (``ffn_gate_inp``, f32) over ``n_expert`` experts of width
+``expert_ff`` (``ffn_{gate,up,down}_exps``), ``n_expert_used`` of them per
+token (softmax, weights renormalised, as upstream), plus one shared expert
+of width ``shared_expert_ff`` gated by ``sigmoid(ffn_gate_inp_shexp . x)``.
+Nothing else changes, so ``f``, ``g`` and the oracle are the dense model's.
+
+Sidecar layout (``layout="sidecar"``).  The same weights split into a
+trunk-only file (``block_count = n_trunk``, no ``nextn_predict_layers``: a
+plain model) and ``mtp-<name>`` next to it: ``block_count = n_trunk + 1``,
+``nextn_predict_layers = 1``, the MTP block plus ``token_embd``,
+``output_norm`` and ``output`` and no trunk layer (upstream's qwen35 /
+qwen35moe loaders then load it "mtp_only": ``blk.0.attn_norm.weight`` is
+absent), for ``llama-speculative-simple -m <trunk> -md mtp-<trunk>
+--spec-type draft-mtp``.  :func:`mismatched_sidecar` writes sidecars that do
+not fit a model (other arch / n_embd / vocabulary, no NextN block).
 
 Sampling at temperature > 0.  The runner-up sits 2 logits (times ``c``,
 which is 1 up to ~1e-4) below the greedy token and every other token at
@@ -102,22 +151,33 @@ Upstream behaviour the ``rules="upstream"`` oracle reproduces
 commit): the prompt minus its last token is prefilled; each iteration asks
 for ``n_draft_max = max(0, min(n_ctx - n_past - 2, N - n_predict - 1))``
 draft tokens, but the MTP implementation always drafts its configured
-``--spec-draft-n-max`` tokens and ``common_speculative_draft`` only
-truncates when the per-call limit is > 0, so a limit of 0 yields a *full*
-draft; verification (``common_sampler_sample_and_accept_n``) also stops
+``--spec-draft-n-max`` tokens (fewer when ``p_min`` stops it) and
+``common_speculative_draft`` only truncates when the per-call limit is > 0,
+so a limit of 0 yields a *full* draft; verification
+(``common_sampler_sample_and_accept_n``) also stops
 after an accepted EOG that is not the last draft token; ``n_drafted +=
 len(draft)``, ``n_accept += len(ids) - 1``, ``n_predict += len(ids)``, and the
 loop ends only once ``n_predict > N`` or on EOG (so it may print up to
-``N + n_draft + 1`` tokens).  The draft head's own sampler (top-k 10, no
-temperature) takes the most probable candidate, i.e. the argmax.  For
+``N + n_draft + 1`` tokens).  For
 qwen35 the target context gets ``n_rs_seq = n_draft`` (recurrent-state
 rollback), so the checkpoint path of speculative-simple never runs.
 
-Everything the oracle needs (words, ids, ``f``, ``g``, runner-ups, EOG,
-settings) is stored in the GGUF itself under ``mtp_cy.synthetic.*`` so that
-:func:`load_oracle` rebuilds the :class:`SyntheticModel` from any generated
-file.  :func:`cached_model` generates into ``$MTP_CY_CACHE_DIR`` (default
-``~/.cache/mtp_cy/models``) and reuses files.
+Quantized files (``dtype="q8_0"`` / ``"q4_k_m"``) are the f16 file run
+through upstream's ``llama-quantize`` (:func:`quantize`); it copies the
+metadata, so :func:`load_oracle` works on them.  Zero rows stay exactly zero
+and the {0, 1} rows of the embedding / ``eh_proj`` keep equal values, so
+``f`` and ``g`` survive; the logits move by up to a few tenths (the
+quantization error of the +-20 / 18 entries of the heads), well inside the
+margin of 2, but ``draft_p`` is the f16 design value.  ``draft_confidence``'s
+small gaps would not survive: :func:`quantize` keeps the MTP head's tensors that
+carry them in their source types.
+
+Everything the oracle needs (words, ids, ``f``, ``g``, runner-ups, draft
+probabilities, EOG, settings) is stored in the GGUF itself under
+``mtp_cy.synthetic.*`` so that :func:`load_oracle` rebuilds the
+:class:`SyntheticModel` from any generated file.  :func:`cached_model`
+generates into ``$MTP_CY_CACHE_DIR`` (default ``~/.cache/mtp_cy/models``)
+and reuses files.
 """
 
 from __future__ import annotations
@@ -127,30 +187,42 @@ import inspect
 import json
 import math
 import os
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 __all__ = [
     "GENERATOR_VERSION",
     "SIZES",
+    "PRESETS",
     "SyntheticModel",
     "Prediction",
     "make_model",
     "load_oracle",
     "cached_model",
+    "quantize",
+    "preset_cost",
+    "DraftCost",
+    "mismatched_sidecar",
+    "MISMATCH_KINDS",
     "find_vocab",
     "cache_dir",
     "single_token_id",
 ]
 
 #: Bumped whenever the generated files (or their metadata) change.
-GENERATOR_VERSION = 3
+#: 4: ``mtp_cy.synthetic.draft_p`` (the MTP head's draft probability per member).
+GENERATOR_VERSION = 4
 
 _KEY = "mtp_cy.synthetic"
-_ARCH = "qwen35"
+_ARCHS = ("qwen35", "qwen35moe")
+_LAYOUTS = ("combined", "sidecar")
+_SIDECAR_PREFIX = "mtp-"          # upstream's name for an MTP sidecar (common/download.cpp)
 
 # Logit design (in units of the normalised hidden state, see module docstring)
 _LOGIT_FLOOR = 40.0   # tokens outside S that are not the target
@@ -160,6 +232,12 @@ _RUNNER_GAP = 2.0     # runner-up distance below the greedy token (target head o
 _TRUNK_NOISE = 1e-2   # norm of what one sub-layer adds to the scratch dimensions
 _N_SPECIAL_DIMS = 2   # spare direction + bias dimension
 _MIN_SCRATCH = 4
+
+# draft probability (see "Draft probability and draft_confidence")
+_DRAFT_TOP_K = 10               # common_speculative_impl_draft_mtp's draft sampler
+_CONF_RANGE = (0.52, 0.99)      # allowed draft_confidence
+_CONF_HEAD_SCALE = 5.0          # shared head + draft_confidence: draft logits x5
+_CONF_MARGIN = 10.0             # ... every token but g and f at least this far below g
 
 #: Candidate words: lower-case letters with a leading space, so that a
 #: sequence of them is split by the pre-tokenizer at every space.
@@ -181,6 +259,8 @@ _DIM_KEYS = (
     "n_embd", "n_ff", "n_head", "n_head_kv", "head_dim", "ssm_d_state",
     "ssm_n_group", "ssm_n_v_heads", "ssm_d_conv", "n_words", "n_ctx_train",
 )
+#: size keys of ``arch="qwen35moe"`` (which has no ``n_ff``)
+_MOE_KEYS = ("n_expert", "n_expert_used", "expert_ff", "shared_expert_ff")
 
 #: Named sizes.  ``n_ff=None`` for ``bench`` means "grow n_ff until the model
 #: has at least ``_BENCH_MIN_PARAMS`` parameters".
@@ -194,6 +274,40 @@ SIZES: Dict[str, Dict[str, Any]] = {
 }
 _BENCH_MIN_PARAMS = 200_000_000
 _BENCH_MIN_FF = 4096
+#: MoE size keys of ``arch="qwen35moe"`` with ``size="tiny"`` / ``"bench"`` (or a dict
+#: overriding the tiny dims); ``n_ff`` is not used by that arch.
+_MOE_SIZES: Dict[str, Dict[str, int]] = {
+    "tiny": dict(n_expert=8, n_expert_used=2, expert_ff=64, shared_expert_ff=128),
+    "bench": dict(n_expert=32, n_expert_used=4, expert_ff=512, shared_expert_ff=1024),
+}
+
+_DENSE_2048 = dict(n_embd=2048, n_head=8, n_head_kv=2, head_dim=256, ssm_d_state=128, ssm_n_group=8,
+                   ssm_n_v_heads=16, ssm_d_conv=4, n_words=48, n_ctx_train=32768)
+
+#: Benchmark presets (``make_model(path, preset=NAME, dtype=...)``, ``cached_model(preset=NAME)``):
+#: models with the cost structure of real MTP models.  A preset fixes ``arch``, ``size``,
+#: ``n_trunk``, ``full_attention_interval``, ``mtp_head`` and ``vocab``; everything else
+#: (``acceptance``, ``seed``, ``eog_after``, ``draft_confidence``, ``dtype`` incl. the
+#: quantized ``"q8_0"`` / ``"q4_k_m"``, ``layout``) is free.  Parameters, file sizes,
+#: draft/target cost ratios and generation times: ``docs/synthetic.md``.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # ~1.35B dense: 12 Gated-DeltaNet + 4 attention layers, n_ff 8192, MTP head sharing
+    # the output head (real Qwen3.5 layout), GPT-2 vocabulary
+    "dense-1.3b": dict(arch="qwen35", n_trunk=16, full_attention_interval=4, mtp_head="shared",
+                       vocab="gpt-2", size=dict(_DENSE_2048, n_ff=8192)),
+    # MoE, ~2.26B parameters of which ~0.62B active per token: the same attention /
+    # DeltaNet shapes, 64 experts of width 256 (8 used) plus a shared expert of width 512
+    "moe-2.3b-a0.6b": dict(arch="qwen35moe", n_trunk=16, full_attention_interval=4, mtp_head="shared",
+                           vocab="gpt-2", size=dict(_DENSE_2048, n_expert=64, n_expert_used=8,
+                                                    expert_ff=256, shared_expert_ff=512)),
+}
+#: make_model arguments a preset fixes
+_PRESET_ARGS = ("arch", "size", "n_trunk", "full_attention_interval", "mtp_head", "vocab")
+
+#: dtype -> (llama-quantize type name, general.file_type); f16/f32 are written directly
+_QUANT_TYPES = {"q8_0": ("Q8_0", 7), "q4_k_m": ("Q4_K_M", 15)}
+_FILE_TYPES = {0: "f32", 1: "f16", **{ft: name for name, (_, ft) in _QUANT_TYPES.items()}}
+_DTYPES = ("f16", "f32", *_QUANT_TYPES)
 
 
 # --------------------------------------------------------------------------
@@ -301,13 +415,14 @@ _GGUF_SCALAR = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
-def _read_gguf_kv(path, want=None, stop_when_found=False) -> Dict[str, tuple]:
+def _read_gguf_kv(path, want=None, stop_when_found=False, until=None) -> Dict[str, tuple]:
     """Read GGUF key/values as ``{key: (value, vtype, sub_type)}``.
 
     A small reader (much faster than ``gguf.GGUFReader`` on vocabularies):
     only keys accepted by ``want(key)`` are decoded, the others are skipped;
     with ``stop_when_found`` it returns at the first unwanted key after a
-    wanted one (make_model writes its own keys as one contiguous group).
+    wanted one (make_model writes its own keys as one contiguous group);
+    ``until(found)`` returns early once it is true of the keys found so far.
     """
     import mmap
     import struct
@@ -369,6 +484,8 @@ def _read_gguf_kv(path, want=None, stop_when_found=False) -> Dict[str, tuple]:
             if ok:
                 found = True
                 out[key] = (val, t, sub)
+                if until is not None and until(out):
+                    break
         return out
 
 
@@ -434,6 +551,7 @@ def _select_words(vocab: _Vocab, n_words: int) -> List[tuple]:
                      f"{n_words} requested")
 
 
+
 # --------------------------------------------------------------------------
 # oracle
 # --------------------------------------------------------------------------
@@ -469,12 +587,44 @@ class Prediction:
 
     @property
     def acceptance_rate(self) -> float:
+        """``drafts_accepted / drafts_generated`` (0.0 when nothing was drafted)."""
         return self.drafts_accepted / self.drafts_generated if self.drafts_generated else 0.0
 
 
 @dataclass
+class DraftCost:
+    """Parameters touched per token: one target step vs one MTP draft step.
+
+    ``target_params``: the trunk's layers (for MoE only the router, the
+    ``n_expert_used`` routed experts and the shared expert), ``output_norm``,
+    the output head and one embedding row.  ``draft_params``: the MTP block
+    (``eh_proj``, its norms, attention and (active) FFN), its head (the own
+    ``shared_head_head`` or the shared ``output.weight``) and one embedding
+    row.  ``ratio = draft_params / target_params`` is the theoretical cost of
+    a draft token relative to a target step when decoding is bound by reading
+    the weights (the usual case for one sequence).
+    """
+
+    target_params: int
+    draft_params: int
+    total_params: int
+
+    @property
+    def ratio(self) -> float:
+        """``draft_params / target_params``."""
+        return self.draft_params / self.target_params
+
+
+@dataclass
 class SyntheticModel:
-    """Description of a generated model and its exact oracle."""
+    """Description of a generated model and its exact oracle.
+
+    ``path`` is the model file (the trunk file for ``layout="sidecar"``, whose
+    MTP sidecar is ``mtp_path``); ``dtype`` the tensor type of that file
+    (``"f16"``, ``"f32"``, ``"q8_0"``, ``"q4_k_m"``); ``draft_p[t]`` the
+    probability upstream's draft sampler gives the draft after being fed member
+    ``t`` (see :meth:`draft_prob`).
+    """
 
     path: Path
     words: List[str]
@@ -498,22 +648,35 @@ class SyntheticModel:
     n_params: int
     recurrent_layers: List[bool]
     generator_version: int = GENERATOR_VERSION
+    arch: str = "qwen35"
+    layout: str = "combined"
+    mtp_path: Optional[Path] = None
+    draft_confidence: Optional[float] = None
+    preset: Optional[str] = None
+    draft_p: Dict[int, float] = field(default_factory=dict)
     config: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     # ---- token helpers ---------------------------------------------------
 
     @property
     def n_words(self) -> int:
+        """``|S|``, the number of word tokens."""
         return len(self.token_ids)
 
     @property
     def pieces(self) -> Dict[int, str]:
+        """Token id -> text of every member of S."""
         return dict(zip(self.token_ids, self.words))
 
     @property
     def accepted(self) -> List[int]:
         """Members of S on which the MTP draft agrees with the target (g == f)."""
         return [t for t in self.token_ids if self.g.get(t) == self.f[t]]
+
+    @property
+    def files(self) -> List[Path]:
+        """Every file of the model: ``[path]``, plus ``mtp_path`` for a sidecar layout."""
+        return [self.path] + ([self.mtp_path] if self.mtp_path is not None else [])
 
     def member(self, token: int) -> int:
         """The member of S that ``token`` behaves like (itself if it is in S)."""
@@ -533,7 +696,28 @@ class SyntheticModel:
             raise ValueError(f"{self.path} has no MTP block")
         return self.g[self.member(token)]
 
+    def draft_prob(self, token: int) -> float:
+        """Probability of the MTP head's draft after being fed ``token``: the softmax of
+        the 10 largest draft logits at the draft, i.e. the ``cur_p->data[0].p`` that
+        upstream's MTP draft loop compares with ``p_min`` (exact for f16/f32 files up to
+        the common factor ``c = 1 +- 1e-4`` of the logits; quantized files move it
+        slightly)."""
+        if not self.mtp:
+            raise ValueError(f"{self.path} has no MTP block")
+        if not self.draft_p:
+            raise ValueError(f"{self.path} predates draft probabilities (generator version "
+                             f"{self.generator_version} < 4); generate it again")
+        return self.draft_p[self.member(token)]
+
+    def draft_cost(self) -> DraftCost:
+        """Parameters touched per target step and per MTP draft step (:class:`DraftCost`)."""
+        if not self.mtp:
+            raise ValueError(f"{self.path} has no MTP block")
+        tgt, dft = _step_params(self.dims, self.arch, self.recurrent_layers, self.mtp_head, self.n_vocab)
+        return DraftCost(target_params=tgt, draft_params=dft, total_params=self.n_params)
+
     def is_eog(self, token: int) -> bool:
+        """True for the vocabulary's EOG token (the one ``eog_after`` leads to)."""
         return token == self.eog_token_id
 
     def encode(self, text_or_words: Union[str, Sequence[str]]) -> List[int]:
@@ -570,9 +754,12 @@ class SyntheticModel:
                 raise ValueError(f"prompt token {t} outside the vocabulary (n_vocab={self.n_vocab})")
         return prompt
 
-    def _chain(self, last: int, n: int) -> List[int]:
+    def _chain(self, last: int, n: int, p_min: float = 0.0) -> List[int]:
+        """Up to ``n`` chained drafts; stops before the first one whose probability < p_min."""
         out = []
         for _ in range(n):
+            if p_min > 0.0 and self.draft_prob(last) < p_min:
+                break
             last = self.draft_token(last)
             out.append(last)
         return out
@@ -614,7 +801,7 @@ class SyntheticModel:
                           tokens_emitted=len(out), rules="greedy")
 
     def predict(self, prompt_tokens: Sequence[int], max_tokens: int, n_draft: int,
-                rules: str = "mtp_cy", n_ctx: int = 2048) -> Prediction:
+                rules: str = "mtp_cy", n_ctx: int = 2048, p_min: float = 0.0) -> Prediction:
         """Exact result of MTP speculative decoding at temperature 0.
 
         ``rules="mtp_cy"``: mtp_cy's loop (see the package docs): prefill the
@@ -630,7 +817,13 @@ class SyntheticModel:
         ``drafts_accepted``) and the drafts after it are rejected.
 
         ``rules="upstream"``: ``llama-speculative-simple --spec-type draft-mtp
-        --spec-draft-n-max n_draft -n max_tokens -c n_ctx --temp 0``.
+        --spec-draft-n-max n_draft -n max_tokens -c n_ctx --temp 0``
+        (``--spec-draft-p-min p_min``).
+
+        ``p_min`` (both rules): drafting stops at the first draft whose
+        probability (:meth:`draft_prob` of the token it is drafted from) is
+        below ``p_min``; that token is not drafted (upstream's
+        ``cur_p->data[0].p < p_min`` with ``--spec-draft-n-min 0``).
         """
         if not self.mtp:
             raise ValueError(f"{self.path} has no MTP block; use greedy()")
@@ -639,15 +832,20 @@ class SyntheticModel:
             raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
         if not isinstance(n_draft, (int, np.integer)) or n_draft < 0:
             raise ValueError(f"n_draft must be an int >= 0, got {n_draft!r}")
+        if isinstance(p_min, bool) or not isinstance(p_min, (int, float, np.floating, np.integer)) \
+                or not (0.0 <= float(p_min) <= 1.0):
+            raise ValueError(f"p_min must be a number in [0, 1], got {p_min!r}")
+        p_min = float(p_min)
         if rules == "mtp_cy":
-            return self._predict_mtp_cy(prompt, int(max_tokens), int(n_draft), int(n_ctx))
+            return self._predict_mtp_cy(prompt, int(max_tokens), int(n_draft), int(n_ctx), p_min)
         if rules == "upstream":
             if n_draft < 1:
                 raise ValueError("rules='upstream' needs n_draft >= 1 (--spec-draft-n-max)")
-            return self._predict_upstream(prompt, int(max_tokens), int(n_draft), int(n_ctx))
+            return self._predict_upstream(prompt, int(max_tokens), int(n_draft), int(n_ctx), p_min)
         raise ValueError(f"rules must be 'mtp_cy' or 'upstream', got {rules!r}")
 
-    def _predict_mtp_cy(self, prompt: List[int], max_tokens: int, n_draft: int, n_ctx: int) -> Prediction:
+    def _predict_mtp_cy(self, prompt: List[int], max_tokens: int, n_draft: int, n_ctx: int,
+                        p_min: float) -> Prediction:
         out: List[int] = []
         last = prompt[-1]
         n_past = len(prompt) - 1
@@ -659,7 +857,7 @@ class SyntheticModel:
                 stop = "ctx_full"          # every position of the context holds a token
                 break
             n_max = min(n_draft, max_tokens - len(out) - 1, n_ctx - n_past - 1)
-            draft = self._chain(last, n_max) if n_max > 0 else []
+            draft = self._chain(last, n_max, p_min) if n_max > 0 else []
             ids = self._verify(last, draft, stop_after_eog=True)
             iters += 1
             drafted += len(draft)
@@ -683,7 +881,8 @@ class SyntheticModel:
                           drafts_generated=drafted, drafts_accepted=accepted,
                           tokens_emitted=len(out), rules="mtp_cy", steps=steps)
 
-    def _predict_upstream(self, prompt: List[int], n_predict_max: int, n_draft: int, n_ctx: int) -> Prediction:
+    def _predict_upstream(self, prompt: List[int], n_predict_max: int, n_draft: int, n_ctx: int,
+                          p_min: float) -> Prediction:
         # examples/speculative-simple/speculative-simple.cpp, temp 0, MTP draft.
         out: List[int] = []
         id_last = prompt[-1]
@@ -695,9 +894,9 @@ class SyntheticModel:
             if n_predict_max >= 0:
                 n_draft_max = min(n_draft_max, n_predict_max - n_predict - 1)
             n_draft_max = max(n_draft_max, 0)
-            # the MTP impl always drafts its configured n_max; common_speculative_draft
-            # truncates only when the per-call n_max is > 0
-            draft = self._chain(id_last, n_draft)
+            # the MTP impl always drafts its configured n_max (or until p < p_min);
+            # common_speculative_draft truncates only when the per-call n_max is > 0
+            draft = self._chain(id_last, n_draft, p_min)
             if n_draft_max > 0:
                 draft = draft[:n_draft_max]
             n_past += 1
@@ -729,23 +928,41 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
-def _resolve_dims(size, recurrent: List[bool], mtp: bool, mtp_head: str, n_vocab: int) -> Dict[str, int]:
+def _dim_keys(arch: str) -> Tuple[str, ...]:
+    if arch == "qwen35moe":
+        return tuple(k for k in _DIM_KEYS if k != "n_ff") + _MOE_KEYS
+    return _DIM_KEYS
+
+
+def _resolve_dims(size, recurrent: List[bool], mtp: bool, mtp_head: str, n_vocab: int,
+                  arch: str = "qwen35") -> Dict[str, int]:
+    moe = arch == "qwen35moe"
+    keys = _dim_keys(arch)
     if isinstance(size, str):
         if size not in SIZES:
             raise ValueError(f"size must be one of {sorted(SIZES)} or a dict of dims, got {size!r}")
-        dims = dict(SIZES[size])
     elif isinstance(size, Mapping):
-        unknown = set(size) - set(_DIM_KEYS)
+        unknown = set(size) - set(keys)
         if unknown:
-            raise ValueError(f"unknown size keys {sorted(unknown)}; allowed: {list(_DIM_KEYS)}")
-        dims = dict(SIZES["tiny"])
-        dims.update(size)
+            hint = ""
+            if not moe and unknown & set(_MOE_KEYS):
+                hint = " (MoE keys need arch='qwen35moe')"
+            elif moe and "n_ff" in unknown:
+                hint = " (qwen35moe has no n_ff: use expert_ff / shared_expert_ff)"
+            raise ValueError(f"unknown size keys {sorted(unknown)}{hint}; allowed for arch={arch!r}: {list(keys)}")
     else:
         raise ValueError(f"size must be 'tiny', 'bench' or a dict, got {size!r}")
-    auto_ff = dims["n_ff"] is None
+    base = size if isinstance(size, str) else "tiny"
+    dims = dict(SIZES[base])
+    if moe:
+        del dims["n_ff"]
+        dims.update(_MOE_SIZES[base])
+    if isinstance(size, Mapping):
+        dims.update(size)
+    auto_ff = not moe and dims["n_ff"] is None
     if auto_ff:
         dims["n_ff"] = _BENCH_MIN_FF
-    for k in _DIM_KEYS:
+    for k in keys:
         v = dims[k]
         if not _is_int(v) or v <= 0:
             raise ValueError(f"size[{k!r}] must be a positive int, got {v!r}")
@@ -761,17 +978,27 @@ def _resolve_dims(size, recurrent: List[bool], mtp: bool, mtp_head: str, n_vocab
         raise ValueError("n_head must be a multiple of n_head_kv")
     if dims["ssm_n_v_heads"] % dims["ssm_n_group"] != 0:
         raise ValueError("ssm_n_v_heads must be a multiple of ssm_n_group")
+    if moe:
+        if dims["n_expert"] < 2:
+            raise ValueError(f"n_expert must be >= 2, got {dims['n_expert']}")
+        if dims["n_expert_used"] > dims["n_expert"]:
+            raise ValueError(f"n_expert_used={dims['n_expert_used']} > n_expert={dims['n_expert']}")
     if auto_ff:
         while _count_params(dims, recurrent, mtp, mtp_head, n_vocab) < _BENCH_MIN_PARAMS:
             dims["n_ff"] += 512
     return dims
 
 
-def _validate(mtp, acceptance, n_trunk, full_attention_interval, mtp_head, dtype, seed):
+def _is_number(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float, np.floating, np.integer)) \
+        and math.isfinite(float(x))
+
+
+def _validate(mtp, acceptance, n_trunk, full_attention_interval, mtp_head, dtype, seed,
+              arch="qwen35", layout="combined", draft_confidence=None):
     if not isinstance(mtp, bool):
         raise ValueError(f"mtp must be a bool, got {mtp!r}")
-    if isinstance(acceptance, bool) or not isinstance(acceptance, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(float(acceptance)) or not (0.0 <= float(acceptance) <= 1.0):
+    if not _is_number(acceptance) or not (0.0 <= float(acceptance) <= 1.0):
         raise ValueError(f"acceptance must be a number in [0, 1], got {acceptance!r}")
     if not _is_int(n_trunk) or n_trunk < 2:
         raise ValueError(f"n_trunk must be an int >= 2 (at least one recurrent and one attention layer), got {n_trunk!r}")
@@ -791,10 +1018,22 @@ def _validate(mtp, acceptance, n_trunk, full_attention_interval, mtp_head, dtype
             "qwen35 model. Use 2 <= full_attention_interval <= n_trunk.")
     if mtp_head not in ("own", "shared"):
         raise ValueError(f"mtp_head must be 'own' or 'shared', got {mtp_head!r}")
-    if dtype not in ("f16", "f32"):
-        raise ValueError(f"dtype must be 'f16' or 'f32', got {dtype!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if arch not in _ARCHS:
+        raise ValueError(f"arch must be one of {list(_ARCHS)}, got {arch!r}")
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {list(_LAYOUTS)}, got {layout!r}")
+    if layout == "sidecar" and not mtp:
+        raise ValueError("layout='sidecar' needs mtp=True (the sidecar is the MTP block)")
+    if draft_confidence is not None:
+        lo, hi = _CONF_RANGE
+        if not _is_number(draft_confidence) or not (lo <= float(draft_confidence) <= hi):
+            raise ValueError(f"draft_confidence must be None or a number in [{lo}, {hi}], got {draft_confidence!r}")
+        if not mtp:
+            raise ValueError("draft_confidence needs mtp=True")
 
 
 def _resolve_eog_after(eog_after, words: List[str], ids: List[int]) -> Optional[int]:
@@ -818,16 +1057,24 @@ def _resolve_eog_after(eog_after, words: List[str], ids: List[int]) -> Optional[
 
 
 # --------------------------------------------------------------------------
-# weights
+# shapes and parameter counts
 # --------------------------------------------------------------------------
 
-def _layer_shapes(dims: Dict[str, int]):
-    D, F = dims["n_embd"], dims["n_ff"]
+def _layer_shapes(dims: Dict[str, int], arch: str = "qwen35"):
+    """(norms, attention, recurrent mixer, FFN) tensor shapes of one layer (numpy order)."""
+    D = dims["n_embd"]
     hd, nh, nkv = dims["head_dim"], dims["n_head"], dims["n_head_kv"]
     ds, ng, nv, dc = dims["ssm_d_state"], dims["ssm_n_group"], dims["ssm_n_v_heads"], dims["ssm_d_conv"]
     key_dim, value_dim = ds * ng, ds * nv
     conv_dim = 2 * key_dim + value_dim
-    ffn = {"ffn_gate": (F, D), "ffn_up": (F, D), "ffn_down": (D, F)}
+    if arch == "qwen35moe":
+        E, Fe, Fs = dims["n_expert"], dims["expert_ff"], dims["shared_expert_ff"]
+        ffn = {"ffn_gate_inp": (E, D), "ffn_gate_exps": (E, Fe, D), "ffn_up_exps": (E, Fe, D),
+               "ffn_down_exps": (E, D, Fe), "ffn_gate_inp_shexp": (D,), "ffn_gate_shexp": (Fs, D),
+               "ffn_up_shexp": (Fs, D), "ffn_down_shexp": (D, Fs)}
+    else:
+        F = dims["n_ff"]
+        ffn = {"ffn_gate": (F, D), "ffn_up": (F, D), "ffn_down": (D, F)}
     norms = {"attn_norm": (D,), "post_attention_norm": (D,)}
     attn = {"attn_q": (2 * nh * hd, D), "attn_k": (nkv * hd, D), "attn_v": (nkv * hd, D),
             "attn_output": (D, nh * hd), "attn_q_norm": (hd,), "attn_k_norm": (hd,)}
@@ -837,20 +1084,43 @@ def _layer_shapes(dims: Dict[str, int]):
     return norms, attn, recr, ffn
 
 
-def _count_params(dims, recurrent: List[bool], mtp, mtp_head, n_vocab) -> int:
+def _size(shapes: Mapping[str, tuple]) -> int:
+    return sum(int(np.prod(s)) for s in shapes.values())
+
+
+def _ffn_active(dims, arch, ffn) -> int:
+    """Parameters of one FFN that one token touches (MoE: router, used experts, shared expert)."""
+    if arch != "qwen35moe":
+        return _size(ffn)
+    E, U = dims["n_expert"], dims["n_expert_used"]
+    experts = sum(int(np.prod(ffn[k])) for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+    return _size(ffn) - experts + experts // E * U
+
+
+def _count_params(dims, recurrent: List[bool], mtp, mtp_head, n_vocab, arch="qwen35") -> int:
     """Number of parameters make_model() writes for these settings."""
     D = dims["n_embd"]
-    norms, attn, recr, ffn = _layer_shapes(dims)
-    size = lambda d: sum(int(np.prod(s)) for s in d.values())  # noqa: E731
+    norms, attn, recr, ffn = _layer_shapes(dims, arch)
     n = 2 * n_vocab * D + D  # token_embd, output, output_norm
     n_recr = sum(1 for r in recurrent if r)
     n_attn = len(recurrent) - n_recr
-    n += len(recurrent) * (size(norms) + size(ffn)) + n_attn * size(attn) + n_recr * size(recr)
+    n += len(recurrent) * (_size(norms) + _size(ffn)) + n_attn * _size(attn) + n_recr * _size(recr)
     if mtp:
-        n += size(norms) + size(ffn) + size(attn) + 2 * D * D + 3 * D
+        n += _size(norms) + _size(ffn) + _size(attn) + 2 * D * D + 3 * D
         if mtp_head == "own":
             n += n_vocab * D
     return n
+
+
+def _step_params(dims, arch, recurrent: List[bool], mtp_head, n_vocab) -> Tuple[int, int]:
+    """(parameters touched by one target step, by one MTP draft step), per token."""
+    D = dims["n_embd"]
+    norms, attn, recr, ffn = _layer_shapes(dims, arch)
+    ffn_act = _ffn_active(dims, arch, ffn)
+    head = n_vocab * D
+    target = D + sum(_size(norms) + ffn_act + (_size(recr) if r else _size(attn)) for r in recurrent) + D + head
+    draft = D + 2 * D * D + 3 * D + _size(norms) + _size(attn) + ffn_act + head
+    return target, draft
 
 
 def _recurrent_pattern(n_trunk: int, interval: int) -> List[bool]:
@@ -865,57 +1135,261 @@ def _single_cycle(rng, n: int) -> List[int]:
     return nxt
 
 
+# --------------------------------------------------------------------------
+# design: the maps and the logits of both heads
+# --------------------------------------------------------------------------
+
+class _Design:
+    """The token maps and head logits of one model (no weights).
+
+    Heads are described by sparse columns: column ``d`` of a head maps residual
+    direction ``d`` to ``{token: weight}``; every row also has ``-floor[token]`` in
+    the bias column.  A hidden state ``x = sum_d coef_d e_d + e_b`` (after the head's
+    RMS norm, times ``s``) gives the logits ``s * (sum_d coef_d col_d[t] - floor[t])``.
+    """
+
+    def __init__(self, voc: _Vocab, W: int, seed: int, acceptance: float, eog_after, mtp: bool,
+                 mtp_head: str, draft_confidence: Optional[float]):
+        sel = _select_words(voc, W)
+        self.words = [w for w, _ in sel]
+        self.ids = ids = [t for _, t in sel]
+        self.W = W
+        self.n_vocab = voc.n_vocab
+        id_index = {t: j for j, t in enumerate(ids)}
+        if voc.eos_id in id_index or not (0 <= voc.eos_id < voc.n_vocab):
+            raise ValueError("vocabulary EOS token collides with the word set")
+        self.eog_tok = eog_tok = voc.eos_id
+        self.eog_after = _resolve_eog_after(eog_after, self.words, ids)
+
+        # ---- the maps (structure rng) ---------------------------------------
+        srng = np.random.default_rng([int(seed), 0x5EED])
+        cyc = _single_cycle(srng, W)                         # index -> index
+        f_idx: List[Optional[int]] = list(cyc)               # None = EOG
+        if self.eog_after is not None:
+            f_idx[id_index[self.eog_after]] = None
+        # target head: direction d -> token; spare direction -> the orphaned member
+        orphan = cyc[id_index[self.eog_after]] if self.eog_after is not None else cyc[0]
+        self.dir_target = [ids[i] if i is not None else eog_tok for i in f_idx] + [ids[orphan]]
+        self.runner = []
+        for tgt in self.dir_target:
+            choices = [t for t in ids if t != tgt]
+            self.runner.append(int(choices[int(srng.integers(len(choices)))]))
+        self.f = {ids[j]: self.dir_target[j] for j in range(W)}
+        self.runner_up = {ids[j]: self.runner[j] for j in range(W)}
+
+        n_acc = int(round(float(acceptance) * W))
+        acc_set = set(int(x) for x in srng.permutation(W)[:n_acc])
+        self.g: Dict[int, int] = {}
+        for j in range(W):
+            if j in acc_set:
+                self.g[ids[j]] = self.f[ids[j]]
+            else:
+                choices = [t for t in ids if t != self.f[ids[j]]]
+                self.g[ids[j]] = int(choices[int(srng.integers(len(choices)))])
+
+        self.floor = np.full(voc.n_vocab, _LOGIT_FLOOR, dtype=np.float32)
+        self.floor[ids] = _LOGIT_FLOOR_S
+        self.floor[eog_tok] = _LOGIT_FLOOR_EOG
+        # token -> the direction the output head maps to it (lowest one: the spare
+        # direction duplicates a member's when there is no eog_after)
+        self.dir_of: Dict[int, int] = {}
+        for d in reversed(range(W + 1)):
+            self.dir_of[self.dir_target[d]] = d
+        self.special = ids + [eog_tok]          # tokens whose logits differ from the -40 tier
+
+        self.mtp, self.mtp_head = mtp, mtp_head
+        self.confidence = None if draft_confidence is None else float(draft_confidence)
+        self.unsure = [j for j in range(W) if self.g[ids[j]] != self.f[ids[j]]] \
+            if (mtp and self.confidence is not None) else []
+        self.delta = math.log(self.confidence / (1.0 - self.confidence)) if self.confidence else 0.0
+        # MTP: x_j = sum_d mix[j][d] e_d + e_b, times head_scale (shared_head_norm) after the norm
+        self.head_scale = _CONF_HEAD_SCALE if (self.unsure and mtp_head == "shared") else 1.0
+        self.own_cols: List[Dict[int, float]] = []
+        self.mix: List[Dict[int, float]] = []
+        if mtp:
+            self._design_mtp()
+
+    # ---- heads -----------------------------------------------------------------
+
+    def target_col(self, d: int) -> Dict[int, float]:
+        """Column ``d`` of output.weight (without the bias column)."""
+        tgt, run = self.dir_target[d], self.runner[d]
+        return {tgt: float(self.floor[tgt]), run: float(self.floor[run]) - _RUNNER_GAP}
+
+    def _mtp_col(self, d: int) -> Dict[int, float]:
+        return self.own_cols[d] if self.mtp_head == "own" else self.target_col(d)
+
+    def _z(self, coef: Mapping[int, float], col: Callable[[int], Dict[int, float]]) -> Dict[int, float]:
+        z = {t: -float(self.floor[t]) for t in self.special}
+        for d, c in coef.items():
+            for t, v in col(d).items():
+                z[t] += c * v
+        return z
+
+    def _scale(self, coef: Mapping[int, float]) -> float:
+        """Factor of the logits: RMS norm of x (norm weight head_scale*sqrt(2/D))."""
+        return self.head_scale * math.sqrt(2.0) / math.sqrt(1.0 + sum(c * c for c in coef.values()))
+
+    def _design_mtp(self):
+        W, ids = self.W, self.ids
+        f16 = lambda v: float(np.float16(v))   # noqa: E731  (the own head is stored f16)
+        unsure = set(self.unsure)
+        if self.mtp_head == "own":
+            for j in range(W):
+                g, f = self.g[ids[j]], self.f[ids[j]]
+                col = {g: float(self.floor[g])}
+                if j in unsure:
+                    col[f] = f16(float(self.floor[f]) - self.delta)
+                self.own_cols.append(col)
+            self.own_cols.append({})            # spare direction: unused by the own head
+            self.mix = [{j: 1.0} for j in range(W)]
+        else:
+            self.mix = [{self.dir_of[self.g[ids[j]]]: 1.0} for j in range(W)]
+            for j in unsure:
+                self.mix[j] = self._solve_unsure(j)
+
+    def _solve_unsure(self, j: int) -> Dict[int, float]:
+        """Shared head: coefficients of output-head directions that give the draft g logit 0,
+        the target's f logit -delta and every other token at most -_CONF_MARGIN."""
+        g, f = self.g[self.ids[j]], self.f[self.ids[j]]
+        target = {g: 0.0, f: -self.delta}
+        coef = {self.dir_of[g]: 1.0, self.dir_of[f]: 1.0}
+        s = self._scale(coef)
+        for _ in range(200):
+            toks = list(target)
+            dirs = [self.dir_of[t] for t in toks]
+            a = np.array([[self.target_col(d).get(t, 0.0) for d in dirs] for t in toks])
+            rhs = np.array([float(self.floor[t]) + target[t] / s for t in toks])
+            coef = dict(zip(dirs, np.linalg.solve(a, rhs).tolist()))
+            s_new = self._scale(coef)
+            z = self._z(coef, self.target_col)
+            over = [t for t in self.special if t not in target and s_new * z[t] > -_CONF_MARGIN]
+            for t in over:
+                target[t] = -_CONF_MARGIN
+            if not over and abs(s_new - s) <= 1e-12 * s:
+                break
+            s = s_new
+        else:
+            raise AssertionError(f"draft_confidence: no shared-head mix found for member {j}")
+        return {d: float(np.float32(c)) for d, c in coef.items()}     # eh_proj is stored f32
+
+    # ---- draft probabilities ---------------------------------------------------------
+
+    def draft_logits(self, j: int) -> Tuple[Dict[int, float], float]:
+        """MTP logits of member j: ({token: logit} for S and EOG, logit of every other token)."""
+        coef = self.mix[j]
+        s = 1.0 if self.mtp_head == "own" else self._scale(coef)
+        z = self._z(coef, self._mtp_col)
+        return {t: s * v for t, v in z.items()}, -s * _LOGIT_FLOOR
+
+    def draft_p(self, j: int) -> float:
+        """Softmax of the top-10 draft logits at the draft (upstream's cur_p->data[0].p)."""
+        logits, other = self.draft_logits(j)
+        n_other = self.n_vocab - len(logits)
+        top = sorted(list(logits.values()) + [other] * min(n_other, _DRAFT_TOP_K), reverse=True)[:_DRAFT_TOP_K]
+        best = max(logits, key=logits.get)
+        if best != self.g[self.ids[j]] or sorted(logits.values())[-2] >= top[0]:
+            raise AssertionError(f"internal: the MTP head does not draft g for member {j}")
+        return 1.0 / sum(math.exp(v - top[0]) for v in top)
+
+
+# --------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------
+
 class _Builder:
-    def __init__(self, dims, rng, dtype):
+    """Collects tensor specs (name, numpy shape, dtype, generator) in file order; the
+    generators run, in that order, only while the files are written (one tensor in
+    memory at a time), drawing from one weight rng."""
+
+    def __init__(self, dims, rng, dtype, arch):
         self.dims = dims
+        self.arch = arch
         self.rng = rng
         self.np_dtype = np.float16 if dtype == "f16" else np.float32
-        self.tensors: List[tuple] = []
+        self.specs: List[tuple] = []
         D, W = dims["n_embd"], dims["n_words"]
         self.D, self.W = D, W
         self.spare = W
         self.bias = W + 1
         self.scratch = np.arange(W + _N_SPECIAL_DIMS, D)
 
-    def add(self, name, arr, force_f32=False):
-        arr = np.ascontiguousarray(arr, dtype=np.float32 if (force_f32 or arr.ndim <= 1) else self.np_dtype)
+    def add(self, name, shape, make: Callable[[], np.ndarray], force_f32=False):
+        shape = tuple(int(s) for s in shape)
+        dt = np.float32 if (force_f32 or len(shape) <= 1) else self.np_dtype
+        self.specs.append((name, shape, np.dtype(dt), make))
+
+    def const(self, name, arr, force_f32=False):
+        self.add(name, np.shape(arr), lambda: arr, force_f32)
+
+    def rand(self, name, shape, std, force_f32=False):
+        self.add(name, shape, lambda: self.randn(shape, std), force_f32)
+
+    @staticmethod
+    def materialize(spec) -> np.ndarray:
+        name, shape, dt, make = spec
+        arr = np.ascontiguousarray(make(), dtype=dt)
+        if arr.shape != shape:
+            raise AssertionError(f"{name}: shape {arr.shape} != {shape}")
         if not np.all(np.isfinite(arr)):
             raise AssertionError(f"non-finite values in {name}")
-        self.tensors.append((name, arr))
+        return arr
 
     def randn(self, shape, std):
         return (self.rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
 
-    def into_scratch(self, n_in, inner_norm):
-        """Output projection (D, n_in) writing only scratch dims, total output norm ~_TRUNK_NOISE."""
+    def into_scratch(self, name, n_in, inner_norm, n_expert=None):
+        """Output projection (D, n_in) -- per expert: (n_expert, D, n_in) -- writing only
+        scratch dims, total output norm ~_TRUNK_NOISE."""
+        lead = () if n_expert is None else (n_expert,)
         n_sc = len(self.scratch)
-        w = np.zeros((self.D, n_in), dtype=np.float32)
         std = _TRUNK_NOISE / (max(inner_norm, 1e-3) * math.sqrt(n_sc))
-        w[self.scratch, :] = self.randn((n_sc, n_in), std)
-        return w
+
+        def make():
+            w = np.zeros(lead + (self.D, n_in), dtype=np.float32)
+            w[..., self.scratch, :] = self.randn(lead + (n_sc, n_in), std)
+            return w
+        self.add(name, lead + (self.D, n_in), make)
 
     def ffn(self, p):
+        if self.arch == "qwen35moe":
+            return self.moe(p)
         D, F = self.D, self.dims["n_ff"]
-        self.add(p + "ffn_gate.weight", self.randn((F, D), 1.0 / math.sqrt(D)))
-        self.add(p + "ffn_up.weight", self.randn((F, D), 1.0 / math.sqrt(D)))
+        self.rand(p + "ffn_gate.weight", (F, D), 1.0 / math.sqrt(D))
+        self.rand(p + "ffn_up.weight", (F, D), 1.0 / math.sqrt(D))
         # silu(N(0,1)) * N(0,1) has rms ~0.6
-        self.add(p + "ffn_down.weight", self.into_scratch(F, 0.6 * math.sqrt(F)))
+        self.into_scratch(p + "ffn_down.weight", F, 0.6 * math.sqrt(F))
+
+    def moe(self, p):
+        d = self.dims
+        D, E, Fe, Fs = self.D, d["n_expert"], d["expert_ff"], d["shared_expert_ff"]
+        s = 1.0 / math.sqrt(D)
+        # router logits ~N(0,1) on the normed input: varied expert choices
+        self.rand(p + "ffn_gate_inp.weight", (E, D), s, force_f32=True)
+        self.rand(p + "ffn_gate_exps.weight", (E, Fe, D), s)
+        self.rand(p + "ffn_up_exps.weight", (E, Fe, D), s)
+        # routing weights sum to 1: the mix of the experts' outputs has norm <= ~_TRUNK_NOISE
+        self.into_scratch(p + "ffn_down_exps.weight", Fe, 0.6 * math.sqrt(Fe), n_expert=E)
+        self.rand(p + "ffn_gate_inp_shexp.weight", (D,), s)
+        self.rand(p + "ffn_gate_shexp.weight", (Fs, D), s)
+        self.rand(p + "ffn_up_shexp.weight", (Fs, D), s)
+        self.into_scratch(p + "ffn_down_shexp.weight", Fs, 0.6 * math.sqrt(Fs))
 
     def norms(self, p):
-        self.add(p + "attn_norm.weight", np.ones(self.D))
-        self.add(p + "post_attention_norm.weight", np.ones(self.D))
+        self.const(p + "attn_norm.weight", np.ones(self.D, dtype=np.float32))
+        self.const(p + "post_attention_norm.weight", np.ones(self.D, dtype=np.float32))
 
     def attention(self, p):
         d = self.dims
         D, hd, nh, nkv = self.D, d["head_dim"], d["n_head"], d["n_head_kv"]
         s = 1.0 / math.sqrt(D)
-        self.add(p + "attn_q.weight", self.randn((2 * nh * hd, D), s))
-        self.add(p + "attn_k.weight", self.randn((nkv * hd, D), s))
-        self.add(p + "attn_v.weight", self.randn((nkv * hd, D), s))
-        self.add(p + "attn_q_norm.weight", np.ones(hd))
-        self.add(p + "attn_k_norm.weight", np.ones(hd))
+        self.rand(p + "attn_q.weight", (2 * nh * hd, D), s)
+        self.rand(p + "attn_k.weight", (nkv * hd, D), s)
+        self.rand(p + "attn_v.weight", (nkv * hd, D), s)
+        self.const(p + "attn_q_norm.weight", np.ones(hd, dtype=np.float32))
+        self.const(p + "attn_k_norm.weight", np.ones(hd, dtype=np.float32))
         # attention output ~ N(0,1)-ish values times sigmoid gate (~0.5)
-        self.add(p + "attn_output.weight", self.into_scratch(nh * hd, 0.5 * math.sqrt(nh * hd)))
+        self.into_scratch(p + "attn_output.weight", nh * hd, 0.5 * math.sqrt(nh * hd))
 
     def delta_net(self, p):
         d = self.dims
@@ -923,29 +1397,352 @@ class _Builder:
         key_dim, value_dim = ds * ng, ds * nv
         conv_dim = 2 * key_dim + value_dim
         s = 1.0 / math.sqrt(D)
-        self.add(p + "attn_qkv.weight", self.randn((conv_dim, D), s))
-        self.add(p + "attn_gate.weight", self.randn((value_dim, D), s))
-        self.add(p + "ssm_conv1d.weight", self.randn((conv_dim, dc), 1.0 / math.sqrt(dc)), force_f32=True)
-        self.add(p + "ssm_dt.bias", self.rng.uniform(-0.5, 0.5, nv).astype(np.float32))
+        self.rand(p + "attn_qkv.weight", (conv_dim, D), s)
+        self.rand(p + "attn_gate.weight", (value_dim, D), s)
+        self.rand(p + "ssm_conv1d.weight", (conv_dim, dc), 1.0 / math.sqrt(dc), force_f32=True)
+        self.add(p + "ssm_dt.bias", (nv,), lambda: self.rng.uniform(-0.5, 0.5, nv).astype(np.float32))
         # converter stores -exp(A_log)
-        self.add(p + "ssm_a", -self.rng.uniform(0.5, 4.0, nv).astype(np.float32))
-        self.add(p + "ssm_beta.weight", self.randn((nv, D), s))
-        self.add(p + "ssm_alpha.weight", self.randn((nv, D), s))
-        self.add(p + "ssm_norm.weight", np.ones(ds))
+        self.add(p + "ssm_a", (nv,), lambda: -self.rng.uniform(0.5, 4.0, nv).astype(np.float32))
+        self.rand(p + "ssm_beta.weight", (nv, D), s)
+        self.rand(p + "ssm_alpha.weight", (nv, D), s)
+        self.const(p + "ssm_norm.weight", np.ones(ds, dtype=np.float32))
         # rms-normed output gated by silu(z), rms ~0.6
-        self.add(p + "ssm_out.weight", self.into_scratch(value_dim, 0.6 * math.sqrt(value_dim)))
+        self.into_scratch(p + "ssm_out.weight", value_dim, 0.6 * math.sqrt(value_dim))
+
+    def head(self, name, des: _Design, col: Callable[[int], Dict[int, float]], n_dirs: int):
+        """A vocabulary head: -floor in the bias column plus the design's columns."""
+        def make():
+            out = np.zeros((des.n_vocab, self.D), dtype=np.float32)
+            out[:, self.bias] = -des.floor
+            for d in range(n_dirs):
+                for t, v in col(d).items():
+                    out[t, d] += v
+            return out
+        self.add(name, (des.n_vocab, self.D), make)
+
+    def model(self, des: _Design, recurrent: List[bool], mtp: bool, mtp_head: str, vocab_n: int):
+        """Every tensor of the model, in file order."""
+        D, W = self.D, self.W
+
+        def embd():
+            member_idx = np.arange(vocab_n) % W
+            member_idx[des.ids] = np.arange(W)
+            emb = np.zeros((vocab_n, D), dtype=np.float32)
+            emb[np.arange(vocab_n), member_idx] = 1.0
+            emb[:, self.bias] = 1.0
+            return emb
+        self.add("token_embd.weight", (vocab_n, D), embd)
+        head_norm = np.full(D, math.sqrt(2.0 / D), dtype=np.float32)
+        self.const("output_norm.weight", head_norm)
+        self.head("output.weight", des, des.target_col, W + 1)
+
+        n_trunk = len(recurrent)
+        for il in range(n_trunk):
+            p = f"blk.{il}."
+            self.norms(p)
+            if recurrent[il]:
+                self.delta_net(p)
+            else:
+                self.attention(p)
+            self.ffn(p)
+        if not mtp:
+            return
+        p = f"blk.{n_trunk}."
+        self.norms(p)
+        self.attention(p)
+        self.ffn(p)
+        self.const(p + "nextn.enorm.weight", head_norm)
+        self.const(p + "nextn.hnorm.weight", np.ones(D, dtype=np.float32))
+
+        def eh_proj():
+            eh = np.zeros((D, 2 * D), dtype=np.float32)
+            for j in range(W):
+                for d, c in des.mix[j].items():
+                    eh[d, j] = c
+            eh[self.bias, self.bias] = 1.0
+            # hidden-state half (and embedding scratch) only feeds scratch dims
+            eh[self.scratch, :] = self.randn((len(self.scratch), 2 * D), _TRUNK_NOISE / math.sqrt(len(self.scratch) * D))
+            eh[self.scratch, :W] = 0.0
+            eh[self.scratch, self.bias] = 0.0
+            return eh
+        # unsure shared-head mixes are exact only in f32
+        self.add(p + "nextn.eh_proj.weight", (D, 2 * D), eh_proj, force_f32=des.head_scale != 1.0)
+        self.const(p + "nextn.shared_head_norm.weight", head_norm * np.float32(des.head_scale))
+        if mtp_head == "own":
+            self.head(p + "nextn.shared_head_head.weight", des, des._mtp_col, W)
+
+    @property
+    def n_params(self) -> int:
+        return int(sum(int(np.prod(s)) for _, s, _, _ in self.specs))
+
+
+# --------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------
+
+@dataclass
+class _FileSpec:
+    """One GGUF file of a model: which tensors, which block layout."""
+    path: Path
+    keep: Callable[[str], bool]
+    block_count: int
+    nextn: int                      # nextn_predict_layers (0: key not written)
+    role: Optional[str]             # None (combined), "trunk" or "mtp" (sidecar layout)
+
+
+def _sidecar_path(path: Path) -> Path:
+    """Upstream's name of the MTP sidecar of ``path``: ``mtp-<name>`` next to it."""
+    path = Path(path)
+    return path.with_name(_SIDECAR_PREFIX + path.name)
+
+
+def _file_specs(path: Path, n_trunk: int, mtp: bool, layout: str) -> List[_FileSpec]:
+    mtp_blk = f"blk.{n_trunk}."
+    if layout == "combined":
+        return [_FileSpec(path, lambda n: True, n_trunk + (1 if mtp else 0), 1 if mtp else 0, None)]
+    return [_FileSpec(path, lambda n: not n.startswith(mtp_blk), n_trunk, 0, "trunk"),
+            _FileSpec(_sidecar_path(path), lambda n: n.startswith(mtp_blk) or not n.startswith("blk."),
+                      n_trunk + 1, 1, "mtp")]
+
+
+def _write_header(w, spec: _FileSpec, arch: str, dims, recurrent, interval, dtype, meta: List[tuple], voc,
+                  chat_template):
+    import gguf
+    for key, val, vtype, sub in meta:
+        w.add_key_value(key, val, vtype, sub_type=sub)
+    if spec.role is not None:
+        w.add_string(f"{_KEY}.file", spec.role)
+    hd = dims["head_dim"]
+    n_rot = hd // 4
+    half = n_rot // 2
+    s0 = max(1, round(half * 11 / 32))
+    s1 = max(0, min(round(half * 11 / 32), half - s0))
+    sections = [s0, s1, half - s0 - s1, 0]
+    n_trunk = len(recurrent)
+
+    w.add_name("mtp-cy-synthetic")
+    w.add_type("model")
+    w.add_context_length(dims["n_ctx_train"])
+    w.add_embedding_length(dims["n_embd"])
+    w.add_block_count(spec.block_count)
+    if arch == "qwen35moe":
+        w.add_expert_count(dims["n_expert"])
+        w.add_expert_used_count(dims["n_expert_used"])
+        w.add_expert_feed_forward_length(dims["expert_ff"])
+        w.add_expert_shared_feed_forward_length(dims["shared_expert_ff"])
+    else:
+        w.add_feed_forward_length(dims["n_ff"])
+    w.add_head_count(dims["n_head"])
+    w.add_head_count_kv(dims["n_head_kv"])
+    w.add_rope_freq_base(10_000_000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    w.add_ssm_conv_kernel(dims["ssm_d_conv"])
+    w.add_ssm_state_size(dims["ssm_d_state"])
+    w.add_ssm_group_count(dims["ssm_n_group"])
+    w.add_ssm_time_step_rank(dims["ssm_n_v_heads"])
+    w.add_ssm_inner_size(dims["ssm_d_state"] * dims["ssm_n_v_heads"])
+    w.add_array(f"{arch}.attention.recurrent_layers", recurrent + [False] * (spec.block_count - n_trunk))
+    w.add_full_attention_interval(interval)
+    w.add_rope_dimension_count(n_rot)
+    w.add_rope_dimension_sections(sections)
+    if spec.nextn:
+        w.add_nextn_predict_layers(spec.nextn)
+
+    for key, val, vtype, sub in voc.fields:
+        if key == "tokenizer.chat_template" and chat_template is not None:
+            continue
+        w.add_key_value(key, val, vtype, sub_type=sub)
+    if isinstance(chat_template, str):
+        w.add_string("tokenizer.chat_template", chat_template)
+
+
+def _write_files(specs: List[_FileSpec], b: _Builder, header: Callable[[Any, _FileSpec], None], arch: str):
+    """Write every file of ``specs`` at once, generating each tensor once, in file order."""
+    import gguf
+    writers, tmps = [], []
+    try:
+        for spec in specs:
+            spec.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = spec.path.with_name(spec.path.name + f".tmp{os.getpid()}")
+            tmps.append(tmp)
+            w = gguf.GGUFWriter(str(tmp), arch)
+            writers.append(w)
+            header(w, spec)
+            for name, shape, dt, _ in b.specs:
+                if spec.keep(name):
+                    w.add_tensor_info(name, shape, dt, int(np.prod(shape)) * dt.itemsize)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+        for t in b.specs:
+            wanted = [w for w, spec in zip(writers, specs) if spec.keep(t[0])]
+            arr = b.materialize(t)
+            for w in wanted:
+                w.write_tensor_data(arr)
+            del arr
+        for w in writers:
+            w.close()
+        for tmp, spec in zip(tmps, specs):
+            os.replace(tmp, spec.path)
+    except BaseException:
+        for w in writers:
+            try:
+                w.close()
+            except Exception:
+                pass
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
+        raise
+
+
+# --------------------------------------------------------------------------
+# quantization (upstream's llama-quantize)
+# --------------------------------------------------------------------------
+
+def _quantize_program() -> Path:
+    """Upstream's ``llama-quantize``: ``$MTP_CY_LLAMA_QUANTIZE``, ``$MTP_CY_UPSTREAM_BIN/``,
+    else built on demand in a source checkout's native build tree
+    (``vendor/native_build.upstream_program``), else ``llama-quantize`` on PATH."""
+    env = os.environ.get("MTP_CY_LLAMA_QUANTIZE")
+    if env:
+        if not Path(env).is_file():
+            raise RuntimeError(f"MTP_CY_LLAMA_QUANTIZE={env} is not a file")
+        return Path(env)
+    d = os.environ.get("MTP_CY_UPSTREAM_BIN")
+    if d and (Path(d) / "llama-quantize").is_file():
+        return Path(d) / "llama-quantize"
+    nb = _repo_root() / "vendor" / "native_build.py"
+    if nb.is_file():
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("_mtp_cy_native_build", nb)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        p = mod.upstream_program("llama-quantize", _repo_root())
+        if p is not None:
+            return Path(p)
+    which = shutil.which("llama-quantize")
+    if which:
+        return Path(which)
+    raise RuntimeError("quantized synthetic models need upstream's llama-quantize: set "
+                       "MTP_CY_LLAMA_QUANTIZE (or MTP_CY_UPSTREAM_BIN) or use a source checkout "
+                       "with a native build tree (build/native)")
+
+
+def _keep_types(m: "SyntheticModel") -> List[str]:
+    """llama-quantize options that keep the tensors carrying a draft_confidence design in
+    their source types: its small logit gaps (ln(c/(1-c)), 0.08..4.6) do not survive the
+    K-quants' errors (up to ~0.3 on the heads' +-20 entries, more through the shared head's
+    combinations), while the default design's margin of 2 does."""
+    if m.draft_confidence is None:
+        return []
+    if m.mtp_head == "own":
+        return ["--tensor-type", "shared_head_head=f16"]
+    return ["--output-tensor-type", "f16", "--tensor-type", "eh_proj=f32"]
+
+
+def _run_quantize(src: Path, dst: Path, qtype: str, options: Sequence[str] = ()):
+    exe = _quantize_program()
+    threads = os.environ.get("MTP_CY_JOBS") or str(os.cpu_count() or 1)
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    try:
+        p = subprocess.run([str(exe), *options, str(src), str(tmp), qtype, threads], capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL)
+        if p.returncode != 0 or not tmp.is_file():
+            raise RuntimeError(f"llama-quantize {src.name} {qtype} failed (rc {p.returncode}):\n"
+                               + (p.stdout + p.stderr)[-3000:])
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def quantize(src, dst, dtype: str) -> SyntheticModel:
+    """Quantize the f16/f32 synthetic model ``src`` into ``dst`` with upstream's
+    ``llama-quantize`` (``dtype``: ``"q8_0"`` or ``"q4_k_m"``) and return its
+    :class:`SyntheticModel` (``src``'s oracle; ``dtype`` is the new file type).
+
+    ``src`` is a path or a :class:`SyntheticModel`; a sidecar layout is quantized
+    file by file (``dst`` is the new trunk, its sidecar ``mtp-<dst name>``).
+    llama-quantize copies all metadata, so :func:`load_oracle` works on the result.
+    With ``draft_confidence`` the MTP head's precision-critical tensors keep their
+    types (own head: ``nextn.shared_head_head`` f16; shared head: the MTP file's
+    ``output.weight`` f16 and ``nextn.eh_proj`` f32), so that the drafts and their
+    probabilities stay exact.
+    """
+    if dtype not in _QUANT_TYPES:
+        raise ValueError(f"dtype must be one of {list(_QUANT_TYPES)}, got {dtype!r}")
+    m = src if isinstance(src, SyntheticModel) else load_oracle(src)
+    if m.dtype not in ("f16", "f32"):
+        raise ValueError(f"{m.path} is already quantized ({m.dtype}); quantize the f16 file")
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    qtype = _QUANT_TYPES[dtype][0]
+    keep = _keep_types(m)
+    if m.mtp_path is not None:
+        _run_quantize(m.mtp_path, _sidecar_path(dst), qtype, keep)
+        keep = []                       # the trunk's output head is the target's only
+    _run_quantize(m.path, dst, qtype, keep)
+    return load_oracle(dst)
 
 
 # --------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------
 
-def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_interval=4, size="tiny",
-               vocab="gpt-2", mtp_head="own", eog_after=None, dtype="f16", seed=0,
-               vocab_path=None, chat_template=None) -> SyntheticModel:
-    """Write a synthetic ``qwen35`` GGUF to ``path`` and return its :class:`SyntheticModel`.
+def preset_cost(preset: str) -> DraftCost:
+    """Parameter counts (:class:`DraftCost`) of a :data:`PRESETS` model without generating it."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    p = PRESETS[preset]
+    n_vocab = _load_vocab(find_vocab(p["vocab"])).n_vocab
+    recurrent = _recurrent_pattern(p["n_trunk"], p["full_attention_interval"])
+    dims = _resolve_dims(p["size"], recurrent, True, p["mtp_head"], n_vocab, p["arch"])
+    tgt, dft = _step_params(dims, p["arch"], recurrent, p["mtp_head"], n_vocab)
+    return DraftCost(target_params=tgt, draft_params=dft,
+                     total_params=_count_params(dims, recurrent, True, p["mtp_head"], n_vocab, p["arch"]))
 
-    See the module docstring for the construction.  Arguments:
+
+class _Default:
+    """A default of make_model that a preset replaces (so that an explicit value, even one
+    equal to the default, can be told apart and checked against the preset)."""
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self):
+        return repr(self.value)
+
+
+def _apply_preset(preset, args: Dict[str, Any]) -> Dict[str, Any]:
+    """Unwrap the defaults of ``args``; with a preset, its fixed arguments replace them (an
+    explicit value must equal the preset's)."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    out = {}
+    for k, v in args.items():
+        explicit = not isinstance(v, _Default)
+        v = v if explicit else v.value
+        if preset is not None and k in _PRESET_ARGS:
+            want = PRESETS[preset][k]
+            if explicit and v != want:
+                raise ValueError(f"preset {preset!r} fixes {k}={want!r}; do not pass {k}={v!r} with it")
+            v = want
+        out[k] = v
+    return out
+
+
+def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=_Default(4), full_attention_interval=_Default(4),
+               size=_Default("tiny"), vocab=_Default("gpt-2"), mtp_head=_Default("own"), eog_after=None,
+               dtype="f16", seed=0, vocab_path=None, chat_template=None, arch=_Default("qwen35"),
+               layout="combined", draft_confidence=None, preset=None) -> SyntheticModel:
+    """Write a synthetic ``qwen35`` / ``qwen35moe`` GGUF to ``path`` and return its :class:`SyntheticModel`.
+
+    See the module docstring for the construction and ``docs/synthetic.md`` for a guide.  Arguments:
 
     * ``mtp``: append one MTP/NextN block (``block_count = n_trunk + 1``,
       ``nextn_predict_layers = 1``); ``False`` writes the plain trunk model.
@@ -954,231 +1751,119 @@ def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=4, full_attention_int
     * ``n_trunk`` (>= 2) and ``full_attention_interval`` (2..n_trunk): layer
       ``i`` is full attention iff ``(i + 1) % interval == 0``, the rest are
       Gated-DeltaNet layers.
+    * ``arch``: ``"qwen35"`` (dense FFNs) or ``"qwen35moe"`` (routed experts plus a
+      gated shared expert in every layer and in the MTP block).
     * ``size``: ``"tiny"``, ``"bench"`` (>= 200M parameters) or a dict
-      overriding any of the tiny dims (``n_embd``, ``n_ff``, ``n_head``,
-      ``n_head_kv``, ``head_dim``, ``ssm_d_state``, ``ssm_n_group``,
-      ``ssm_n_v_heads``, ``ssm_d_conv``, ``n_words``, ``n_ctx_train``).
+      overriding any of the tiny dims (``n_embd``, ``n_head``, ``n_head_kv``,
+      ``head_dim``, ``ssm_d_state``, ``ssm_n_group``, ``ssm_n_v_heads``,
+      ``ssm_d_conv``, ``n_words``, ``n_ctx_train``, and ``n_ff`` for qwen35 or
+      ``n_expert``, ``n_expert_used``, ``expert_ff``, ``shared_expert_ff`` for
+      qwen35moe; tiny MoE: 8 experts of width 64, 2 used, shared expert 128).
     * ``vocab``: ``ggml-vocab-<vocab>.gguf`` to copy the tokenizer from
       (``"gpt-2"`` or ``"qwen35"``), see :func:`find_vocab`; or ``vocab_path``.
     * ``mtp_head``: ``"own"`` (``nextn.shared_head_head``) or ``"shared"``
       (the MTP block reuses ``output.weight``, like real Qwen3.5).
     * ``eog_after``: a word of S (``"sea"`` / ``" sea"``), an index into S or
       a token id of S; its greedy successor becomes the EOG token.
-    * ``dtype``: ``"f16"`` or ``"f32"`` for the matrices (norms etc. stay f32).
+    * ``dtype``: ``"f16"`` or ``"f32"`` for the matrices (norms etc. stay f32), or
+      ``"q8_0"`` / ``"q4_k_m"``: the f16 file quantized by upstream's
+      ``llama-quantize`` (:func:`quantize`; needs the program, see there).
+    * ``layout``: ``"combined"`` (one file) or ``"sidecar"``: ``path`` gets the
+      trunk only and ``mtp-<name>`` next to it the MTP block (``.mtp_path``).
+    * ``draft_confidence``: ``None`` or 0.52..0.99: the MTP head gives its wrong
+      drafts that probability (the target's word the runner-up) and its right
+      ones ~1 (:meth:`SyntheticModel.draft_prob`, ``predict(p_min=...)``).
+    * ``preset``: a name of :data:`PRESETS` (benchmark shapes); it fixes
+      ``arch``, ``size``, ``n_trunk``, ``full_attention_interval``, ``mtp_head``
+      and ``vocab``.
     * ``chat_template``: ``None`` keeps the vocabulary file's own
       ``tokenizer.chat_template`` if it has one (``ggml-vocab-qwen35.gguf`` and
       ``ggml-vocab-qwen2.gguf`` carry a ChatML template, ``gpt-2`` has none);
       ``False`` drops it; a ``str`` (Jinja source) is written as
       ``tokenizer.chat_template`` instead.
     """
-    import gguf
-
-    _validate(mtp, acceptance, n_trunk, full_attention_interval, mtp_head, dtype, seed)
+    args = dict(mtp=mtp, acceptance=acceptance, n_trunk=n_trunk, full_attention_interval=full_attention_interval,
+                size=size, vocab=vocab, mtp_head=mtp_head, eog_after=eog_after, dtype=dtype, seed=seed,
+                vocab_path=vocab_path, chat_template=chat_template, arch=arch, layout=layout,
+                draft_confidence=draft_confidence)
+    args = _apply_preset(preset, args)
+    _validate(args["mtp"], args["acceptance"], args["n_trunk"], args["full_attention_interval"], args["mtp_head"],
+              args["dtype"], args["seed"], args["arch"], args["layout"], args["draft_confidence"])
     if not (chat_template is None or chat_template is False
             or (isinstance(chat_template, str) and chat_template)):
         raise ValueError("chat_template must be None (keep the vocabulary's), False (drop it) "
                          f"or a non-empty Jinja template str, got {chat_template!r:.60}")
-    vpath = find_vocab(vocab, vocab_path)
+    path = Path(path)
+    if args["dtype"] in _QUANT_TYPES:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synthetic-f16-") as tmp:
+            src = _generate(Path(tmp) / path.name, dict(args, dtype="f16"), preset)
+            return quantize(src, path, args["dtype"])
+    return _generate(path, args, preset)
+
+
+_MAKE_DEFAULTS = {p.name: p.default.value if isinstance(p.default, _Default) else p.default
+                  for p in inspect.signature(make_model).parameters.values() if p.name != "path"}
+
+
+def _generate(path: Path, a: Dict[str, Any], preset: Optional[str],
+              files: Optional[List[_FileSpec]] = None) -> SyntheticModel:
+    """Generate the f16/f32 model described by the validated arguments ``a``."""
+    import gguf
+
+    vpath = find_vocab(a["vocab"], a["vocab_path"])
     voc = _load_vocab(vpath)
     n_vocab = voc.n_vocab
-    dims_in = size
-    interval = int(full_attention_interval)
-    n_trunk = int(n_trunk)
+    interval = int(a["full_attention_interval"])
+    n_trunk = int(a["n_trunk"])
+    mtp, mtp_head, arch = a["mtp"], a["mtp_head"], a["arch"]
     recurrent = _recurrent_pattern(n_trunk, interval)
-    dims = _resolve_dims(size, recurrent, mtp, mtp_head, n_vocab)
+    dims = _resolve_dims(a["size"], recurrent, mtp, mtp_head, n_vocab, arch)
     assert any(recurrent) and not all(recurrent)
 
-    W, D = dims["n_words"], dims["n_embd"]
-    sel = _select_words(voc, W)
-    words = [w for w, _ in sel]
-    ids = [t for _, t in sel]
-    id_index = {t: j for j, t in enumerate(ids)}
-    if voc.eos_id in id_index or not (0 <= voc.eos_id < n_vocab):
-        raise ValueError("vocabulary EOS token collides with the word set")
-    eog_tok = voc.eos_id
-    eog_after_id = _resolve_eog_after(eog_after, words, ids)
+    des = _Design(voc, dims["n_words"], a["seed"], a["acceptance"], a["eog_after"], mtp, mtp_head,
+                  a["draft_confidence"])
+    draft_p = [des.draft_p(j) for j in range(des.W)] if mtp else []
 
-    # ---- the maps (structure rng) -------------------------------------------
-    srng = np.random.default_rng([int(seed), 0x5EED])
-    cyc = _single_cycle(srng, W)                         # index -> index
-    f_idx: List[Optional[int]] = list(cyc)               # None = EOG
-    if eog_after_id is not None:
-        f_idx[id_index[eog_after_id]] = None
-    # target head: direction d -> token; spare direction -> the orphaned member
-    orphan = cyc[id_index[eog_after_id]] if eog_after_id is not None else cyc[0]
-    dir_target = [ids[i] if i is not None else eog_tok for i in f_idx] + [ids[orphan]]
-    runner = []
-    for d, tgt in enumerate(dir_target):
-        choices = [t for t in ids if t != tgt]
-        runner.append(int(choices[int(srng.integers(len(choices)))]))
-    f = {ids[j]: dir_target[j] for j in range(W)}
-    runner_up = {ids[j]: runner[j] for j in range(W)}
+    b = _Builder(dims, np.random.default_rng([int(a["seed"]), 0x3E1647]), a["dtype"], arch)
+    b.model(des, recurrent, mtp, mtp_head, n_vocab)
+    n_params = b.n_params
+    assert n_params == _count_params(dims, recurrent, mtp, mtp_head, n_vocab, arch), "parameter count mismatch"
 
-    n_acc = int(round(float(acceptance) * W))
-    acc_set = set(int(x) for x in srng.permutation(W)[:n_acc])
-    g: Dict[int, int] = {}
-    for j in range(W):
-        if j in acc_set:
-            g[ids[j]] = f[ids[j]]
-        else:
-            choices = [t for t in ids if t != f[ids[j]]]
-            g[ids[j]] = int(choices[int(srng.integers(len(choices)))])
-
-    # ---- tensors (weight rng) -------------------------------------------------
-    b = _Builder(dims, np.random.default_rng([int(seed), 0x3E1647]), dtype)
-    member_idx = np.arange(n_vocab) % W
-    member_idx[ids] = np.arange(W)
-    emb = np.zeros((n_vocab, D), dtype=np.float32)
-    emb[np.arange(n_vocab), member_idx] = 1.0
-    emb[:, b.bias] = 1.0
-    b.add("token_embd.weight", emb)
-    del emb
-    head_norm = np.full(D, math.sqrt(2.0 / D), dtype=np.float32)
-    b.add("output_norm.weight", head_norm)
-    out = np.zeros((n_vocab, D), dtype=np.float32)
-    floor = np.full(n_vocab, _LOGIT_FLOOR, dtype=np.float32)
-    floor[ids] = _LOGIT_FLOOR_S
-    floor[eog_tok] = _LOGIT_FLOOR_EOG
-    out[:, b.bias] = -floor
-    for d, (tgt, run) in enumerate(zip(dir_target, runner)):
-        out[tgt, d] += floor[tgt]
-        out[run, d] += floor[run] - _RUNNER_GAP
-    b.add("output.weight", out)
-    del out
-
-    for il in range(n_trunk):
-        p = f"blk.{il}."
-        b.norms(p)
-        if recurrent[il]:
-            b.delta_net(p)
-        else:
-            b.attention(p)
-        b.ffn(p)
-
-    if mtp:
-        il = n_trunk
-        p = f"blk.{il}."
-        b.norms(p)
-        b.attention(p)
-        b.ffn(p)
-        b.add(p + "nextn.enorm.weight", head_norm)
-        b.add(p + "nextn.hnorm.weight", np.ones(D))
-        eh = np.zeros((D, 2 * D), dtype=np.float32)
-        if mtp_head == "own":
-            steer = list(range(W))
-        else:
-            inv = {}
-            for d in reversed(range(W + 1)):
-                inv[dir_target[d]] = d
-            steer = [inv[g[ids[j]]] for j in range(W)]
-        for j in range(W):
-            eh[steer[j], j] = 1.0
-        eh[b.bias, b.bias] = 1.0
-        # hidden-state half (and embedding scratch) only feeds scratch dims
-        eh[b.scratch, :] = b.randn((len(b.scratch), 2 * D), _TRUNK_NOISE / math.sqrt(len(b.scratch) * D))
-        eh[b.scratch, :W] = 0.0
-        eh[b.scratch, b.bias] = 0.0
-        b.add(p + "nextn.eh_proj.weight", eh)
-        b.add(p + "nextn.shared_head_norm.weight", head_norm)
-        if mtp_head == "own":
-            hh = np.zeros((n_vocab, D), dtype=np.float32)
-            hh[:, b.bias] = -floor
-            for j in range(W):
-                hh[g[ids[j]], j] += floor[g[ids[j]]]
-            b.add(p + "nextn.shared_head_head.weight", hh)
-            del hh
-
-    n_params = int(sum(a.size for _, a in b.tensors))
-    assert n_params == _count_params(dims, recurrent, mtp, mtp_head, n_vocab), "parameter count mismatch"
-
-    # ---- metadata ---------------------------------------------------------------
-    size_desc = dims_in if isinstance(dims_in, str) else dict(dims_in)
+    size_desc = a["size"] if isinstance(a["size"], str) else dict(a["size"])
+    conf = a["draft_confidence"]
     config = dict(
-        generator_version=GENERATOR_VERSION, mtp=mtp, acceptance=float(acceptance), n_trunk=n_trunk,
-        full_attention_interval=interval, size=size_desc, vocab=vocab, vocab_file=vpath.name,
-        mtp_head=mtp_head, eog_after=eog_after_id, dtype=dtype, seed=int(seed), dims=dims,
-        n_vocab=n_vocab, n_params=n_params, eog_token_id=eog_tok, recurrent_layers=recurrent,
+        generator_version=GENERATOR_VERSION, mtp=mtp, acceptance=float(a["acceptance"]), n_trunk=n_trunk,
+        full_attention_interval=interval, size=size_desc, vocab=a["vocab"], vocab_file=vpath.name,
+        mtp_head=mtp_head, eog_after=des.eog_after, dtype=a["dtype"], seed=int(a["seed"]), dims=dims,
+        n_vocab=n_vocab, n_params=n_params, eog_token_id=des.eog_tok, recurrent_layers=recurrent,
         outside_rule="token id mod n_words", logit_floor=_LOGIT_FLOOR, logit_floor_s=_LOGIT_FLOOR_S,
-        logit_floor_eog=_LOGIT_FLOOR_EOG, runner_gap=_RUNNER_GAP,
+        logit_floor_eog=_LOGIT_FLOOR_EOG, runner_gap=_RUNNER_GAP, arch=arch, layout=a["layout"],
+        draft_confidence=None if conf is None else float(conf), preset=preset, draft_top_k=_DRAFT_TOP_K,
     )
+    GT = gguf.GGUFValueType
+    ids = des.ids
+    meta = [(f"{_KEY}.version", GENERATOR_VERSION, GT.UINT32, None),
+            (f"{_KEY}.config", json.dumps(config, sort_keys=True), GT.STRING, None),
+            (f"{_KEY}.words", list(des.words), GT.ARRAY, GT.STRING),
+            (f"{_KEY}.token_ids", list(ids), GT.ARRAY, GT.INT32),
+            (f"{_KEY}.f", [des.f[t] for t in ids], GT.ARRAY, GT.INT32),
+            (f"{_KEY}.runner_up", [des.runner_up[t] for t in ids], GT.ARRAY, GT.INT32)]
+    if mtp:
+        meta += [(f"{_KEY}.g", [des.g[t] for t in ids], GT.ARRAY, GT.INT32),
+                 (f"{_KEY}.draft_p", draft_p, GT.ARRAY, GT.FLOAT64)]
+    meta += [(f"{_KEY}.eog_token_id", des.eog_tok, GT.INT32, None),
+             (f"{_KEY}.eog_after", -1 if des.eog_after is None else des.eog_after, GT.INT32, None)]
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    w = gguf.GGUFWriter(str(tmp), _ARCH)
-    try:
-        hd = dims["head_dim"]
-        n_rot = hd // 4
-        half = n_rot // 2
-        s0 = max(1, round(half * 11 / 32))
-        s1 = max(0, min(round(half * 11 / 32), half - s0))
-        sections = [s0, s1, half - s0 - s1, 0]
-        block_count = n_trunk + (1 if mtp else 0)
-
-        GT = gguf.GGUFValueType
-        w.add_uint32(f"{_KEY}.version", GENERATOR_VERSION)
-        w.add_string(f"{_KEY}.config", json.dumps(config, sort_keys=True))
-        w.add_key_value(f"{_KEY}.words", list(words), GT.ARRAY, sub_type=GT.STRING)
-        w.add_key_value(f"{_KEY}.token_ids", list(ids), GT.ARRAY, sub_type=GT.INT32)
-        w.add_key_value(f"{_KEY}.f", [f[t] for t in ids], GT.ARRAY, sub_type=GT.INT32)
-        w.add_key_value(f"{_KEY}.runner_up", [runner_up[t] for t in ids], GT.ARRAY, sub_type=GT.INT32)
-        if mtp:
-            w.add_key_value(f"{_KEY}.g", [g[t] for t in ids], GT.ARRAY, sub_type=GT.INT32)
-        w.add_int32(f"{_KEY}.eog_token_id", eog_tok)
-        w.add_int32(f"{_KEY}.eog_after", -1 if eog_after_id is None else eog_after_id)
-
-        w.add_name("mtp-cy-synthetic")
-        w.add_type("model")
-        w.add_context_length(dims["n_ctx_train"])
-        w.add_embedding_length(D)
-        w.add_block_count(block_count)
-        w.add_feed_forward_length(dims["n_ff"])
-        w.add_head_count(dims["n_head"])
-        w.add_head_count_kv(dims["n_head_kv"])
-        w.add_rope_freq_base(10_000_000.0)
-        w.add_layer_norm_rms_eps(1e-6)
-        w.add_key_length(hd)
-        w.add_value_length(hd)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-        w.add_ssm_conv_kernel(dims["ssm_d_conv"])
-        w.add_ssm_state_size(dims["ssm_d_state"])
-        w.add_ssm_group_count(dims["ssm_n_group"])
-        w.add_ssm_time_step_rank(dims["ssm_n_v_heads"])
-        w.add_ssm_inner_size(dims["ssm_d_state"] * dims["ssm_n_v_heads"])
-        w.add_array(f"{_ARCH}.attention.recurrent_layers", recurrent + [False] * (block_count - n_trunk))
-        w.add_full_attention_interval(interval)
-        w.add_rope_dimension_count(n_rot)
-        w.add_rope_dimension_sections(sections)
-        if mtp:
-            w.add_nextn_predict_layers(1)
-
-        for key, val, vtype, sub in voc.fields:
-            if key == "tokenizer.chat_template" and chat_template is not None:
-                continue
-            w.add_key_value(key, val, vtype, sub_type=sub)
-        if isinstance(chat_template, str):
-            w.add_string("tokenizer.chat_template", chat_template)
-
-        for name, arr in b.tensors:
-            w.add_tensor(name, arr)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            w.close()
-        except Exception:
-            pass
-        if tmp.exists():
-            tmp.unlink()
-        raise
-
-    return _from_config(path, config, words, ids, f, g if mtp else {}, runner_up)
+    specs = files if files is not None else _file_specs(path, n_trunk, mtp, a["layout"])
+    _write_files(specs, b, lambda w, spec: _write_header(w, spec, arch, dims, recurrent, interval, a["dtype"],
+                                                          meta, voc, a["chat_template"]), arch)
+    mtp_path = _sidecar_path(path) if a["layout"] == "sidecar" else None
+    return _from_config(path, config, des.words, ids, des.f, des.g if mtp else {}, des.runner_up,
+                        dict(zip(ids, draft_p)), mtp_path=mtp_path)
 
 
-def _from_config(path, config, words, ids, f, g, runner_up) -> SyntheticModel:
+def _from_config(path, config, words, ids, f, g, runner_up, draft_p, mtp_path=None, dtype=None) -> SyntheticModel:
     return SyntheticModel(
         path=Path(path), words=list(words), token_ids=[int(t) for t in ids],
         f={int(k): int(v) for k, v in f.items()}, g={int(k): int(v) for k, v in g.items()},
@@ -1187,19 +1872,27 @@ def _from_config(path, config, words, ids, f, g, runner_up) -> SyntheticModel:
         eog_after=None if config["eog_after"] is None else int(config["eog_after"]),
         mtp=bool(config["mtp"]), mtp_head=config["mtp_head"], acceptance=float(config["acceptance"]),
         n_trunk=int(config["n_trunk"]), full_attention_interval=int(config["full_attention_interval"]),
-        vocab=config["vocab"], dtype=config["dtype"], size=config["size"], seed=int(config["seed"]),
+        vocab=config["vocab"], dtype=dtype or config["dtype"], size=config["size"], seed=int(config["seed"]),
         dims=dict(config["dims"]), n_vocab=int(config["n_vocab"]), n_params=int(config["n_params"]),
         recurrent_layers=list(config["recurrent_layers"]),
-        generator_version=int(config["generator_version"]), config=dict(config),
+        generator_version=int(config["generator_version"]), arch=config.get("arch", "qwen35"),
+        layout=config.get("layout", "combined"), mtp_path=None if mtp_path is None else Path(mtp_path),
+        draft_confidence=config.get("draft_confidence"), preset=config.get("preset"),
+        draft_p={int(k): float(v) for k, v in draft_p.items()}, config=dict(config),
     )
 
 
 def load_oracle(path) -> SyntheticModel:
-    """Rebuild the :class:`SyntheticModel` of a file written by :func:`make_model`."""
+    """Rebuild the :class:`SyntheticModel` of a file written by :func:`make_model` (or
+    :func:`quantize`).  For a sidecar layout, either file (the trunk ``X`` or its
+    sidecar ``mtp-X``) gives the model whose ``path`` is the trunk and ``mtp_path`` the
+    sidecar."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    kv = _read_gguf_kv(path, want=lambda k: k.startswith(_KEY + "."), stop_when_found=True)
+    ft_key = "general.file_type"
+    kv = _read_gguf_kv(path, want=lambda k: k.startswith(_KEY + ".") or k == ft_key,
+                       until=lambda found: ft_key in found and f"{_KEY}.eog_after" in found)
 
     def get(name, required=True):
         item = kv.get(f"{_KEY}.{name}")
@@ -1216,10 +1909,25 @@ def load_oracle(path) -> SyntheticModel:
     runner_up = dict(zip(ids, (int(x) for x in get("runner_up"))))
     gv = get("g", required=False)
     g = dict(zip(ids, (int(x) for x in gv))) if gv is not None else {}
-    return _from_config(path, config, words, ids, f, g, runner_up)
+    pv = get("draft_p", required=False)
+    draft_p = dict(zip(ids, (float(x) for x in pv))) if pv is not None else {}
+    role = get("file", required=False)
+    mtp_path = None
+    if role == "trunk":
+        mtp_path = _sidecar_path(path)
+    elif role == "mtp":
+        mtp_path = path
+        name = path.name[len(_SIDECAR_PREFIX):] if path.name.startswith(_SIDECAR_PREFIX) else path.name
+        path = path.with_name(name)
+    ft = kv.get(ft_key)
+    dtype = _FILE_TYPES.get(int(ft[0]), f"ftype{int(ft[0])}") if ft is not None else None
+    return _from_config(path, config, words, ids, f, g, runner_up, draft_p, mtp_path=mtp_path, dtype=dtype)
 
 
 _MAKE_PARAMS = [p for p in inspect.signature(make_model).parameters.values() if p.name != "path"]
+#: new arguments dropped from the cache key at their defaults, so that the file names of
+#: every model generated before they existed stay as they were
+_KEY_DROP_AT_DEFAULT = ("chat_template", "arch", "layout", "draft_confidence", "preset")
 
 
 def _cache_key(kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -1227,15 +1935,15 @@ def _cache_key(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     unknown = set(kwargs) - names
     if unknown:
         raise TypeError(f"cached_model() got unexpected keyword arguments {sorted(unknown)}")
-    full = {p.name: kwargs.get(p.name, p.default) for p in _MAKE_PARAMS}
+    full = _apply_preset(kwargs.get("preset"), {p.name: kwargs.get(p.name, p.default) for p in _MAKE_PARAMS})
     if full.get("vocab_path") is not None:
         full["vocab_path"] = str(Path(full["vocab_path"]).resolve())
-    if full.get("chat_template") is None:
-        # the default (keep the vocabulary's template) leaves the key, and so the
-        # file names of every model generated before this option existed, unchanged
-        del full["chat_template"]
-    if isinstance(full.get("acceptance"), (int, float)) and not isinstance(full["acceptance"], bool):
-        full["acceptance"] = float(full["acceptance"])
+    for k in _KEY_DROP_AT_DEFAULT:
+        if full.get(k) is None or full[k] == _MAKE_DEFAULTS[k]:
+            del full[k]
+    for k in ("acceptance", "draft_confidence"):
+        if isinstance(full.get(k), (int, float)) and not isinstance(full[k], bool):
+            full[k] = float(full[k])
     return full
 
 
@@ -1243,8 +1951,10 @@ def cached_model(**kwargs) -> SyntheticModel:
     """:func:`make_model` into :func:`cache_dir`, reusing an existing file with the same arguments.
 
     The file name is a hash of the (defaults-completed) arguments and
-    :data:`GENERATOR_VERSION` (``chat_template`` is part of it whenever it is
-    not ``None``).
+    :data:`GENERATOR_VERSION` (``chat_template``, ``arch``, ``layout``,
+    ``draft_confidence`` and ``preset`` are part of it whenever they are not at
+    their defaults).  A quantized ``dtype`` quantizes the cached f16 model (which
+    stays cached too).  A sidecar layout's sidecar is ``mtp-<file name>``.
     """
     full = _cache_key(kwargs)
     blob = json.dumps({"v": GENERATOR_VERSION, "kw": full}, sort_keys=True, default=str)
@@ -1254,9 +1964,63 @@ def cached_model(**kwargs) -> SyntheticModel:
     if path.is_file():
         try:
             m = load_oracle(path)
-            if m.generator_version == GENERATOR_VERSION:
+            if m.generator_version == GENERATOR_VERSION and all(p.is_file() for p in m.files):
                 return m
         except Exception:
             pass
     d.mkdir(parents=True, exist_ok=True)
+    if full["dtype"] in _QUANT_TYPES:
+        src = cached_model(**dict(kwargs, dtype="f16"))
+        return quantize(src, path, full["dtype"])
     return make_model(path, **full)
+
+
+#: what :func:`mismatched_sidecar` can get wrong
+MISMATCH_KINDS = ("arch", "n_embd", "n_vocab", "no_nextn")
+
+
+def mismatched_sidecar(model: SyntheticModel, kind: str, path=None) -> Path:
+    """Write an MTP sidecar that does *not* fit ``model`` (for negative tests) and return its path.
+
+    ``kind``: ``"arch"`` (the other of qwen35 / qwen35moe), ``"n_embd"`` (``n_embd + 32``),
+    ``"n_vocab"`` (the other vocabulary: gpt-2 <-> qwen35), each otherwise a proper
+    sidecar of the same settings; ``"no_nextn"``: a file with ``token_embd``,
+    ``output_norm`` and ``output`` of ``model``'s settings but no NextN block
+    (``block_count = n_trunk``, no ``nextn_predict_layers``).  ``path`` defaults to
+    ``mtp-<kind>-<model file name>`` next to ``model.path``.  The file carries the
+    generator's metadata of the settings it was made from.
+    """
+    if kind not in MISMATCH_KINDS:
+        raise ValueError(f"kind must be one of {list(MISMATCH_KINDS)}, got {kind!r}")
+    if not model.mtp:
+        raise ValueError(f"{model.path} has no MTP block")
+    path = Path(path) if path is not None else model.path.with_name(f"{_SIDECAR_PREFIX}{kind}-{model.path.name}")
+    a = dict(_MAKE_DEFAULTS, mtp=True, acceptance=model.acceptance, n_trunk=model.n_trunk,
+             full_attention_interval=model.full_attention_interval, mtp_head=model.mtp_head,
+             eog_after=model.eog_after, dtype="f16" if model.dtype not in ("f16", "f32") else model.dtype,
+             seed=model.seed, vocab=model.vocab, arch=model.arch, layout="sidecar",
+             draft_confidence=model.draft_confidence)
+    dims = dict(model.dims)
+    if kind == "arch":
+        a["arch"] = "qwen35" if model.arch == "qwen35moe" else "qwen35moe"
+        common = {k: v for k, v in dims.items() if k in _DIM_KEYS and k != "n_ff"}
+        dims = dict(common, n_ff=SIZES["tiny"]["n_ff"]) if a["arch"] == "qwen35" \
+            else dict(common, **_MOE_SIZES["tiny"])
+    elif kind == "n_embd":
+        dims["n_embd"] += 32
+    elif kind == "n_vocab":
+        a["vocab"] = "qwen35" if model.vocab != "qwen35" else "gpt-2"
+        if a["eog_after"] is not None:
+            a["eog_after"] = model.token_ids.index(model.eog_after)
+    a["size"] = dims
+    _validate(a["mtp"], a["acceptance"], a["n_trunk"], a["full_attention_interval"], a["mtp_head"], a["dtype"],
+              a["seed"], a["arch"], a["layout"], a["draft_confidence"])
+    files = None
+    if kind == "no_nextn":
+        files = [_FileSpec(path, lambda n: not n.startswith("blk."), model.n_trunk, 0, "mtp")]
+        _generate(path.with_name(path.name + ".unused"), a, None, files=files)
+    else:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".sidecar-") as tmp:
+            m = _generate(Path(tmp) / "trunk.gguf", a, None)
+            os.replace(m.mtp_path, path)
+    return path

@@ -1,15 +1,13 @@
 """mtp_cy.synthetic: generator, oracle, and the oracle against upstream llama.cpp programs.
 
-The upstream checks run the pinned llama.cpp's own programs (built into
-``<repo>/build/native/bin``, or the directory in ``$MTP_CY_UPSTREAM_BIN``):
-``llama-speculative-simple --spec-type draft-mtp`` must print exactly the
-text and the n_predict / n_drafted / n_accept counters that
-``SyntheticModel.predict(..., rules="upstream")`` computes.
+The upstream checks (helpers in ``synth_upstream.py``) run the pinned llama.cpp's
+own programs (built into ``<repo>/build/native/bin``, or the directory in
+``$MTP_CY_UPSTREAM_BIN``): ``llama-speculative-simple --spec-type draft-mtp``
+must print exactly the text and the n_predict / n_drafted / n_accept counters
+that ``SyntheticModel.predict(..., rules="upstream")`` computes.  MoE models,
+sidecars, draft confidence and the presets have their own test modules.
 """
 import math
-import os
-import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,93 +16,10 @@ import pytest
 
 from mtp_cy import synthetic as syn
 
-from conftest import upstream_bin_dir, upstream_binary
+from synth_upstream import (COMPLETION, SPEC, _private_cache, check_upstream, cycle_back,  # noqa: F401
+                            have, need, outside_word_id, run_completion, run_spec)
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN_DIR = upstream_bin_dir()
-SPEC = BIN_DIR / "llama-speculative-simple"
-COMPLETION = BIN_DIR / "llama-completion"
-N_CTX = 512
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Keep this module's cached models out of the user's cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MTP_CY_CACHE_DIR", str(tmp_path_factory.mktemp("synthetic-cache")))
-        yield
-
-
-def have(binary):
-    return upstream_binary(binary.name) is not None
-
-
-def need(binary):
-    if not have(binary):
-        msg = f"upstream binary {binary} not built (set MTP_CY_UPSTREAM_BIN to its directory)"
-        print("SKIP:", msg)
-        pytest.skip(msg)
-
-
-# ---------------------------------------------------------------- helpers
-
-def run_spec(model, prompt, n_draft, n_predict, spec_type="draft-mtp", extra=(), text=None):
-    """Run llama-speculative-simple; return (rc, generated text, counters, stderr)."""
-    text = model.decode(prompt) if text is None else text
-    cmd = [str(SPEC), "-m", str(model.path), "--spec-type", spec_type, "-n", str(n_predict),
-           "-p", text, "--temp", "0", "-c", str(N_CTX), "-t", "2", *extra]
-    if spec_type == "draft-mtp":
-        cmd += ["--spec-draft-n-max", str(n_draft)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    counters = {k: int(v) for k, v in re.findall(r"\b(n_predict|n_drafted|n_accept)\s*=\s*(\d+)", p.stderr)}
-    out = p.stdout.lstrip("\n")
-    gen = None
-    if p.returncode == 0:
-        assert out.startswith(text), (out, text)
-        gen = out[len(text):].rstrip("\n")
-    return p.returncode, gen, counters, p.stderr
-
-
-def run_completion(model, prompt, n_predict):
-    text = model.decode(prompt)
-    cmd = [str(COMPLETION), "-m", str(model.path), "-p", text, "-n", str(n_predict), "--temp", "0",
-           "-no-cnv", "--no-warmup", "-c", str(N_CTX), "-t", "2"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = p.stdout.lstrip("\n")
-    assert out.startswith(text), (out, text)
-    gen = out[len(text):].rstrip("\n")
-    eot = " [end of text]"          # tools/completion/completion.cpp prints this at EOG
-    return gen[: -len(eot)] if gen.endswith(eot) else gen
-
-
-def check_upstream(model, prompt, n_draft, n_predict, text=None):
-    want = model.predict(prompt, n_predict, n_draft, rules="upstream", n_ctx=N_CTX)
-    rc, gen, counters, err = run_spec(model, prompt, n_draft, n_predict, text=text)
-    assert rc == 0, err[-3000:]
-    got = dict(text=gen, **counters)
-    exp = dict(text=want.text, n_predict=want.n_predict, n_drafted=want.n_drafted, n_accept=want.n_accept)
-    assert got == exp, (model.config["acceptance"], model.mtp_head, n_draft, prompt)
-    # greedy decoding is lossless: the text is the greedy continuation
-    assert want.tokens == model.greedy(prompt, len(want.tokens)).tokens
-    return want
-
-
-def cycle_back(m, token, steps):
-    """The member `steps` greedy steps before `token` (f is one cycle)."""
-    inv = {v: k for k, v in m.f.items()}
-    for _ in range(steps):
-        token = inv[token]
-    return token
-
-
-def outside_word_id(m):
-    """A single-token word that is not in S (it must behave like S[id mod |S|])."""
-    for w in (" cat", " dog", " man", " car", " table", " chair"):
-        tid = syn.single_token_id(w, m.vocab)
-        if tid is not None and tid not in m.f:
-            return w, tid
-    raise AssertionError("no outside word found")
 
 
 # ---------------------------------------------------------------- generator
@@ -131,9 +46,22 @@ def outside_word_id(m):
     (dict(eog_after="not-a-word"), "eog_after"),
     (dict(eog_after=10 ** 7), "eog_after"),
     (dict(eog_after=True), "eog_after"),
-    (dict(dtype="q8_0"), "dtype"),
+    (dict(dtype="q4_0"), "dtype"),
     (dict(seed=-1), "seed"),
     (dict(mtp="yes"), "mtp"),
+    (dict(arch="llama"), "arch"),
+    (dict(size=dict(n_expert=4)), "MoE keys need arch='qwen35moe'"),
+    (dict(arch="qwen35moe", size=dict(n_ff=64)), "qwen35moe has no n_ff"),
+    (dict(arch="qwen35moe", size=dict(n_expert=1)), "n_expert"),
+    (dict(arch="qwen35moe", size=dict(n_expert=4, n_expert_used=5)), "n_expert_used"),
+    (dict(layout="split"), "layout"),
+    (dict(layout="sidecar", mtp=False), "sidecar"),
+    (dict(draft_confidence=0.5), "draft_confidence"),
+    (dict(draft_confidence=1.0), "draft_confidence"),
+    (dict(draft_confidence="sure"), "draft_confidence"),
+    (dict(draft_confidence=0.6, mtp=False), "draft_confidence"),
+    (dict(preset="huge"), "preset"),
+    (dict(preset="dense-1.3b", n_trunk=6), "fixes n_trunk"),
 ])
 def test_validation(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -71,8 +71,43 @@ def build_targets(bdir: Path, targets: Sequence[str], jobs: Optional[str] = None
                    stdout=subprocess.DEVNULL if quiet else None)
 
 
+#: upstream programs whose source vendor/fetch_llama_cpp.py does not extract:
+#: program -> the llama.cpp directory that upstream_program() extracts from the
+#: pinned sdist into ``<build tree>/upstream-src/`` when the source tree lacks it
+EXTRA_SOURCES = {"llama-quantize": "tools/quantize/"}
+
+
+def ensure_extra_source(bdir: Path, name: str) -> bool:
+    """Make the source of upstream program ``name`` (see :data:`EXTRA_SOURCES`) available
+    to the build tree ``bdir``; True when it was missing and has been extracted (the tree
+    then has to be configured again, which :func:`upstream_program` does)."""
+    rel = EXTRA_SOURCES.get(name)
+    if rel is None:
+        return False
+    llama_dir = read_cache(bdir).get("MTP_CY_LLAMA_DIR")
+    if llama_dir and (Path(llama_dir) / rel).is_dir():
+        return False
+    dest = Path(bdir) / "upstream-src"
+    if (dest / rel).is_dir():
+        return False
+    import importlib.util
+    import tarfile
+    spec = importlib.util.spec_from_file_location("fetch_llama_cpp", Path(__file__).with_name("fetch_llama_cpp.py"))
+    fetch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch)
+    prefix = fetch.INNER + rel
+    with tarfile.open(fetch.fetch_sdist(), "r:gz") as tf:     # sha256-pinned, cached
+        for m in tf.getmembers():
+            if m.isfile() and m.name.startswith(prefix):
+                out = dest / m.name[len(fetch.INNER):]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(tf.extractfile(m).read())
+    return (dest / rel).is_dir()
+
+
 def upstream_program(name: str, root: Path) -> Optional[Path]:
-    """Path of upstream's program ``name`` (``llama-speculative-simple``, ``llama-completion``).
+    """Path of upstream's program ``name`` (``llama-speculative-simple``, ``llama-completion``,
+    ``llama-quantize``).
 
     ``$MTP_CY_UPSTREAM_BIN`` names a directory of prebuilt programs; otherwise the program is
     built (on first use; the targets reuse the libraries already built) in the native build
@@ -86,6 +121,9 @@ def upstream_program(name: str, root: Path) -> Optional[Path]:
         bdir = Path(os.environ.get("MTP_CY_BUILD_DIR", Path(root) / "build" / "native"))
         if not (bdir / "CMakeCache.txt").is_file():
             return None
+        if ensure_extra_source(bdir, name):
+            repair(bdir)
+            subprocess.run([stable_tool("cmake") or "cmake", str(bdir)], check=True, stdout=subprocess.DEVNULL)
         build_targets(bdir, [name])
         path = bdir / "bin" / name
     return path if path.is_file() else None
