@@ -58,7 +58,7 @@ def header_enums(text):
 def header_structs(text):
     """Map struct name -> ordered list of field names."""
     out = {}
-    for m in re.finditer(r"struct\s+(\w+)\s*\{(.*?)\n\s*\};", strip_comments(text), re.S):
+    for m in re.finditer(r"struct\s+(\w+)\s*\{(.*?)\n\s*\}\s*\w*\s*;", strip_comments(text), re.S):
         fields = []
         for stmt in m.group(2).split(";"):
             stmt = " ".join(stmt.split())

@@ -514,7 +514,12 @@ def test_keyboard_interrupt_stops_decode(mtp_model, mtp_sm):
 def test_timeout_raises_and_session_stays_usable(mtp_model, mtp_sm):
     with mtp_cy.MTP(mtp_model, n_draft=3, n_ctx=4096, n_batch=4096, n_threads=1) as m:
         with pytest.raises(mtp_cy.GenerationTimeout) as ei:
-            m.generate(prompt_of(mtp_sm, 4000), max_tokens=5, timeout=0.005)
+            # timeout bounds each decode step: a microsecond is too short for any
+            m.generate(prompt_of(mtp_sm, 3), max_tokens=5, timeout=1e-6)
+        assert isinstance(ei.value, TimeoutError)
+        # prompt_timeout bounds the prompt (4000 tokens take far longer than 1 ms)
+        with pytest.raises(mtp_cy.GenerationTimeout, match="processing the prompt"):
+            m.generate(prompt_of(mtp_sm, 4000), max_tokens=5, prompt_timeout=0.001)
         assert isinstance(ei.value, TimeoutError)
         p = prompt_of(mtp_sm, 3)
         assert m.generate(p, max_tokens=8, temp=0) == sm_predict(mtp_sm, p, 8, 3, 4096).text

@@ -157,7 +157,12 @@ def test_leaving_a_stream_early_frees_the_session(sess, plain_sm):
 def test_timeout_raises_and_session_stays_usable(plain_model, plain_sm):
     with mtp_cy.Session(plain_model, n_ctx=4096, n_batch=4096, n_threads=1) as s:
         with pytest.raises(mtp_cy.GenerationTimeout) as ei:
-            s.generate(prompt_of(plain_sm, 4000), max_tokens=5, timeout=0.005)
+            # timeout bounds each decode step: a microsecond is too short for any
+            s.generate(prompt_of(plain_sm, 3), max_tokens=5, timeout=1e-6)
+        assert isinstance(ei.value, TimeoutError)
+        # prompt_timeout bounds the prompt (4000 tokens take far longer than 1 ms)
+        with pytest.raises(mtp_cy.GenerationTimeout, match="processing the prompt"):
+            s.generate(prompt_of(plain_sm, 4000), max_tokens=5, prompt_timeout=0.001)
         assert isinstance(ei.value, TimeoutError)
         p = prompt_of(plain_sm, 3)
         assert s.generate(p, max_tokens=5, temp=0) == plain_sm.greedy(p, 5).text

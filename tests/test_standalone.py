@@ -101,7 +101,7 @@ def test_make_model_alone(tmp_path):
 
 
 def test_demo_alone(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "mtp_cy", "demo", "--quiet", "--max-tokens", "24"],
+    r = subprocess.run([sys.executable, "-m", "mtp_cy", "demo", "--quiet", "--max-tokens", "24", "--n-draft", "3"],
                        cwd=elsewhere(tmp_path), env=alone_env(tmp_path), capture_output=True, text=True,
                        timeout=300, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr[-3000:]
