@@ -27,6 +27,7 @@ from mtp_cy.includes.common cimport *
 from mtp_cy.includes.sampling cimport *
 from mtp_cy.includes.native cimport *
 from mtp_cy.includes.chat cimport *
+from mtp_cy.includes.gguf cimport *
 from libcpp.map cimport map as cmap
 
 import codecs

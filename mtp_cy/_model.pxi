@@ -71,6 +71,33 @@ cdef object _head_mismatch(const llama_model * model, const llama_model * head):
     return None
 
 
+cdef tuple _gguf_arch_nextn(str path):
+    """``(architecture, nextn_predict_layers)`` from a GGUF file's metadata, without loading it
+    (``None`` for a key that is missing or has another type)."""
+    cdef bytes bpath = path.encode()
+    cdef const char * cpath = bpath
+    cdef gguf_init_params gp
+    gp.no_alloc = True
+    gp.ctx = NULL
+    cdef gguf_context * g
+    with nogil:
+        g = gguf_init_from_file(cpath, gp)
+    if g == NULL:
+        raise ModelLoadError(f"cannot read the GGUF metadata of {path!r}: {_take_errors() or 'corrupt file'}")
+    cdef int64_t k
+    arch = nextn = None
+    try:
+        k = gguf_find_key(g, b"general.architecture")
+        if k >= 0 and gguf_get_kv_type(g, k) == GGUF_TYPE_STRING:
+            arch = (<bytes>gguf_get_val_str(g, k)).decode("utf-8", "replace")
+            k = gguf_find_key(g, f"{arch}.nextn_predict_layers".encode())
+            if k >= 0 and gguf_get_kv_type(g, k) == GGUF_TYPE_UINT32:
+                nextn = gguf_get_val_u32(g, k)
+    finally:
+        gguf_free(g)
+    return arch, nextn
+
+
 cdef _check_gguf_file(str path):
     if not os.path.exists(path):
         raise ModelLoadError(f"model file not found: {path!r}")
@@ -367,6 +394,13 @@ cdef class Model:
     cdef int _load_head(self, str path, llama_model_params mp) except -1:
         """Load an MTP-only sidecar GGUF (upstream's ``mtp-<name>.gguf``) and check that it fits."""
         _check_gguf_file(path)
+        arch, nextn = _gguf_arch_nextn(path)
+        if not nextn:
+            # llama.cpp would try to load it as a whole model and fail on a missing tensor
+            raise MTPUnsupportedError(
+                f"{path!r} cannot be the MTP head of {self.path!r}: it has no MTP (NextN) layer "
+                f"(architecture {arch!r}, nextn_predict_layers = {nextn or 0}): it is not an MTP head, "
+                f"e.g. a plain model was given as mtp_head")
         cdef bytes bpath = path.encode()
         cdef const char * cpath = bpath
         cdef llama_model * h

@@ -102,6 +102,7 @@ HEADERS = {
     "llama.pxd": ["include/llama.h"],
     "ggml.pxd": ["ggml/include/ggml.h", "ggml/include/ggml-backend.h"],
     "common.pxd": ["common/common.h"],
+    "gguf.pxd": ["ggml/include/gguf.h"],
 }
 
 
