@@ -85,10 +85,14 @@ def test_context_limits_and_auto(synthetic):
 def test_cancel_and_prompt_cache(synthetic):
     sm = moe(synthetic, acceptance=0.75)
     with mtp_cy.Model(sm.path) as model, mtp_cy.MTP(model, n_draft=3, n_ctx=4096, n_threads=1) as m:
-        threading.Timer(0.05, m.cancel).start()
+        # cancel from another thread mid-stream (deterministic: the stream waits for it)
         it = m.stream(prompt_of(sm, 3000), max_tokens=50, temp=0)
-        list(it)
-        assert it.stop_reason == "cancelled"
+        first = next(it)
+        t = threading.Thread(target=m.cancel)
+        t.start()
+        t.join()
+        rest = list(it)
+        assert it.stop_reason == "cancelled" and len((first + "".join(rest)).split()) < 50
         p = prompt_of(sm, 9)
         g1 = m.generate(p, max_tokens=12, temp=0)
         assert g1 == sm.greedy(p, 12).text

@@ -122,8 +122,9 @@ def p_min_values_safe(m, p_mins):
 # ---------------------------------------------------------------- upstream
 
 UP = [(dict(mtp_head="own", acceptance=0.5, draft_confidence=0.58), (0.5, 0.8)),
-      (dict(mtp_head="shared", acceptance=0.75, draft_confidence=0.58), (0.5, 0.8)),
-      (dict(mtp_head="shared", acceptance=0.75), (0.8, 0.9))]
+      pytest.param(dict(mtp_head="shared", acceptance=0.75, draft_confidence=0.58), (0.5, 0.8),
+                   marks=pytest.mark.slow),
+      pytest.param(dict(mtp_head="shared", acceptance=0.75), (0.8, 0.9), marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("cfg, p_mins", UP, ids=["own-c0.58", "shared-c0.58", "shared-default"])

@@ -120,6 +120,7 @@ def head_margin(m, path=None):
     return min(gaps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen35", "qwen35moe"])
 def test_quantize(tmp_path, arch):
     need_quantize()
@@ -157,6 +158,7 @@ def test_quantized_make_and_cache(tmp_path, private_cache):
     assert f16.dtype == "f16" and f16.path.is_file() and (f16.f, f16.g) == (a.f, a.g)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, head, dtype", [("qwen35", "own", "q4_k_m"), ("qwen35moe", "shared", "q8_0")])
 def test_upstream_quantized(tmp_path, arch, head, dtype):
     need(SPEC)
@@ -174,6 +176,7 @@ def test_upstream_quantized(tmp_path, arch, head, dtype):
 GGML_F32, GGML_F16 = 0, 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head, layout", [("shared", "combined"), ("own", "sidecar")])
 def test_upstream_quantized_confidence(tmp_path, head, layout):
     """draft_confidence's small logit gaps would not survive the K-quants: quantize() keeps the

@@ -98,7 +98,8 @@ def test_mismatched_sidecars(tmp_path, arch):
 # ---------------------------------------------------------------- upstream
 
 @pytest.mark.parametrize("cfg", [dict(acceptance=0.5, mtp_head="own"),
-                                 dict(arch="qwen35moe", acceptance=0.75, mtp_head="shared")],
+                                 pytest.param(dict(arch="qwen35moe", acceptance=0.75, mtp_head="shared"),
+                                              marks=pytest.mark.slow)],
                          ids=["dense-own", "moe-shared"])
 def test_upstream_sidecar_equals_combined(cfg):
     """speculative-simple -m trunk.gguf -md mtp-trunk.gguf --spec-type draft-mtp: the oracle's
@@ -115,6 +116,7 @@ def test_upstream_sidecar_equals_combined(cfg):
     assert rc != 0 and not counters and "doesn't contain MTP layers" in err
 
 
+@pytest.mark.slow
 def test_upstream_mismatched_sidecars():
     """What upstream does with each mismatched sidecar (pinned commit): it checks only the
     hidden width; another arch of the same shape even works (the sidecar is a model of its

@@ -110,6 +110,7 @@ def test_cuda_flavour_rename(tmp_path):
     assert again.returncode != 0 and "already renamed" in again.stderr
 
 
+@pytest.mark.slow
 def test_sdist_carries_the_pinned_llama_cpp(tmp_path):
     """The sdist holds the fetched llama.cpp source (so that installing it fetches nothing,
     tools/sdist_check.sh proves the offline install) and no build outputs."""
