@@ -23,7 +23,8 @@ Configurations (``--configs``): ``plain``, a draft length ``k``, ``k@p`` (draft 
 with ``p_min=p``) and ``auto``.  For each model, every repeat runs every configuration
 once, interleaved, mtp_cy then the native program with the same settings
 (``llama-completion`` for plain decoding, ``llama-speculative-simple --spec-type
-draft-mtp`` otherwise; ``auto`` has no native counterpart); medians are reported with
+draft-mtp`` otherwise, built as upstream builds them by default, i.e. with OpenMP, unless
+``--native same``; ``auto`` has no native counterpart); medians are reported with
 the ratios mtp_cy/native and configuration/plain, the acceptance, what ``auto`` chose,
 and the draft cost relative to a target step (measured by ``auto``, and the
 theoretical parameter ratio of the model).
@@ -65,10 +66,16 @@ def model_of(name: str, acceptance: float, confidence):
     return synthetic.cached_model(preset=preset, dtype=dtype, **kw)
 
 
-def upstream_bin(name: str) -> Path:
+def upstream_bin(name: str, build: str = "openmp") -> Path:
+    """Upstream's program: ``openmp``, built as upstream builds it by default (OpenMP threads;
+    ``build/upstream-default``, built on first use), or ``same``, from mtp_cy's own build tree
+    (ggml thread pools, no OpenMP, like mtp_cy).  ``$MTP_CY_UPSTREAM_BIN`` overrides both."""
     sys.path.insert(0, str(ROOT / "vendor"))
     import native_build
-    path = native_build.upstream_program(name, ROOT)
+    if build == "openmp" and not os.environ.get("MTP_CY_UPSTREAM_BIN"):
+        path = native_build.upstream_default_program(name, ROOT)
+    else:
+        path = native_build.upstream_program(name, ROOT)
     if path is None:
         sys.exit(f"upstream's {name} not found: set MTP_CY_UPSTREAM_BIN to a directory holding it, or build "
                  f"mtp_cy from a checkout first (pip install -e . or python setup.py build_ext --inplace)")
@@ -201,6 +208,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--skip-upstream", action="store_true", help="only mtp_cy (no native comparison)")
+    ap.add_argument("--native", choices=("openmp", "same"), default="openmp",
+                    help="upstream's programs built as upstream builds them by default, with OpenMP "
+                         "(default), or from mtp_cy's own build (ggml thread pools)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
     configs = parse_configs(args.configs)
@@ -209,7 +219,9 @@ def main():
           f"median of {args.repeats} interleaved repeats; command: {' '.join(sys.argv)}")
     spec = comp = None
     if not args.skip_upstream:
-        spec, comp = upstream_bin("llama-speculative-simple"), upstream_bin("llama-completion")
+        spec, comp = (upstream_bin("llama-speculative-simple", args.native),
+                      upstream_bin("llama-completion", args.native))
+        print(f"# native programs: {spec.parent} ({'OpenMP, upstream default build' if args.native == 'openmp' else 'mtp_cy build, ggml thread pools'})")
     results = [bench_model(m.strip(), args, configs, spec, comp) for m in args.models.split(",") if m.strip()]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

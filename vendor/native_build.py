@@ -127,3 +127,26 @@ def upstream_program(name: str, root: Path) -> Optional[Path]:
         build_targets(bdir, [name])
         path = bdir / "bin" / name
     return path if path.is_file() else None
+
+
+def upstream_default_program(name: str, root: Path) -> Optional[Path]:
+    """Upstream's program ``name`` built the way upstream builds it by default, i.e. with
+    OpenMP threading (mtp_cy itself and :func:`upstream_program` use ggml thread pools), in
+    ``root/build/upstream-default`` (configured and built on first use, a few minutes).
+    For benchmarks: the native loop a llama.cpp user runs.  None when it cannot be built."""
+    root = Path(root)
+    bdir = root / "build" / "upstream-default"
+    cmake, ninja = stable_tool("cmake") or "cmake", stable_tool("ninja")
+    if not (bdir / "CMakeCache.txt").is_file():
+        args = [cmake, "-S", str(root / "vendor"), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release",
+                "-DMTP_CY_UPSTREAM_TOOLS=ON", "-DMTP_CY_OPENMP=ON", "-DGGML_NATIVE=ON"]
+        if ninja:
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        if shutil.which("ccache"):
+            args += ["-DGGML_CCACHE=ON"]
+        subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    if ensure_extra_source(bdir, name):
+        subprocess.run([cmake, str(bdir)], check=True, stdout=subprocess.DEVNULL)
+    build_targets(bdir, [name])
+    path = bdir / "bin" / name
+    return path if path.is_file() else None
