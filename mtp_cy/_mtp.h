@@ -33,6 +33,7 @@
 #include "llama.h"
 #include "llama-ext.h"
 #include "sampling.h"
+#include "_policy.h"
 
 struct mtp_cy_drafter {
     llama_context * ctx_tgt = nullptr;
@@ -52,6 +53,8 @@ struct mtp_cy_drafter {
 
     // the last draft: probability of each drafted token (as upstream computes it)
     std::vector<float> probs;
+    llama_token cut_id = -1;    // the token that ended the last draft (p_min / confidence cut)
+    float cut_p = 0.0f;
     // cost of the last catch_up() / draft() call
     int64_t t_catch_up_us = 0;
     int32_t n_catch_up = 0;
@@ -212,10 +215,18 @@ struct mtp_cy_drafter {
     // below p_min (that token is not drafted).  The draft's own entries are
     // removed from the MTP context afterwards (the verified tokens are fed
     // again with the target's rows).  Returns llama_process's code.
-    int draft(llama_token last, llama_pos pos0, int32_t n_max, float p_min, std::vector<llama_token> & out) {
+    //
+    // With `policy` (n_draft="auto"), a token the policy's confidence cut does not
+    // keep also ends the draft.  The token that ended a draft this way (or by
+    // p_min) is kept in cut_id / cut_p (cut_id -1: none), so that the loop can
+    // tell the policy whether the target would have accepted it.
+    int draft(llama_token last, llama_pos pos0, int32_t n_max, float p_min, std::vector<llama_token> & out,
+              const mtp_cy_policy * policy = nullptr) {
         const int64_t t0 = ggml_time_us();
         out.clear();
         probs.clear();
+        cut_id = -1;
+        cut_p = 0.0f;
         n_draft_steps = 0;
         int rc = 0;
         const float * h = row(pos0 - 1);
@@ -237,7 +248,9 @@ struct mtp_cy_drafter {
             const llama_token_data_array * cand = common_sampler_get_candidates(smpl, true);
             const llama_token id = cand->data[0].id;
             const float p = cand->data[0].p;
-            if (p < p_min) {
+            if (p < p_min || (policy && !policy->keeps(p, (int32_t) out.size() + 1 >= n_max))) {
+                cut_id = id;
+                cut_p = p;
                 break;
             }
             common_sampler_accept(smpl, id, true);

@@ -21,8 +21,10 @@ cdef class MTP(_Engine):
       including 0, a plain decoding step -- from what it measures in this
       session (the cost of a draft token, of verifying k+1 tokens, of feeding
       the head, and the acceptance by draft position), to maximise tokens per
-      second; ``n_draft_max`` (1..16, default 4) bounds it.  The output is the same
-      for every setting: only the speed changes.
+      second; ``n_draft_max`` (1..16, default 4) bounds it.  It also calibrates
+      the draft's confidence and stops drafting at a token whose calibrated
+      acceptance does not pay for itself (a learned, priced ``p_min``).  The
+      output is the same for every setting: only the speed changes.
     * ``p_min``: drafting stops at the first draft token whose probability
       (as the MTP head's top-10 sampler computes it, upstream's
       ``--spec-draft-p-min``) is below it; 0.0 (default) never stops early.
@@ -193,6 +195,17 @@ cdef class MTP(_Engine):
             "sample_us": round(self.policy.s_us, 1),
             "acceptance_by_position": {k: round(self.policy.accept(k), 4) for k in range(1, self.k_max + 1)},
             "expected_tokens_per_sec": {k: round(self.policy.score(k) * 1e6, 1) for k in range(self.k_max + 1)},
+            # the learned draft-confidence cut (a p_min that prices itself): a draft token
+            # whose calibrated acceptance is below the break-even one ends the draft
+            "confidence_cut": {
+                "active": bool(self.policy.cut_active),
+                "p_min": round(self.policy.cut_below(False), 3),
+                "p_min_last": round(self.policy.cut_below(True), 3),
+                "break_even": round(self.policy.tau_mid, 4),
+                "pass_by_position": {k: round(self.policy.pass_(k), 4) for k in range(1, self.k_max + 1)},
+                "calibration": {round(b / 20.0, 2): round(self.policy.calibrated((b + 0.5) / 20.0), 3)
+                                for b in range(20)},
+            },
         }
 
     def reset_policy(self):
@@ -290,7 +303,8 @@ cdef class MTP(_Engine):
                         t_catch = self.drafter.t_catch_up_us
                         n_catch = self.drafter.n_catch_up
                     if rc == 0:
-                        rc = self.drafter.draft(s.last, n_past, k, p_min, s.draft)
+                        rc = self.drafter.draft(s.last, n_past, k, p_min, s.draft,
+                                                self.policy if self.auto else NULL)
                         t_draft = self.drafter.t_draft_us
                         n_steps = self.drafter.n_draft_steps
                 t1 = ggml_time_us()
@@ -307,6 +321,14 @@ cdef class MTP(_Engine):
                     self.drafter.add_rows(n_past, nb, llama_get_embeddings_nextn(self.ctx))
                     ids = common_sampler_sample_and_accept_n(s.smpl, self.ctx, s.draft, False)
                     n_acc = <int>ids.size() - 1
+                    if self.auto and k > 0:
+                        # calibrate the draft's confidence: every drafted token whose
+                        # predecessors were accepted, and the token a cut left out when the
+                        # whole draft before it was (the target's next token is known)
+                        for i in range(min(n_acc + 1, nb - 1)):
+                            self.policy.observe_confidence(self.drafter.probs[i], i < n_acc)
+                        if n_acc == nb - 1 and self.drafter.cut_id >= 0:
+                            self.policy.observe_confidence(self.drafter.cut_p, ids.back() == self.drafter.cut_id)
                     self.toks.push_back(s.last)
                     for i in range(n_acc):
                         self.toks.push_back(ids[i])
@@ -336,7 +358,7 @@ cdef class MTP(_Engine):
         r = self._check_rc(rc, "verifying a draft")
         if r == R_NONE and self.auto:
             self.policy.observe(<int>s.draft.size(), n_acc, <double>(t2 - t1), <double>t_draft, n_steps,
-                                <double>t_catch, n_catch, <double>(t3 - t2))
+                                <double>t_catch, n_catch, <double>(t3 - t2), max(k, 0))
         return r
 
 
@@ -382,14 +404,55 @@ cdef class DraftPolicy:
         return self.p.choose()
 
     def observe(self, int k, int n_accepted, *, double verify_us, double draft_us=0.0, int draft_steps=0,
-                double catch_up_us=0.0, int catch_up_tokens=0, double sample_us=0.0):
+                double catch_up_us=0.0, int catch_up_tokens=0, double sample_us=0.0, k_chosen=None):
         """Feed what one iteration measured: ``k`` tokens drafted (and verified with the
         last one: ``k + 1`` target tokens in ``verify_us``), ``n_accepted`` of them
         accepted, ``draft_steps`` MTP-head decodes in ``draft_us``, a catch-up of
-        ``catch_up_tokens`` in ``catch_up_us``, sampling in ``sample_us``."""
+        ``catch_up_tokens`` in ``catch_up_us``, sampling in ``sample_us``.  ``k_chosen``:
+        the length asked for, when a confidence cut (or ``p_min``) drafted fewer (``k``)."""
         if k < 0 or k > self.p.KMAX or n_accepted < 0 or n_accepted > k:
             raise ValueError(f"need 0 <= n_accepted <= k <= {self.p.KMAX}, got k={k}, n_accepted={n_accepted}")
-        self.p.observe(k, n_accepted, verify_us, draft_us, draft_steps, catch_up_us, catch_up_tokens, sample_us)
+        cdef int kc = -1
+        if k_chosen is not None:
+            kc = _as_int("k_chosen", k_chosen, k, self.p.KMAX)
+        self.p.observe(k, n_accepted, verify_us, draft_us, draft_steps, catch_up_us, catch_up_tokens, sample_us, kc)
+
+    def observe_confidence(self, double p, bint accepted):
+        """Feed the calibration of the draft's confidence: a draft token of probability
+        ``p`` was (or, left out by the cut, would have been) ``accepted`` or not."""
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p!r}")
+        self.p.observe_confidence(p, accepted)
+
+    def calibrated(self, double p):
+        """The estimated probability that a draft token of probability ``p`` is accepted."""
+        return self.p.calibrated(p)
+
+    def keeps(self, double p, bint last=False):
+        """Whether the cut in force drafts a token of probability ``p`` (``last``: the
+        draft's last token, which does not pay for drafting another)."""
+        return self.p.keeps(p, last)
+
+    @property
+    def cut_active(self):
+        """Whether the last decision drafts under the learned confidence cut (not during
+        the first measurements)."""
+        return self.p.cut_active
+
+    @property
+    def cut_below(self):
+        """The cut in force as a ``p_min``: a draft token below it ends the draft."""
+        return self.p.cut_below(False)
+
+    @property
+    def break_even(self):
+        """The acceptance a draft token needs to pay for itself at the current rate."""
+        return self.p.tau_mid
+
+    def pass_rate(self, int position):
+        """Estimated probability that draft ``position`` survives the cut when the ones
+        before it did."""
+        return self.p.pass_(position)
 
     def reset(self):
         """Forget everything learned."""

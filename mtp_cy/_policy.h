@@ -29,6 +29,23 @@
 // doubles while drafting keeps losing (up to `max_gap` iterations), so it
 // never locks itself into "off".
 //
+// The draft's confidence: the head's probability p of each draft token says
+// how likely the target is to accept it.  The policy keeps a calibration,
+// q(p) = P(accepted | p) in NB buckets of p (decayed counts, prior q = p), fed
+// by every drafted token whose predecessors were accepted and, for free, by
+// the first token a cut left out when the whole draft before it was accepted
+// (the target's next token says whether it would have been accepted).  While
+// drafting, a token is left out -- and drafting stops -- when q(p) is below
+// the break-even acceptance of one more token at the current rate,
+//   tau = (dV + D) * R(best)       (dV when it would be the last token),
+// with dV the marginal cost of verifying one more token: upstream's `p_min`,
+// learned and priced.  The cut changes how many tokens are drafted, so the
+// scores above use the measured pass rates u_j (P(token j survives the cut |
+// 1..j-1 did)): k * D becomes the expected head decodes and V(k+1) the
+// verification of the expected drafted tokens; a_j counts a cut token as not
+// accepted.  The cut applies from the end of the first measurements on, to
+// probes as well (a probe measures drafting as it would be done).
+//
 // The policy only chooses the *length*: every choice keeps the output exactly
 // that of plain decoding (the target verifies every draft).  It is plain C++
 // with no llama.cpp dependency, so its unit tests feed it synthetic traces.
@@ -92,6 +109,15 @@ struct mtp_cy_policy {
     // catch-up cost: weighted least squares of t = cf + cp * m with forgetting
     double c_w, c_m, c_mm, c_t, c_mt;                int64_t c_n;
     double hits[KMAX + 1], tries[KMAX + 1];          // decayed acceptance counts by position
+    double u_hits[KMAX + 1], u_tries[KMAX + 1];      // decayed pass-the-cut counts by position
+    // confidence calibration: decayed counts of accepted draft tokens by bucket of p
+    static const int NB = 20;
+    double cal_hits[NB], cal_tries[NB];
+    double cal_decay = 0.98;  // per observation of a bucket
+    double cal_prior_w = 2.0; // weight of the prior q = p (pseudo-observations)
+    bool   keep_mid[NB], keep_last[NB];   // the cut in force: draft a token of this bucket?
+    bool   cut_active;                    // false while the first measurements are taken
+    double tau_mid, tau_last;             // break-even acceptances behind keep_*
 
     // decisions
     int64_t iter;
@@ -123,6 +149,14 @@ struct mtp_cy_policy {
         c_w = c_m = c_mm = c_t = c_mt = 0.0; c_n = 0;
         std::fill(hits, hits + KMAX + 1, 0.0);
         std::fill(tries, tries + KMAX + 1, 0.0);
+        std::fill(u_hits, u_hits + KMAX + 1, 0.0);
+        std::fill(u_tries, u_tries + KMAX + 1, 0.0);
+        std::fill(cal_hits, cal_hits + NB, 0.0);
+        std::fill(cal_tries, cal_tries + NB, 0.0);
+        std::fill(keep_mid, keep_mid + NB, true);
+        std::fill(keep_last, keep_last + NB, true);
+        cut_active = false;
+        tau_mid = tau_last = 0.0;
         iter = 0;
         std::fill(chosen, chosen + KMAX + 1, (int64_t) 0);
         last_k = -1;
@@ -153,6 +187,49 @@ struct mtp_cy_policy {
             e += run;
         }
         return e;
+    }
+
+    // probability that draft token j survives the cut given that 1..j-1 did (prior 1)
+    double pass(int j) const {
+        return (u_hits[j] + prior_w) / (u_tries[j] + prior_w);
+    }
+
+    // expected head decodes and drafted tokens when k is chosen
+    void expected_draft(int k, double & heads, double & drafted) const {
+        heads = drafted = 0.0;
+        double run = 1.0;
+        for (int j = 1; j <= k; ++j) {
+            heads += run;          // token j is decoded when 1..j-1 survived
+            run *= pass(j);
+            drafted += run;
+        }
+    }
+
+    static int bucket(double p) {
+        const int b = (int) (p * NB);
+        return b < 0 ? 0 : (b >= NB ? NB - 1 : b);
+    }
+
+    // calibrated probability that a draft token of probability p is accepted
+    double calibrated(double p) const {
+        const int b = bucket(p);
+        const double prior = (b + 0.5) / NB;
+        return (cal_hits[b] + cal_prior_w * prior) / (cal_tries[b] + cal_prior_w);
+    }
+
+    // may a draft token of probability p be drafted now (last: it would end the draft)?
+    bool keeps(double p, bool last) const {
+        return (last ? keep_last : keep_mid)[bucket(p)];
+    }
+
+    // the lowest p from which every bucket up is kept (the cut as a p_min)
+    double cut_below(bool last) const {
+        const bool * keep = last ? keep_last : keep_mid;
+        int b = NB;
+        while (b > 0 && keep[b - 1]) {
+            --b;
+        }
+        return (double) b / NB;
     }
 
     // cost of a target decode of n tokens
@@ -194,14 +271,50 @@ struct mtp_cy_policy {
         }
     }
 
+    // verify cost of a fractional (expected) number of tokens
+    double verify_cost_f(double n) const {
+        const int lo = std::max(1, std::min((int) std::floor(n), KMAX + 1));
+        const int hi = std::min(lo + 1, KMAX + 1);
+        const double f = std::max(0.0, std::min(1.0, n - lo));
+        return verify_cost(lo) * (1.0 - f) + (hi > lo ? verify_cost(hi) * f : 0.0);
+    }
+
     double cost(int k) const {
-        double t = verify_cost(k + 1) + s_us;
-        if (k > 0) {
-            double cf, cp;
-            catch_up_fit(cf, cp);
-            t += (double) k * d_us + cf + cp * expected_tokens(k);
+        if (k <= 0) {
+            return verify_cost(1) + s_us;
         }
-        return t;
+        double heads, drafted, cf, cp;
+        expected_draft(k, heads, drafted);
+        catch_up_fit(cf, cp);
+        return verify_cost_f(1.0 + drafted) + s_us + heads * d_us + cf + cp * expected_tokens(k);
+    }
+
+    // the cut for the next draft: a token is drafted when its calibrated acceptance
+    // pays for verifying it (and, unless it is the last, for drafting the next one)
+    void set_cut(bool active, int k) {
+        cut_active = active && k > 0 && d_n > 0;
+        if (!cut_active) {
+            std::fill(keep_mid, keep_mid + NB, true);
+            std::fill(keep_last, keep_last + NB, true);
+            tau_mid = tau_last = 0.0;
+            return;
+        }
+        const double rate = score(best > 0 ? best : k);                 // tokens per microsecond
+        const double dv = std::max(0.0, (verify_cost(k + 1) - verify_cost(1)) / (double) k);
+        tau_last = dv * rate;
+        tau_mid = (dv + d_us) * rate;
+        for (int b = 0; b < NB; ++b) {
+            const double q = calibrated((b + 0.5) / NB);
+            keep_mid[b] = q >= tau_mid;
+            keep_last[b] = q >= tau_last;
+        }
+    }
+
+    // a draft token of probability p was (or would have been) accepted or not
+    void observe_confidence(double p, bool accepted) {
+        const int b = bucket(p);
+        cal_hits[b] = cal_hits[b] * cal_decay + (accepted ? 1.0 : 0.0);
+        cal_tries[b] = cal_tries[b] * cal_decay + 1.0;
     }
 
     double score(int k) const {
@@ -285,6 +398,7 @@ struct mtp_cy_policy {
                 next_explore = iter + explore_every;
             }
         }
+        set_cut(iter >= 2 * k_max + 3, k);
         last_k = k;
         last_seen[k] = iter;
         chosen[k]++;
@@ -296,9 +410,14 @@ struct mtp_cy_policy {
     // chosen), n_acc of them accepted, the target decoded k+1 tokens in t_verify_us;
     // the draft took t_draft_us for n_draft_steps head decodes; the catch-up fed
     // n_catch_up tokens in t_catch_up_us; sampling took t_sample_us.
+    //
+    // k_chosen: the length asked of the drafter (-1: k, nothing cut); when fewer were
+    // drafted, the draft was cut at token k + 1 (by the confidence cut or p_min).
     void observe(int k, int n_acc, double t_verify_us, double t_draft_us, int n_draft_steps,
-                 double t_catch_up_us, int n_catch_up, double t_sample_us) {
+                 double t_catch_up_us, int n_catch_up, double t_sample_us, int k_chosen = -1) {
         k = std::max(0, std::min(k, (int) KMAX));
+        k_chosen = k_chosen < 0 ? k : std::max(k, std::min(k_chosen, (int) KMAX));
+        const bool cut = k_chosen > k;
         sample(v_med[k + 1], v_us[k + 1], v_n[k + 1], t_verify_us);
         sample(s_med, s_us, s_n, t_sample_us);
         if (n_draft_steps > 0) {
@@ -319,9 +438,18 @@ struct mtp_cy_policy {
             c_mt = c_mt * f + (double) n_catch_up * t_catch_up_us;
             ++c_n;
         }
-        for (int j = 1; j <= k && j <= n_acc + 1; ++j) {
+        // acceptance by position: a cut token counts as not accepted
+        const int last_j = cut ? k + 1 : k;
+        for (int j = 1; j <= last_j && j <= n_acc + 1; ++j) {
             hits[j] = hits[j] * decay + (j <= n_acc ? 1.0 : 0.0);
             tries[j] = tries[j] * decay + 1.0;
+        }
+        // pass rates (the iterations that drafted under a cut, p_min or the learned one)
+        if (cut || cut_active) {
+            for (int j = 1; j <= last_j; ++j) {
+                u_hits[j] = u_hits[j] * decay + (j <= k ? 1.0 : 0.0);
+                u_tries[j] = u_tries[j] * decay + 1.0;
+            }
         }
     }
 };

@@ -85,3 +85,27 @@ def test_bad_auto_options(mtp_model):
     # a verification batch of n_draft_max + 1 tokens must fit one ubatch
     with pytest.raises(ValueError, match=r"n_draft \+ 2 = 10"):
         mtp_cy.MTP(mtp_model, n_draft="auto", n_draft_max=8, n_ubatch=6)
+
+
+@pytest.mark.parametrize("k_max", [2, 4])
+def test_auto_learns_the_drafts_confidence(synthetic, k_max):
+    """On a model whose MTP head is unsure exactly where it is wrong, auto calibrates the
+    draft's confidence (wrong drafts are never accepted, sure ones are) and stays lossless
+    whatever cut that makes it draft under."""
+    sm = synthetic.cached_model(acceptance=0.75, draft_confidence=0.58)
+    unsure, sure = min(sm.draft_p.values()), max(sm.draft_p.values())
+    assert unsure < 0.6 < 0.99 < sure
+    with mtp_cy.Model(sm.path) as model, mtp_cy.Session(model, n_ctx=512) as plain, \
+            mtp_cy.MTP(model, n_draft="auto", n_draft_max=k_max, n_ctx=512) as m:
+        for i, n in enumerate((3, 1, 9)):
+            p = prompt_of(sm, n, start=5 * i)
+            assert m.generate(p, max_tokens=80, temp=0) == plain.generate(p, max_tokens=80, temp=0)
+        cut = m.stats()["policy"]["confidence_cut"]
+        cal = cut["calibration"]
+        assert set(cal) == {round(b / 20, 2) for b in range(20)}
+        bucket = lambda p: round(min(int(p * 20), 19) / 20, 2)  # noqa: E731
+        prior = lambda p: (min(int(p * 20), 19) + 0.5) / 20     # noqa: E731
+        assert cal[bucket(unsure)] < prior(unsure) - 0.1        # learned: unsure drafts fail
+        assert cal[bucket(sure)] > prior(sure)                  # ... sure ones are accepted
+        assert isinstance(cut["active"], bool) and 0.0 <= cut["p_min"] <= 1.0
+        assert cut["break_even"] >= 0.0 and set(cut["pass_by_position"]) == set(range(1, k_max + 1))

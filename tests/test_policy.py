@@ -215,3 +215,110 @@ def test_estimates_and_validation():
         p.observe(2, 3, verify_us=1.0)
     p.reset()
     assert p.iterations == 0 and p.best == -1
+
+
+# ------------------------------------------------------------------ the draft's confidence
+
+class FixedCut(Fixed):
+    """A fixed draft length (with p_min, as a baseline): keeps every token the p_min keeps."""
+
+    def keeps(self, p, last=False):
+        return True
+
+
+def simulate_conf(policy, hw, iterations, p_right, p_wrong, p_min=0.0, lag_window=256):
+    """The loop with the draft's confidence: a right draft token has probability ``p_right``,
+    a wrong one ``p_wrong`` (a token after a wrong one is never accepted; the head is sure
+    of it, the worst case for a cut).  Drafting stops at the first token below ``p_min`` or
+    that the policy's cut does not keep, as in mtp_cy_drafter::draft; the calibration is fed
+    as the MTP loop feeds it.  Returns (tokens, microseconds, choices)."""
+    tokens, total, lag, choices = 0, 0.0, 0, []
+    for _ in range(iterations):
+        k = policy.choose()
+        choices.append(k)
+        t_catch, n_catch = 0.0, 0
+        if k > 0 and lag > 0:
+            n_catch = min(lag, lag_window)
+            t_catch = hw.jitter(hw.cf + hw.cp * n_catch)
+            lag = 0
+        drafted, cut, heads, wrong_seen = [], None, 0, False
+        for j in range(1, k + 1):
+            heads += 1
+            right = not wrong_seen and hw.rng.random() < hw.a(j)
+            p = p_wrong if not right and not wrong_seen else p_right   # sure again after a miss
+            wrong_seen = wrong_seen or not right
+            if p < p_min or not policy.keeps(p, last=j == k):
+                cut = (p, right)
+                break
+            drafted.append((p, right))
+        n_acc = 0
+        while n_acc < len(drafted) and drafted[n_acc][1]:
+            n_acc += 1
+        t_draft = hw.jitter(heads * hw.d) if heads else 0.0
+        t_verify = hw.jitter(hw.verify(len(drafted) + 1))
+        t_sample = hw.jitter(hw.sample)
+        if hasattr(policy, "observe_confidence") and k > 0:
+            for i in range(min(n_acc + 1, len(drafted))):
+                policy.observe_confidence(drafted[i][0], i < n_acc)
+            if n_acc == len(drafted) and cut is not None:
+                policy.observe_confidence(cut[0], cut[1])
+        policy.observe(len(drafted), n_acc, verify_us=t_verify, draft_us=t_draft, draft_steps=heads,
+                       catch_up_us=t_catch, catch_up_tokens=n_catch, sample_us=t_sample, k_chosen=k)
+        lag += 1 + n_acc
+        tokens += 1 + n_acc
+        total += t_catch + t_draft + t_verify + t_sample
+    return tokens, total, choices
+
+
+def realised_conf(hw, policy, p_right, p_wrong, p_min=0.0, warm=300, measure=3000):
+    simulate_conf(policy, hw, warm, p_right, p_wrong, p_min)
+    tokens, us, choices = simulate_conf(policy, hw, measure, p_right, p_wrong, p_min)
+    return tokens / us * 1e6, choices
+
+
+def best_fixed_conf(make_hw, k_max, p_right, p_wrong, p_mins=(0.0, 0.5, 0.8)):
+    return max(realised_conf(make_hw(), FixedCut(k), p_right, p_wrong, pm)[0]
+               for k in range(k_max + 1) for pm in p_mins)
+
+
+@pytest.mark.parametrize("shape", ["dense-memory-bound", "quantized", "gpu", "tiny-cpu"])
+@pytest.mark.parametrize("p_right, p_wrong", [(0.99, 0.58), (0.7, 0.7), (0.58, 0.99)],
+                         ids=["informative", "uninformative", "misleading"])
+def test_auto_with_confidence_is_close_to_the_best_fixed_setting(shape, p_right, p_wrong):
+    """With the draft's confidence, auto competes with every fixed (n_draft, p_min) setting:
+    informative (upstream's p_min 0.8 cuts every wrong draft), uninformative and misleading
+    confidence (a fixed p_min only hurts; the calibration learns to ignore it)."""
+    make_hw = lambda: Hardware(**SHAPES[shape], seed=11)  # noqa: E731
+    got, choices = realised_conf(make_hw(), DraftPolicy(4), p_right, p_wrong)
+    best = best_fixed_conf(make_hw, 4, p_right, p_wrong)
+    assert got >= 0.96 * best, (shape, got, best, {k: choices.count(k) for k in range(5)})
+    assert got >= 0.98 * realised_conf(make_hw(), FixedCut(0), p_right, p_wrong)[0]
+
+
+def test_the_cut_is_learned_and_priced():
+    hw = Hardware(**SHAPES["dense-memory-bound"], noise=0.0, seed=12)
+    p = DraftPolicy(4)
+    # the prior: a draft token of probability p is accepted with probability ~p
+    assert p.calibrated(0.58) == pytest.approx(0.575) and p.calibrated(0.99) == pytest.approx(0.975)
+    assert not p.cut_active and p.keeps(0.01) and p.cut_below == 0.0
+    simulate_conf(p, hw, 400, 0.99, 0.58)
+    # wrong drafts (0.58) are never accepted, right ones (0.99) always: the cut separates them
+    assert p.calibrated(0.58) < 0.05 and p.calibrated(0.99) > 0.95
+    assert p.best == 4 and p.cut_active
+    assert not p.keeps(0.58) and p.keeps(0.99) and p.keeps(0.99, last=True)
+    assert 0.58 < p.cut_below <= 0.99
+    # the break-even acceptance: verifying and drafting one more token at the current rate
+    # (noise-free costs: the marginal verification is hw.v_slope, a draft token hw.d)
+    rate = p.tokens_per_second(p.best) / 1e6
+    assert p.break_even == pytest.approx((hw.v_slope + hw.d) * rate, rel=0.02)
+    # with the cut, almost every drafted token is accepted: the acceptance by position is high
+    assert p.acceptance(1) > 0.6 and p.pass_rate(1) < 0.9
+
+
+def test_confidence_validation():
+    p = DraftPolicy(4)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError):
+            p.observe_confidence(bad, True)
+    with pytest.raises(ValueError):
+        p.observe(2, 1, verify_us=1.0, k_chosen=1)     # fewer asked for than drafted

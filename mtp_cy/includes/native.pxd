@@ -54,32 +54,6 @@ cdef extern from "_native.h" nogil:
     void mtp_cy_threadpool_pause(ggml_threadpool_t tp)
 
 
-cdef extern from "_mtp.h" nogil:
-    cdef cppclass mtp_cy_drafter:
-        int32_t n_embd
-        llama_pos m
-        llama_pos r0
-        vector[float] probs
-        int64_t t_catch_up_us
-        int32_t n_catch_up
-        int64_t t_draft_us
-        int32_t n_draft_steps
-        void init(llama_context * tgt, llama_context * dft) except +
-        void release()
-        void reset()
-        llama_pos n_rows()
-        llama_pos rows_end()
-        const float * row(llama_pos p)
-        void add_rows(llama_pos pos0, int32_t n, const float * h) except +
-        void set_row(llama_pos p, const float * h) except +
-        void truncate(llama_pos c) except +
-        void skip_to(llama_pos p) except +
-        cbool can_reach(llama_pos upto)
-        int catch_up(const llama_token * toks, llama_pos upto) except +
-        int draft(llama_token last, llama_pos pos0, int32_t n_max, float p_min,
-                  vector[llama_token] & out) except +
-
-
 cdef extern from "_policy.h" nogil:
     cdef cppclass mtp_cy_policy:
         int KMAX
@@ -115,7 +89,46 @@ cdef extern from "_policy.h" nogil:
         double score(int k)
         int choose()
         void observe(int k, int n_acc, double t_verify_us, double t_draft_us, int n_draft_steps,
-                     double t_catch_up_us, int n_catch_up, double t_sample_us)
+                     double t_catch_up_us, int n_catch_up, double t_sample_us, int k_chosen)
+        # the confidence cut
+        int NB
+        cbool cut_active
+        double tau_mid
+        double tau_last
+        double pass_ "pass"(int j)
+        double calibrated(double p)
+        cbool keeps(double p, cbool last)
+        double cut_below(cbool last)
+        void set_cut(cbool active, int k)
+        void observe_confidence(double p, cbool accepted)
+
+
+cdef extern from "_mtp.h" nogil:
+    cdef cppclass mtp_cy_drafter:
+        int32_t n_embd
+        llama_pos m
+        llama_pos r0
+        vector[float] probs
+        llama_token cut_id
+        float cut_p
+        int64_t t_catch_up_us
+        int32_t n_catch_up
+        int64_t t_draft_us
+        int32_t n_draft_steps
+        void init(llama_context * tgt, llama_context * dft) except +
+        void release()
+        void reset()
+        llama_pos n_rows()
+        llama_pos rows_end()
+        const float * row(llama_pos p)
+        void add_rows(llama_pos pos0, int32_t n, const float * h) except +
+        void set_row(llama_pos p, const float * h) except +
+        void truncate(llama_pos c) except +
+        void skip_to(llama_pos p) except +
+        cbool can_reach(llama_pos upto)
+        int catch_up(const llama_token * toks, llama_pos upto) except +
+        int draft(llama_token last, llama_pos pos0, int32_t n_max, float p_min,
+                  vector[llama_token] & out, const mtp_cy_policy * policy) except +
 
 
 cdef extern from "_cache.h" nogil:
