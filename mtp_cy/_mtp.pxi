@@ -436,7 +436,7 @@ cdef class DraftPolicy:
     @property
     def cut_active(self):
         """Whether the last decision drafts under the learned confidence cut (not during
-        the first measurements)."""
+        the first measuring pass)."""
         return self.p.cut_active
 
     @property

@@ -43,8 +43,9 @@
 // scores above use the measured pass rates u_j (P(token j survives the cut |
 // 1..j-1 did)): k * D becomes the expected head decodes and V(k+1) the
 // verification of the expected drafted tokens; a_j counts a cut token as not
-// accepted.  The cut applies from the end of the first measurements on, to
-// probes as well (a probe measures drafting as it would be done).
+// accepted.  The cut applies from the second measuring pass on (the first one
+// feeds the calibration), to probes as well (a probe measures drafting as it
+// would be done).
 //
 // The policy only chooses the *length*: every choice keeps the output exactly
 // that of plain decoding (the target verifies every draft).  It is plain C++
@@ -116,7 +117,7 @@ struct mtp_cy_policy {
     double cal_decay = 0.98;  // per observation of a bucket
     double cal_prior_w = 2.0; // weight of the prior q = p (pseudo-observations)
     bool   keep_mid[NB], keep_last[NB];   // the cut in force: draft a token of this bucket?
-    bool   cut_active;                    // false while the first measurements are taken
+    bool   cut_active;                    // false during the first measuring pass
     double tau_mid, tau_last;             // break-even acceptances behind keep_*
 
     // decisions
@@ -398,7 +399,7 @@ struct mtp_cy_policy {
                 next_explore = iter + explore_every;
             }
         }
-        set_cut(iter >= 2 * k_max + 3, k);
+        set_cut(iter >= k_max + 2, k);   // from the second measuring pass on
         last_k = k;
         last_seen[k] = iter;
         chosen[k]++;

@@ -322,3 +322,16 @@ def test_confidence_validation():
             p.observe_confidence(bad, True)
     with pytest.raises(ValueError):
         p.observe(2, 1, verify_us=1.0, k_chosen=1)     # fewer asked for than drafted
+
+
+def test_a_cut_that_makes_drafting_pay_is_found_within_a_short_reply():
+    """A quantized MoE model on a CPU: drafting loses without a cut (0.8x plain) and wins with
+    upstream's p_min 0.8 (about 1.08x).  Auto drafts under its cut from its second measuring
+    pass on, so within 300 iterations (a reply of a few hundred tokens) it is close to the best
+    fixed setting instead of settling for plain decoding."""
+    moe_q4 = dict(v1=35500.0, v_slope=13600.0, d=12400.0, accept=0.75, cf=1000.0, cp=500.0, sample=300.0)
+    make_hw = lambda: Hardware(**moe_q4, seed=11)  # noqa: E731
+    got, choices = realised_conf(make_hw(), DraftPolicy(4), 0.99, 0.58, warm=0, measure=300)
+    plain = realised_conf(make_hw(), FixedCut(0), 0.99, 0.58, warm=0, measure=300)[0]
+    best = best_fixed_conf(make_hw, 4, 0.99, 0.58)
+    assert got >= 0.96 * best and got >= 1.04 * plain, (got, best, plain, {k: choices.count(k) for k in range(5)})
