@@ -148,9 +148,11 @@ def test_quantize(tmp_path, arch):
 
 def test_quantized_make_and_cache(tmp_path, private_cache):
     need_quantize()
-    m = syn.make_model(tmp_path / "q.gguf", size=SMALL, dtype="q8_0", layout="sidecar")
+    out = tmp_path / "models"          # (tmp_path also holds the private cache)
+    out.mkdir()
+    m = syn.make_model(out / "q.gguf", size=SMALL, dtype="q8_0", layout="sidecar")
     assert m.dtype == "q8_0" and m.mtp_path.is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mtp-q.gguf", "q.gguf"]     # no leftovers
+    assert sorted(p.name for p in out.iterdir()) == ["mtp-q.gguf", "q.gguf"]     # no leftovers
     assert gguf_tensor_types(m.mtp_path)["output.weight"] == GGML_Q8_0
     a = syn.cached_model(size=SMALL, dtype="q4_k_m")
     assert a.dtype == "q4_k_m" and syn.cached_model(size=SMALL, dtype="q4_k_m").path == a.path
