@@ -48,6 +48,24 @@ def mtp_model(mtp_sm):
     m.close()
 
 
+def make_engine(kind, model, n_draft=3, **kw):
+    """A ``Session`` (``kind="session"``) or an ``MTP`` drafting ``n_draft`` (``kind="mtp"``)
+    on ``model`` with the context options ``kw``."""
+    import mtp_cy
+    if kind == "mtp":
+        return mtp_cy.MTP(model, n_draft=n_draft, **kw)
+    return mtp_cy.Session(model, **kw)
+
+
+@pytest.fixture(scope="module", params=["session", "mtp"])
+def engine(request, mtp_model):
+    """``(kind, engine)``: a Session and an MTP (n_draft 3) on the MTP model, n_ctx 256, one
+    thread, one of each per module (modules with other needs define their own)."""
+    e = make_engine(request.param, mtp_model, n_ctx=256, n_threads=1)
+    yield request.param, e
+    e.close()
+
+
 def prompt_of(sm, n=3, start=0):
     """A prompt of n words of the synthetic model's word set."""
     return [sm.token_ids[(start + i) % len(sm.token_ids)] for i in range(n)]

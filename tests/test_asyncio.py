@@ -8,16 +8,14 @@ import time
 import pytest
 
 import mtp_cy
-from conftest import prompt_of
+from conftest import make_engine, prompt_of
 
 N_DRAFT = 3
 
 
 def make(kind, model, **kw):
     kw.setdefault("n_threads", 1)
-    if kind == "session":
-        return mtp_cy.Session(model, **kw)
-    return mtp_cy.MTP(model, n_draft=N_DRAFT, **kw)
+    return make_engine(kind, model, n_draft=N_DRAFT, **kw)
 
 
 def want_of(kind, sm, p, max_tokens, n_ctx):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import mtp_cy
+from conftest import make_engine
 from mtp_cy import synthetic as synth
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -266,10 +267,7 @@ def test_closed_model(qwen_sm):
 
 @pytest.fixture(scope="module", params=["session", "mtp"])
 def engine(request, qwen_model):
-    if request.param == "session":
-        e = mtp_cy.Session(qwen_model, n_ctx=512, n_threads=1)
-    else:
-        e = mtp_cy.MTP(qwen_model, n_draft=3, n_ctx=512, n_threads=1)
+    e = make_engine(request.param, qwen_model, n_ctx=512, n_threads=1)
     yield request.param, e
     e.close()
 

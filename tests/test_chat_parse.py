@@ -13,6 +13,7 @@ import json
 import pytest
 
 import mtp_cy
+from conftest import make_engine
 from test_chat import TOOLS, qwen35_jinja
 
 USER = [{"role": "user", "content": "Weather in Paris?"}]
@@ -35,8 +36,7 @@ def qwen(synthetic):
 
 @pytest.fixture(scope="module")
 def engines(qwen):
-    d = {"session": mtp_cy.Session(qwen, n_ctx=1024, n_threads=1),
-         "mtp": mtp_cy.MTP(qwen, n_draft=3, n_ctx=1024, n_threads=1)}
+    d = {kind: make_engine(kind, qwen, n_ctx=1024, n_threads=1) for kind in ("session", "mtp")}
     yield d
     for e in d.values():
         e.close()

@@ -18,16 +18,6 @@ COUNTERS = ("iters", "drafts_generated", "drafts_accepted", "tokens_emitted", "c
 N_CTX = 256
 
 
-@pytest.fixture(scope="module", params=["session", "mtp"])
-def engine(request, mtp_model):
-    if request.param == "session":
-        e = mtp_cy.Session(mtp_model, n_ctx=N_CTX, n_threads=1)
-    else:
-        e = mtp_cy.MTP(mtp_model, n_draft=3, n_ctx=N_CTX, n_threads=1)
-    yield request.param, e
-    e.close()
-
-
 def oracle(kind, sm, prompt, max_tokens, n_ctx=N_CTX):
     if kind == "session":
         return sm.greedy(prompt, max_tokens)

@@ -8,14 +8,6 @@ import mtp_cy
 from conftest import prompt_of
 
 
-@pytest.fixture(scope="module", params=["session", "mtp"])
-def engine(request, mtp_model):
-    e = (mtp_cy.Session(mtp_model, n_ctx=256, n_threads=1) if request.param == "session"
-         else mtp_cy.MTP(mtp_model, n_draft=3, n_ctx=256, n_threads=1))
-    yield request.param, e
-    e.close()
-
-
 def test_closed_error_is_not_a_value_error(mtp_model, mtp_sm):
     assert issubclass(mtp_cy.ClosedError, mtp_cy.MTPError)
     assert issubclass(mtp_cy.ClosedError, RuntimeError)

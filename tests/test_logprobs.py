@@ -21,16 +21,6 @@ from conftest import prompt_of
 N_CTX = 256
 
 
-@pytest.fixture(scope="module", params=["session", "mtp"])
-def engine(request, mtp_model):
-    if request.param == "session":
-        e = mtp_cy.Session(mtp_model, n_ctx=N_CTX, n_threads=1)
-    else:
-        e = mtp_cy.MTP(mtp_model, n_draft=3, n_ctx=N_CTX, n_threads=1)
-    yield request.param, e
-    e.close()
-
-
 def greedy_logprob(sm, c):
     W, V = sm.n_words, sm.n_vocab
     return -math.log(1 + math.exp(-2 * c) + (W - 2) * math.exp(-20 * c) + math.exp(-60 * c)

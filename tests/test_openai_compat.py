@@ -15,7 +15,7 @@ import time
 import pytest
 
 import mtp_cy
-from conftest import prompt_of
+from conftest import make_engine, prompt_of
 from test_chat import TOOLS, qwen35_jinja
 
 openai = pytest.importorskip("openai")
@@ -36,20 +36,11 @@ def gbnf(text):
     return "root ::= " + json.dumps(text)
 
 
-@pytest.fixture(scope="module", params=["session", "mtp"])
-def engine(request, mtp_model):
-    e = (mtp_cy.Session(mtp_model, n_ctx=256, n_threads=1) if request.param == "session"
-         else mtp_cy.MTP(mtp_model, n_draft=3, n_ctx=256, n_threads=1))
-    yield request.param, e
-    e.close()
-
-
 @pytest.fixture(scope="module")
 def qwen_engines(synthetic):
     sm = synthetic.cached_model(mtp=True, vocab="qwen35", chat_template=qwen35_jinja())
     with mtp_cy.Model(sm.path) as m:
-        d = {"session": mtp_cy.Session(m, n_ctx=1024, n_threads=1),
-             "mtp": mtp_cy.MTP(m, n_draft=3, n_ctx=1024, n_threads=1)}
+        d = {kind: make_engine(kind, m, n_ctx=1024, n_threads=1) for kind in ("session", "mtp")}
         yield d
         for e in d.values():
             e.close()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import mtp_cy
-from conftest import prompt_of
+from conftest import make_engine, prompt_of
 
 COUNTERS = ("iters", "drafts_generated", "drafts_accepted", "tokens_emitted")
 KINDS = ["session", "mtp"]
@@ -18,10 +18,7 @@ KINDS = ["session", "mtp"]
 
 def make(kind, model, **kw):
     kw.setdefault("n_ctx", 512)
-    if kind == "mtp":
-        return mtp_cy.MTP(model, n_draft=kw.pop("n_draft", 3), **kw)
-    kw.pop("n_draft", None)
-    return mtp_cy.Session(model, **kw)
+    return make_engine(kind, model, **kw)
 
 
 def run(engine, prompt, **opts):

@@ -8,7 +8,7 @@ the engine's (brute force over the whole text after each token).
 import pytest
 
 import mtp_cy
-from conftest import prompt_of
+from conftest import make_engine, prompt_of
 
 COUNTERS = ("iters", "drafts_generated", "drafts_accepted", "tokens_emitted")
 N_DRAFT = 3
@@ -90,10 +90,7 @@ def counters(engine):
 
 @pytest.fixture(scope="module", params=["session", "mtp"])
 def engine(request, mtp_model):
-    if request.param == "session":
-        e = mtp_cy.Session(mtp_model, n_ctx=N_CTX, n_threads=1)
-    else:
-        e = mtp_cy.MTP(mtp_model, n_draft=N_DRAFT, n_ctx=N_CTX, n_threads=1)
+    e = make_engine(request.param, mtp_model, n_draft=N_DRAFT, n_ctx=N_CTX, n_threads=1)
     yield request.param, e
     e.close()
 
