@@ -121,12 +121,18 @@ def upstream_program(name: str, root: Path) -> Optional[Path]:
         bdir = Path(os.environ.get("MTP_CY_BUILD_DIR", Path(root) / "build" / "native"))
         if not (bdir / "CMakeCache.txt").is_file():
             return None
-        if ensure_extra_source(bdir, name):
-            repair(bdir)
-            subprocess.run([stable_tool("cmake") or "cmake", str(bdir)], check=True, stdout=subprocess.DEVNULL)
-        build_targets(bdir, [name])
-        path = bdir / "bin" / name
+        path = _build_program(bdir, name)
     return path if path.is_file() else None
+
+
+def _build_program(bdir: Path, name: str) -> Path:
+    """Build upstream's program ``name`` in the configured tree ``bdir`` (extracting its
+    source first when the tree lacks it); its path."""
+    if ensure_extra_source(bdir, name):
+        repair(bdir)
+        subprocess.run([stable_tool("cmake") or "cmake", str(bdir)], check=True, stdout=subprocess.DEVNULL)
+    build_targets(bdir, [name])
+    return bdir / "bin" / name
 
 
 def upstream_default_program(name: str, root: Path) -> Optional[Path]:
@@ -142,11 +148,6 @@ def upstream_default_program(name: str, root: Path) -> Optional[Path]:
                 "-DMTP_CY_UPSTREAM_TOOLS=ON", "-DMTP_CY_OPENMP=ON", "-DGGML_NATIVE=ON"]
         if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-        if shutil.which("ccache"):
-            args += ["-DGGML_CCACHE=ON"]
         subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
-    if ensure_extra_source(bdir, name):
-        subprocess.run([cmake, str(bdir)], check=True, stdout=subprocess.DEVNULL)
-    build_targets(bdir, [name])
-    path = bdir / "bin" / name
+    path = _build_program(bdir, name)
     return path if path.is_file() else None
