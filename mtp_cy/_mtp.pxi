@@ -179,6 +179,7 @@ cdef class MTP(_Engine):
     cdef void _more_stats(self, dict d) except *:
         cdef int k
         cdef double cf = 0, cp = 0
+        cdef int nb = self.policy.NB      # buckets of the confidence calibration
         d["n_draft"] = self._n_draft
         d["p_min"] = self.p_min
         if not self.auto:
@@ -203,8 +204,8 @@ cdef class MTP(_Engine):
                 "p_min_last": round(self.policy.cut_below(True), 3),
                 "break_even": round(self.policy.tau_mid, 4),
                 "pass_by_position": {k: round(self.policy.pass_(k), 4) for k in range(1, self.k_max + 1)},
-                "calibration": {round(b / 20.0, 2): round(self.policy.calibrated((b + 0.5) / 20.0), 3)
-                                for b in range(20)},
+                "calibration": {round(b / <double>nb, 2): round(self.policy.calibrated((b + 0.5) / nb), 3)
+                                for b in range(nb)},
             },
         }
 
