@@ -151,6 +151,7 @@ cdef class MTP(_Engine):
         self.ctx_dft = dft
         self.policy.configure(self.k_max)
         self.policy.lag_window = LAG_WINDOW
+        self.policy.p_min = self.p_min
         self._finish_init(model, ctx, o)
 
     cdef void _free_native(self) noexcept:
@@ -180,6 +181,7 @@ cdef class MTP(_Engine):
         cdef int k
         cdef double cf = 0, cp = 0
         cdef int nb = self.policy.NB      # buckets of the confidence calibration
+        cdef int kk = self.policy.best if self.policy.best > 0 else self.k_max
         d["n_draft"] = self._n_draft
         d["p_min"] = self.p_min
         if not self.auto:
@@ -194,7 +196,8 @@ cdef class MTP(_Engine):
             "draft_token_us": round(self.policy.d_us, 1),
             "catch_up_us": {"fixed": round(cf, 1), "per_token": round(cp, 1)},
             "sample_us": round(self.policy.s_us, 1),
-            "acceptance_by_position": {k: round(self.policy.accept(k), 4) for k in range(1, self.k_max + 1)},
+            # under the cut in force, in a draft of the current length (k_max if plain)
+            "acceptance_by_position": {k: round(self.policy.accept(k, kk), 4) for k in range(1, self.k_max + 1)},
             "expected_tokens_per_sec": {k: round(self.policy.score(k) * 1e6, 1) for k in range(self.k_max + 1)},
             # the learned draft-confidence cut (a p_min that prices itself): a draft token
             # whose calibrated acceptance is below the break-even one ends the draft
@@ -203,7 +206,7 @@ cdef class MTP(_Engine):
                 "p_min": round(self.policy.cut_below(False), 3),
                 "p_min_last": round(self.policy.cut_below(True), 3),
                 "break_even": round(self.policy.tau_mid, 4),
-                "pass_by_position": {k: round(self.policy.pass_(k), 4) for k in range(1, self.k_max + 1)},
+                "pass_by_position": {k: round(self.policy.pass_(k, kk), 4) for k in range(1, self.k_max + 1)},
                 "calibration": {round(b / <double>nb, 2): round(self.policy.calibrated((b + 0.5) / nb), 3)
                                 for b in range(nb)},
             },
@@ -327,9 +330,9 @@ cdef class MTP(_Engine):
                         # predecessors were accepted, and the token a cut left out when the
                         # whole draft before it was (the target's next token is known)
                         for i in range(min(n_acc + 1, nb - 1)):
-                            self.policy.observe_confidence(self.drafter.probs[i], i < n_acc)
+                            self.policy.observe_confidence(self.drafter.probs[i], i < n_acc, i + 1)
                         if n_acc == nb - 1 and self.drafter.cut_id >= 0:
-                            self.policy.observe_confidence(self.drafter.cut_p, ids.back() == self.drafter.cut_id)
+                            self.policy.observe_confidence(self.drafter.cut_p, ids.back() == self.drafter.cut_id, nb)
                     self.toks.push_back(s.last)
                     for i in range(n_acc):
                         self.toks.push_back(ids[i])
@@ -385,8 +388,11 @@ cdef class DraftPolicy:
     def __dealloc__(self):
         del self.p
 
-    def __init__(self, k_max=4, *, min_gap=None, max_gap=None, explore_every=None):
+    def __init__(self, k_max=4, *, p_min=0.0, min_gap=None, max_gap=None, explore_every=None, refine_iters=None):
         self.p.configure(_as_int("k_max", k_max, 1, _AUTO_MAX))
+        self.p.p_min = _as_float("p_min", p_min, 0.0, 1.0)
+        if refine_iters is not None:
+            self.p.refine_iters = _as_int("refine_iters", refine_iters, 0)
         if min_gap is not None:
             self.p.min_gap = _as_int("min_gap", min_gap, 1)
             self.p.gap = self.p.min_gap
@@ -399,6 +405,16 @@ cdef class DraftPolicy:
     def k_max(self):
         """The longest draft the policy may choose."""
         return self.p.k_max
+
+    @property
+    def p_min(self):
+        """The fixed confidence floor the drafter applies besides the learned cut."""
+        return self.p.p_min
+
+    @property
+    def drafting_iterations(self):
+        """Iterations that drafted (measuring passes, probes and drafting choices)."""
+        return self.p.n_drafting
 
     def choose(self):
         """The draft length for the next iteration (0 = a plain step)."""
@@ -418,12 +434,15 @@ cdef class DraftPolicy:
             kc = _as_int("k_chosen", k_chosen, k, self.p.KMAX)
         self.p.observe(k, n_accepted, verify_us, draft_us, draft_steps, catch_up_us, catch_up_tokens, sample_us, kc)
 
-    def observe_confidence(self, double p, bint accepted):
+    def observe_confidence(self, double p, bint accepted, position=None):
         """Feed the calibration of the draft's confidence: a draft token of probability
-        ``p`` was (or, left out by the cut, would have been) ``accepted`` or not."""
+        ``p`` was (or, left out by the cut, would have been) ``accepted`` or not.
+        ``position``: its place in the draft (1-based; the tokens before it were
+        accepted), from which the policy learns how often a cut lets each position pass."""
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {p!r}")
-        self.p.observe_confidence(p, accepted)
+        cdef int pos = 0 if position is None else _as_int("position", position, 1, self.p.KMAX)
+        self.p.observe_confidence(p, accepted, pos)
 
     def calibrated(self, double p):
         """The estimated probability that a draft token of probability ``p`` is accepted."""
@@ -450,10 +469,12 @@ cdef class DraftPolicy:
         """The acceptance a draft token needs to pay for itself at the current rate."""
         return self.p.tau_mid
 
-    def pass_rate(self, int position):
-        """Estimated probability that draft ``position`` survives the cut when the ones
-        before it did."""
-        return self.p.pass_(position)
+    def pass_rate(self, int position, k=None):
+        """Estimated probability that draft ``position`` survives the cut in force (and
+        ``p_min``) when the ones before it did, in a draft of ``k`` tokens (default
+        ``k_max``; the last token of a draft has a lower bar)."""
+        cdef int kk = self.p.k_max if k is None else _as_int("k", k, 1, self.p.KMAX)
+        return self.p.pass_(position, kk)
 
     def reset(self):
         """Forget everything learned."""
@@ -471,10 +492,12 @@ cdef class DraftPolicy:
         """Estimated throughput of drafting ``k`` every iteration."""
         return self.p.score(k) * 1e6
 
-    def acceptance(self, int position):
-        """Estimated probability that draft ``position`` (1-based) is accepted when the ones
-        before it were."""
-        return self.p.accept(position)
+    def acceptance(self, int position, k=None):
+        """Estimated probability that draft ``position`` (1-based) is drafted (it passes the
+        cut in force) and accepted when the ones before it were, in a draft of ``k`` tokens
+        (default ``k_max``)."""
+        cdef int kk = self.p.k_max if k is None else _as_int("k", k, 1, self.p.KMAX)
+        return self.p.accept(position, kk)
 
     @property
     def best(self):

@@ -40,12 +40,18 @@
 //   tau = (dV + D) * R(best)       (dV when it would be the last token),
 // with dV the marginal cost of verifying one more token: upstream's `p_min`,
 // learned and priced.  The cut changes how many tokens are drafted, so the
-// scores above use the measured pass rates u_j (P(token j survives the cut |
-// 1..j-1 did)): k * D becomes the expected head decodes and V(k+1) the
-// verification of the expected drafted tokens; a_j counts a cut token as not
-// accepted.  The cut applies from the second measuring pass on (the first one
-// feeds the calibration), to probes as well (a probe measures drafting as it
-// would be done).
+// scores above use pass rates u_j = P(token j survives the cut | 1..j-1 did),
+// the share of the probabilities seen at draft position j (a decayed histogram
+// per position) that the cut in force keeps: k * D becomes the expected head
+// decodes and V(k+1) the verification cost averaged over the number drafted;
+// a_j counts a cut token as not accepted.  The cut applies from the second
+// measuring pass on (the first one feeds the calibration), to probes as well (a
+// probe measures drafting as it would be done).
+//
+// A close call is measured more: while drafting could still win (scored with
+// its acceptances one standard error up) and has been measured fewer than
+// `refine_iters` times, the policy goes on drafting after a drafting iteration
+// (if plain decoding really wins, that loses little: the call was close).
 //
 // The policy only chooses the *length*: every choice keeps the output exactly
 // that of plain decoding (the target verifies every draft).  It is plain C++
@@ -100,6 +106,11 @@ struct mtp_cy_policy {
     double decay   = 0.97;    // acceptance counts decay per observation of a position
     double prior_w = 2.0;     // weight of the acceptance prior (pseudo-observations)
     double prior_a1 = 0.6;    // prior acceptance of the first draft position
+    // a close call: while drafting could still win (its score with the acceptances one
+    // standard error up beats plain decoding) and it has been measured fewer than
+    // `refine_iters` times, go on drafting (that loses little when the call is close)
+    double refine_z = 1.0;
+    int    refine_iters = 32;
 
     // learned state
     mtp_cy_median v_med[KMAX + 2];
@@ -109,8 +120,6 @@ struct mtp_cy_policy {
     double s_us;            int64_t s_n;             // sampling per iteration
     // catch-up cost: weighted least squares of t = cf + cp * m with forgetting
     double c_w, c_m, c_mm, c_t, c_mt;                int64_t c_n;
-    double hits[KMAX + 1], tries[KMAX + 1];          // decayed acceptance counts by position
-    double u_hits[KMAX + 1], u_tries[KMAX + 1];      // decayed pass-the-cut counts by position
     // confidence calibration: decayed counts of accepted draft tokens by bucket of p
     static const int NB = 20;
     double cal_hits[NB], cal_tries[NB];
@@ -119,6 +128,13 @@ struct mtp_cy_policy {
     bool   keep_mid[NB], keep_last[NB];   // the cut in force: draft a token of this bucket?
     bool   cut_active;                    // false during the first measuring pass
     double tau_mid, tau_last;             // break-even acceptances behind keep_*
+    // the draft by position: decayed counts, by bucket of their probability, of the
+    // tokens drafted at position j whose predecessors were accepted (pos_hist) and of
+    // those among them that were (or, cut, would have been) accepted (pos_acc).  The
+    // pass rate and the acceptance of a position under any cut follow from them.
+    double pos_hist[KMAX + 1][NB], pos_acc[KMAX + 1][NB], pos_tot[KMAX + 1];
+    bool   conf_fed;                      // observe_confidence() fed this iteration's draft
+    double p_min = 0.0;                   // the user's p_min, applied with the cut
 
     // decisions
     int64_t iter;
@@ -129,6 +145,7 @@ struct mtp_cy_policy {
     int     gap;
     int64_t next_explore;
     int64_t last_seen[KMAX + 1];   // iteration at which each length was last chosen
+    int64_t n_drafting;            // iterations that drafted (at least one head decode)
 
     mtp_cy_policy() { reset(); }
 
@@ -148,10 +165,15 @@ struct mtp_cy_policy {
         d_us = 0.0; d_n = 0;
         s_us = 0.0; s_n = 0;
         c_w = c_m = c_mm = c_t = c_mt = 0.0; c_n = 0;
-        std::fill(hits, hits + KMAX + 1, 0.0);
-        std::fill(tries, tries + KMAX + 1, 0.0);
-        std::fill(u_hits, u_hits + KMAX + 1, 0.0);
-        std::fill(u_tries, u_tries + KMAX + 1, 0.0);
+        for (auto & row : pos_hist) {
+            std::fill(row, row + NB, 0.0);
+        }
+        for (auto & row : pos_acc) {
+            std::fill(row, row + NB, 0.0);
+        }
+        conf_fed = false;
+        std::fill(pos_tot, pos_tot + KMAX + 1, 0.0);
+        n_drafting = 0;
         std::fill(cal_hits, cal_hits + NB, 0.0);
         std::fill(cal_tries, cal_tries + NB, 0.0);
         std::fill(keep_mid, keep_mid + NB, true);
@@ -175,35 +197,68 @@ struct mtp_cy_policy {
         ++n;
     }
 
-    // acceptance of position j (1-based) given that 1..j-1 were accepted
-    double accept(int j) const {
-        const double prior = j <= 1 ? prior_a1 : accept(j - 1);
-        return (hits[j] + prior_w * prior) / (tries[j] + prior_w);
+    // does the cut in force (and p_min) draft a token of bucket b at position j of k?
+    bool kept(int b, int j, int k) const {
+        return (j >= k ? keep_last : keep_mid)[b] && (b + 0.5) / NB >= p_min;
     }
 
-    double expected_tokens(int k) const {
+    // probability that draft token j survives the cut in force (and p_min) given that
+    // 1..j-1 were drafted and accepted, when k are asked for: the share of the tokens
+    // seen at position j that the cut keeps (1 before any was seen)
+    double pass(int j, int k) const {
+        if (j < 1 || j > KMAX || pos_tot[j] < 0.5) {
+            return 1.0;
+        }
+        double n = 0.0;
+        for (int b = 0; b < NB; ++b) {
+            if (kept(b, j, k)) {
+                n += pos_hist[j][b];
+            }
+        }
+        return n / pos_tot[j];
+    }
+
+    // probability that draft position j (1-based) of k is drafted and accepted given that
+    // 1..j-1 were, under the cut in force: the kept and accepted share of the tokens seen
+    // there, with a prior (the position before's acceptance) worth prior_w tokens.
+    // z > 0: an optimistic estimate, z standard errors up.
+    double accept(int j, int k, double z = 0.0) const {
+        if (j < 1 || j > KMAX) {
+            return 0.0;
+        }
+        const double prior = (j <= 1 ? prior_a1 : accept(j - 1, k)) * pass(j, k);
+        double n = 0.0;
+        for (int b = 0; b < NB; ++b) {
+            if (kept(b, j, k)) {
+                n += pos_acc[j][b];
+            }
+        }
+        const double w = pos_tot[j] + prior_w;
+        const double a = (n + prior_w * prior) / w;
+        return z > 0.0 ? std::min(1.0, a + z * std::sqrt(a * (1.0 - a) / w)) : a;
+    }
+
+    double expected_tokens(int k, double z = 0.0) const {
         double e = 1.0, run = 1.0;
         for (int j = 1; j <= k; ++j) {
-            run *= accept(j);
+            run *= accept(j, k, z);
             e += run;
         }
         return e;
     }
 
-    // probability that draft token j survives the cut given that 1..j-1 did (prior 1)
-    double pass(int j) const {
-        return (u_hits[j] + prior_w) / (u_tries[j] + prior_w);
-    }
-
-    // expected head decodes and drafted tokens when k is chosen
-    void expected_draft(int k, double & heads, double & drafted) const {
-        heads = drafted = 0.0;
-        double run = 1.0;
+    // what drafting k brings to the target, in expectation: head decodes, and the cost
+    // of verifying (the number drafted varies with the cut: V is averaged over it)
+    void expected_draft(int k, double & heads, double & verify) const {
+        heads = verify = 0.0;
+        double at_least = 1.0;     // P(at least j tokens drafted)
         for (int j = 1; j <= k; ++j) {
-            heads += run;          // token j is decoded when 1..j-1 survived
-            run *= pass(j);
-            drafted += run;
+            heads += at_least;     // token j is decoded when 1..j-1 were drafted
+            const double next = at_least * pass(j, k);
+            verify += (at_least - next) * verify_cost(j);     // exactly j-1 drafted
+            at_least = next;
         }
+        verify += at_least * verify_cost(k + 1);
     }
 
     static int bucket(double p) {
@@ -272,36 +327,31 @@ struct mtp_cy_policy {
         }
     }
 
-    // verify cost of a fractional (expected) number of tokens
-    double verify_cost_f(double n) const {
-        const int lo = std::max(1, std::min((int) std::floor(n), KMAX + 1));
-        const int hi = std::min(lo + 1, KMAX + 1);
-        const double f = std::max(0.0, std::min(1.0, n - lo));
-        return verify_cost(lo) * (1.0 - f) + (hi > lo ? verify_cost(hi) * f : 0.0);
-    }
-
     double cost(int k) const {
         if (k <= 0) {
             return verify_cost(1) + s_us;
         }
-        double heads, drafted, cf, cp;
-        expected_draft(k, heads, drafted);
+        double heads, verify, cf, cp;
+        expected_draft(k, heads, verify);
         catch_up_fit(cf, cp);
-        return verify_cost_f(1.0 + drafted) + s_us + heads * d_us + cf + cp * expected_tokens(k);
+        return verify + s_us + heads * d_us + cf + cp * expected_tokens(k);
     }
 
     // the cut for the next draft: a token is drafted when its calibrated acceptance
-    // pays for verifying it (and, unless it is the last, for drafting the next one)
+    // pays for verifying it (and, unless it is the last, for drafting the next one) at
+    // the rate of the best choice.  It stays in force on plain steps too: the scores of
+    // the draft lengths are those of drafting under it.
     void set_cut(bool active, int k) {
-        cut_active = active && k > 0 && d_n > 0;
+        cut_active = active && d_n > 0;
         if (!cut_active) {
             std::fill(keep_mid, keep_mid + NB, true);
             std::fill(keep_last, keep_last + NB, true);
             tau_mid = tau_last = 0.0;
             return;
         }
-        const double rate = score(best > 0 ? best : k);                 // tokens per microsecond
-        const double dv = std::max(0.0, (verify_cost(k + 1) - verify_cost(1)) / (double) k);
+        const double rate = score(best >= 0 ? best : k);                // tokens per microsecond
+        const int kk = k > 0 ? k : (best > 0 ? best : k_max);           // the draft it prices
+        const double dv = std::max(0.0, (verify_cost(kk + 1) - verify_cost(1)) / (double) kk);
         tau_last = dv * rate;
         tau_mid = (dv + d_us) * rate;
         for (int b = 0; b < NB; ++b) {
@@ -312,20 +362,37 @@ struct mtp_cy_policy {
     }
 
     // a draft token of probability p was (or would have been) accepted or not
-    void observe_confidence(double p, bool accepted) {
+    // (position: its place in the draft, 1-based, when it is known; its predecessors
+    // were accepted)
+    void observe_confidence(double p, bool accepted, int position = 0) {
         const int b = bucket(p);
         cal_hits[b] = cal_hits[b] * cal_decay + (accepted ? 1.0 : 0.0);
         cal_tries[b] = cal_tries[b] * cal_decay + 1.0;
+        if (position >= 1 && position <= KMAX) {
+            observe_position(position, b, accepted);
+            conf_fed = true;
+        }
     }
 
-    double score(int k) const {
+    void observe_position(int j, int b, bool accepted) {
+        for (int i = 0; i < NB; ++i) {
+            pos_hist[j][i] *= decay;
+            pos_acc[j][i] *= decay;
+        }
+        pos_hist[j][b] += 1.0;
+        pos_acc[j][b] += accepted ? 1.0 : 0.0;
+        pos_tot[j] = pos_tot[j] * decay + 1.0;
+    }
+
+    // expected tokens per microsecond of drafting k (z > 0: with optimistic acceptances)
+    double score(int k, double z = 0.0) const {
         const double t = cost(k);
-        return t > 0.0 ? expected_tokens(k) / t : 0.0;
+        return t > 0.0 ? expected_tokens(k, z) / t : 0.0;
     }
 
     // Iterations between probes so that probing costs at most `probe_budget` of the
-    // time: a probe costs its extra work over a plain step plus feeding the MTP head
-    // the positions it missed (at most lag_window of them).
+    // time: a probe costs what it loses against plain steps making the same tokens,
+    // plus feeding the MTP head the positions it missed (at most lag_window of them).
     int budget_gap(int pk) const {
         double cf, cp;
         catch_up_fit(cf, cp);
@@ -333,7 +400,9 @@ struct mtp_cy_policy {
         if (plain <= 0.0) {
             return min_gap;
         }
-        const double extra = std::max(0.0, verify_cost(pk + 1) - verify_cost(1)) + pk * d_us + cf;
+        // what a probe loses against plain steps making the same tokens (its catch-up apart)
+        const double e = expected_tokens(pk);
+        const double extra = std::max(0.0, cost(pk) - cp * e - e * plain);
         // with a gap of g iterations: (extra + cp * min(g, lag_window)) / (g * plain) <= budget
         const double b = probe_budget * plain;
         double g = (extra + cp * lag_window) / b;          // solution with g >= lag_window
@@ -344,6 +413,21 @@ struct mtp_cy_policy {
             }
         }
         return (int) std::max((double) min_gap, std::min((double) max_gap, std::ceil(g)));
+    }
+
+    // Does feeding the MTP head the positions it missed alone cost more than the probe
+    // budget (per plain step)?  Then a probe after g plain steps costs that share of
+    // the time whatever g is (up to lag_window): quick re-checks would only add to it.
+    bool lag_over_budget() const {
+        double cf, cp;
+        catch_up_fit(cf, cp);
+        return cp >= probe_budget * cost(0);
+    }
+
+    // the gap before the first probe once plain decoding wins: short (drafting may have
+    // lost by chance), unless catching up alone breaks the budget
+    int first_gap() const {
+        return lag_over_budget() ? budget_gap(1) : min_gap;
     }
 
     // -- decisions ---------------------------------------------------------------
@@ -365,21 +449,28 @@ struct mtp_cy_policy {
                 }
             }
             if (b == 0 && best != 0) {
-                gap = min_gap;                       // drafting just started losing
+                gap = first_gap();                   // drafting just started losing
                 next_probe = iter + gap;
             }
             best = b;
             k = b;
             if (b == 0) {
-                if (iter >= next_probe) {
-                    // probe the most promising draft length
-                    int pk = 1;
-                    double ps = score(1);
-                    for (int i = 2; i <= k_max; ++i) {
-                        if (score(i) > ps) { ps = score(i); pk = i; }
-                    }
+                // the most promising draft length (optimistic: what it may be worth
+                // given how little was seen of it)
+                int pk = 1;
+                double ps = score(1, refine_z);
+                for (int i = 2; i <= k_max; ++i) {
+                    const double s = score(i, refine_z);
+                    if (s > ps) { ps = s; pk = i; }
+                }
+                if (n_drafting < refine_iters && last_k > 0 && ps >= bs) {
+                    // a close call on little data: go on drafting to measure it more (it
+                    // loses little if plain decoding really wins; the MTP head is caught up)
                     k = pk;
-                    gap = std::min(budget_gap(pk), gap * 2);
+                } else if (iter >= next_probe) {
+                    // probe it
+                    k = pk;
+                    gap = lag_over_budget() ? budget_gap(pk) : std::min(budget_gap(pk), gap * 2);
                     next_probe = iter + gap;
                 }
             } else if (iter >= next_explore) {
@@ -439,18 +530,18 @@ struct mtp_cy_policy {
             c_mt = c_mt * f + (double) n_catch_up * t_catch_up_us;
             ++c_n;
         }
-        // acceptance by position: a cut token counts as not accepted
-        const int last_j = cut ? k + 1 : k;
-        for (int j = 1; j <= last_j && j <= n_acc + 1; ++j) {
-            hits[j] = hits[j] * decay + (j <= n_acc ? 1.0 : 0.0);
-            tries[j] = tries[j] * decay + 1.0;
-        }
-        // pass rates (the iterations that drafted under a cut, p_min or the learned one)
-        if (cut || cut_active) {
-            for (int j = 1; j <= last_j; ++j) {
-                u_hits[j] = u_hits[j] * decay + (j <= k ? 1.0 : 0.0);
-                u_tries[j] = u_tries[j] * decay + 1.0;
+        // acceptance by position, when observe_confidence() did not feed it with the
+        // draft's probabilities: drafted tokens as sure ones, a cut token as an unsure
+        // one that was not accepted
+        if (!conf_fed) {
+            const int last_j = cut ? k + 1 : k;
+            for (int j = 1; j <= last_j && j <= n_acc + 1; ++j) {
+                observe_position(j, j <= k ? NB - 1 : 0, j <= n_acc);
             }
+        }
+        conf_fed = false;
+        if (n_draft_steps > 0) {
+            ++n_drafting;
         }
     }
 };

@@ -81,7 +81,7 @@ cdef extern from "_policy.h" nogil:
         int gap
         void configure(int kmax)
         void reset()
-        double accept(int j)
+        double accept(int j, int k)
         double expected_tokens(int k)
         double verify_cost(int n)
         void catch_up_fit(double & cf, double & cp)
@@ -95,12 +95,16 @@ cdef extern from "_policy.h" nogil:
         cbool cut_active
         double tau_mid
         double tau_last
-        double pass_ "pass"(int j)
+        double pass_ "pass"(int j, int k)
+        double p_min
+        double refine_z
+        int refine_iters
+        int64_t n_drafting
         double calibrated(double p)
         cbool keeps(double p, cbool last)
         double cut_below(cbool last)
         void set_cut(cbool active, int k)
-        void observe_confidence(double p, cbool accepted)
+        void observe_confidence(double p, cbool accepted, int position)
 
 
 cdef extern from "_mtp.h" nogil:
