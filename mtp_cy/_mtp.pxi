@@ -192,6 +192,7 @@ cdef class MTP(_Engine):
             "chosen": {k: self.policy.chosen[k] for k in range(self.k_max + 1)},
             "current": self.policy.best,
             "iterations": self.policy.iter,
+            "plain_step_us": round(self.policy.plain_cost(), 1),
             "verify_us": {k + 1: round(self.policy.verify_cost(k + 1), 1) for k in range(self.k_max + 1)},
             "draft_token_us": round(self.policy.d_us, 1),
             "catch_up_us": {"fixed": round(cf, 1), "per_token": round(cp, 1)},

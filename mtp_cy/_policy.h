@@ -4,7 +4,10 @@
 // draft (0 = a plain decoding step), to maximise the expected number of
 // tokens per second.  It learns, from what the loop measures in this session:
 //
-//   V(n)   microseconds of a target decode of n tokens (n = k + 1),
+//   V(n)   microseconds of a target decode of n tokens after a draft (n = k + 1),
+//   P      microseconds of a plain step's target decode in a run of plain steps
+//          (measured apart: right after the MTP head ran, or after a decode of
+//          another shape, the same decode costs more: no graph to reuse),
 //   D      microseconds per draft token (one MTP-head decode + its sampling),
 //   C(m)   microseconds to catch the MTP context up on m tokens (cf + cp * m),
 //   S      microseconds of sampling / acceptance per iteration,
@@ -14,7 +17,7 @@
 // and scores each k with
 //
 //   E(k) = 1 + sum_{i=1..k} prod_{j=1..i} a_j          (tokens per iteration)
-//   T(k) = V(k+1) + S + [k > 0] * (k * D + cf + cp * E(k))   (cost per iteration)
+//   T(0) = P + S,  T(k) = V(k+1) + S + k * D + cf + cp * E(k)   (cost per iteration)
 //   R(k) = E(k) / T(k)
 //
 // (a plain step's row is kept and fed to the MTP head later in one batch, so
@@ -114,7 +117,8 @@ struct mtp_cy_policy {
 
     // learned state
     mtp_cy_median v_med[KMAX + 2];
-    double v_us[KMAX + 2];  int64_t v_n[KMAX + 2];   // target decode of n tokens
+    double v_us[KMAX + 2];  int64_t v_n[KMAX + 2];   // target decode of n tokens after a draft (n >= 1)
+                                                     // and of a plain step (n = 0)
     mtp_cy_median d_med, s_med;
     double d_us;            int64_t d_n;             // per draft token
     double s_us;            int64_t s_n;             // sampling per iteration
@@ -146,6 +150,8 @@ struct mtp_cy_policy {
     int64_t next_explore;
     int64_t last_seen[KMAX + 1];   // iteration at which each length was last chosen
     int64_t n_drafting;            // iterations that drafted (at least one head decode)
+    bool    last_plain;            // the last iteration observed was a plain step
+    bool    plain_next;            // the next decision is the second plain step of a pair
 
     mtp_cy_policy() { reset(); }
 
@@ -174,6 +180,8 @@ struct mtp_cy_policy {
         conf_fed = false;
         std::fill(pos_tot, pos_tot + KMAX + 1, 0.0);
         n_drafting = 0;
+        last_plain = false;
+        plain_next = false;
         std::fill(cal_hits, cal_hits + NB, 0.0);
         std::fill(cal_tries, cal_tries + NB, 0.0);
         std::fill(keep_mid, keep_mid + NB, true);
@@ -288,28 +296,40 @@ struct mtp_cy_policy {
         return (double) b / NB;
     }
 
-    // cost of a target decode of n tokens
+    // V(i) as measured; a plain step stands in for V(1) until a 1-token verification
+    // after a draft was measured
+    bool v_has(int i) const { return v_n[i] > 0 || (i == 1 && v_n[0] > 0); }
+    double v_at(int i) const { return v_n[i] > 0 ? v_us[i] : v_us[0]; }
+
+    // cost of a target decode of n >= 1 tokens after a draft
     double verify_cost(int n) const {
-        if (v_n[n] > 0) {
-            return v_us[n];
+        if (v_has(n)) {
+            return v_at(n);
         }
         // a straight line through the two nearest measured sizes (or flat: optimistic)
         int lo = -1, hi = -1;
-        for (int i = n - 1; i >= 1; --i) { if (v_n[i] > 0) { lo = i; break; } }
-        for (int i = n + 1; i <= KMAX + 1; ++i) { if (v_n[i] > 0) { hi = i; break; } }
+        for (int i = n - 1; i >= 1; --i) { if (v_has(i)) { lo = i; break; } }
+        for (int i = n + 1; i <= KMAX + 1; ++i) { if (v_has(i)) { hi = i; break; } }
         if (lo > 0 && hi > 0) {
-            return v_us[lo] + (v_us[hi] - v_us[lo]) * (double) (n - lo) / (double) (hi - lo);
+            return v_at(lo) + (v_at(hi) - v_at(lo)) * (double) (n - lo) / (double) (hi - lo);
         }
         if (lo > 0) {
             int lo2 = -1;
-            for (int i = lo - 1; i >= 1; --i) { if (v_n[i] > 0) { lo2 = i; break; } }
+            for (int i = lo - 1; i >= 1; --i) { if (v_has(i)) { lo2 = i; break; } }
             if (lo2 > 0) {
-                const double slope = std::max(0.0, (v_us[lo] - v_us[lo2]) / (double) (lo - lo2));
-                return v_us[lo] + slope * (double) (n - lo);
+                const double slope = std::max(0.0, (v_at(lo) - v_at(lo2)) / (double) (lo - lo2));
+                return v_at(lo) + slope * (double) (n - lo);
             }
-            return v_us[lo];
+            return v_at(lo);
         }
-        return hi > 0 ? v_us[hi] : 0.0;
+        return hi > 0 ? v_at(hi) : 0.0;
+    }
+
+    // cost of a plain step's target decode in a run of plain steps (right after the MTP
+    // head ran, or after a decode of another shape, the same decode costs more: llama.cpp
+    // has no graph of that shape to reuse)
+    double plain_cost() const {
+        return v_n[0] > 0 ? v_us[0] : verify_cost(1);
     }
 
     void catch_up_fit(double & cf, double & cp) const {
@@ -329,7 +349,7 @@ struct mtp_cy_policy {
 
     double cost(int k) const {
         if (k <= 0) {
-            return verify_cost(1) + s_us;
+            return plain_cost() + s_us;
         }
         double heads, verify, cf, cp;
         expected_draft(k, heads, verify);
@@ -433,11 +453,11 @@ struct mtp_cy_policy {
     // -- decisions ---------------------------------------------------------------
     int choose() {
         int k;
-        if (iter < 2 * k_max + 3) {
-            // measure every length twice: 0, 0 (the first step after the prompt is cold),
-            // 1 .. k_max, 0, 1 .. k_max
+        if (iter < 2 * k_max + 4) {
+            // measure every length twice: 0, 0, 0 (the first step after the prompt does
+            // not count as a plain step's cost), 1 .. k_max, 0, 1 .. k_max
             const int i = (int) iter;
-            k = i < 2 ? 0 : (i < k_max + 2 ? i - 1 : i - (k_max + 2));
+            k = i < 3 ? 0 : (i < k_max + 3 ? i - 2 : i - (k_max + 3));
         } else {
             int b = 0;
             double bs = score(0);
@@ -473,9 +493,14 @@ struct mtp_cy_policy {
                     gap = lag_over_budget() ? budget_gap(pk) : std::min(budget_gap(pk), gap * 2);
                     next_probe = iter + gap;
                 }
+            } else if (plain_next) {
+                k = 0;                 // the second plain step of a pair (a plain step's cost)
+                plain_next = false;
             } else if (iter >= next_explore) {
                 // measure again the length whose estimate is the oldest (costs and
-                // acceptances drift; a length never tried again would keep a stale score)
+                // acceptances drift; a length never tried again would keep a stale score);
+                // plain decoding is measured with two plain steps in a row (the first one,
+                // right after a draft, does not cost what a run of plain steps does)
                 int ok = -1;
                 int64_t age = -1;
                 for (int i = 0; i <= k_max; ++i) {
@@ -486,11 +511,12 @@ struct mtp_cy_policy {
                 }
                 if (ok >= 0) {
                     k = ok;
+                    plain_next = ok == 0;
                 }
                 next_explore = iter + explore_every;
             }
         }
-        set_cut(iter >= k_max + 2, k);   // from the second measuring pass on
+        set_cut(iter >= k_max + 3, k);   // from the second measuring pass on
         last_k = k;
         last_seen[k] = iter;
         chosen[k]++;
@@ -510,7 +536,13 @@ struct mtp_cy_policy {
         k = std::max(0, std::min(k, (int) KMAX));
         k_chosen = k_chosen < 0 ? k : std::max(k, std::min(k_chosen, (int) KMAX));
         const bool cut = k_chosen > k;
-        sample(v_med[k + 1], v_us[k + 1], v_n[k + 1], t_verify_us);
+        // a plain step after a plain step apart from a decode right after the MTP head
+        // ran (or after the prompt): llama.cpp reuses the graph of a decode of the same
+        // shape, and a run of plain steps is what choosing plain decoding gets
+        const bool plain = k == 0 && n_draft_steps == 0 && n_catch_up == 0;
+        const int vi = plain && last_plain ? 0 : k + 1;
+        sample(v_med[vi], v_us[vi], v_n[vi], t_verify_us);
+        last_plain = plain;
         sample(s_med, s_us, s_n, t_sample_us);
         if (n_draft_steps > 0) {
             sample(d_med, d_us, d_n, t_draft_us / (double) n_draft_steps);

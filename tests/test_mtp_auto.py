@@ -91,8 +91,9 @@ def test_bad_auto_options(mtp_model):
 def test_auto_learns_the_drafts_confidence(synthetic, k_max):
     """On a model whose MTP head is unsure exactly where it is wrong, auto calibrates the
     draft's confidence (wrong drafts are never accepted, sure ones are) and stays lossless
-    whatever cut that makes it draft under."""
-    sm = synthetic.cached_model(acceptance=0.75, draft_confidence=0.58)
+    whatever cut that makes it draft under.  (Drafting never pays on this tiny model: what
+    auto learns comes from its measuring passes, so half of the drafts are wrong.)"""
+    sm = synthetic.cached_model(acceptance=0.5, draft_confidence=0.58)
     unsure, sure = min(sm.draft_p.values()), max(sm.draft_p.values())
     assert unsure < 0.6 < 0.99 < sure
     with mtp_cy.Model(sm.path) as model, mtp_cy.Session(model, n_ctx=512) as plain, \

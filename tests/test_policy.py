@@ -125,6 +125,9 @@ SHAPES = {
     "never-right": dict(v1=20000.0, v_slope=1500.0, d=3000.0, accept=0.0),
     # an MTP head that is always right and cheap
     "always-right": dict(v1=20000.0, v_slope=500.0, d=1500.0, accept=1.0),
+    # the quantized MoE preset as measured (see MOE_Q4_MEASURED below): V(n) is not linear
+    "moe-q4-measured": dict(v1=35600.0, v_slope=14500.0, d=12200.0, accept=0.75, cf=2000.0, cp=600.0,
+                            sample=150.0, v_table=[35600.0, 52400.0, 67300.0, 73100.0, 87700.0]),
 }
 
 
@@ -286,7 +289,7 @@ def best_fixed_conf(make_hw, k_max, p_right, p_wrong, p_mins=(0.0, 0.5, 0.8)):
                for k in range(k_max + 1) for pm in p_mins)
 
 
-@pytest.mark.parametrize("shape", ["dense-memory-bound", "quantized", "gpu", "tiny-cpu"])
+@pytest.mark.parametrize("shape", ["dense-memory-bound", "quantized", "gpu", "tiny-cpu", "moe-q4-measured"])
 @pytest.mark.parametrize("p_right, p_wrong", [(0.99, 0.58), (0.7, 0.7), (0.58, 0.99)],
                          ids=["informative", "uninformative", "misleading"])
 def test_auto_with_confidence_is_close_to_the_best_fixed_setting(shape, p_right, p_wrong):
@@ -346,21 +349,26 @@ def test_a_cut_that_makes_drafting_pay_is_found_within_a_short_reply():
 # verifying is far from flat and not linear (more tokens wake more experts, then the
 # batch amortises), a draft token costs a third of a plain step, and drafting wins only
 # under a cut, by ~5% (n_draft 4, p_min 0.8): a close call.
-MOE_Q4_MEASURED = dict(v1=35600.0, v_slope=14500.0, d=12200.0, accept=0.75, cf=2000.0, cp=600.0, sample=150.0,
-                       v_table=[35600.0, 52400.0, 67300.0, 73100.0, 87700.0])
+MOE_Q4_MEASURED = SHAPES["moe-q4-measured"]
 
 
-@pytest.mark.parametrize("seed", [3, 11, 12])
-def test_a_close_call_is_measured_until_it_is_decided(seed):
-    """When drafting under the cut beats plain decoding by only a few percent, a handful of
-    measuring iterations cannot tell them apart: the policy drafts a little longer while the
-    call is close (it loses little if plain decoding wins) and then settles for the better."""
-    make_hw = lambda: Hardware(**MOE_Q4_MEASURED, seed=seed)  # noqa: E731
-    got, choices = realised_conf(make_hw(), DraftPolicy(4), 0.99, 0.58, warm=0, measure=600)
-    best = best_fixed_conf(make_hw, 4, 0.99, 0.58)
-    plain = realised_conf(make_hw(), FixedCut(0), 0.99, 0.58, warm=0, measure=600)[0]
-    assert best > 1.03 * plain                       # the premise: drafting wins, narrowly
-    assert got >= 0.97 * best, (got, best, plain, {k: choices.count(k) for k in range(5)})
+def test_a_close_call_is_measured_until_it_is_decided():
+    """When drafting under the cut beats plain decoding by only ~8%, a handful of measuring
+    iterations cannot tell them apart (one unlucky first pass makes drafting look 25% worse):
+    the policy goes on drafting while its optimistic score beats plain decoding (it loses
+    little if plain decoding really wins).  Over ten sessions of 600 iterations from cold, that
+    turns "mostly plain" into "mostly the best setting"."""
+    def ratios(**kw):
+        out = []
+        for seed in range(10):
+            make_hw = lambda: Hardware(**MOE_Q4_MEASURED, seed=seed)  # noqa: E731
+            got = realised_conf(make_hw(), DraftPolicy(4, **kw), 0.99, 0.58, warm=0, measure=600)[0]
+            out.append(got / best_fixed_conf(make_hw, 4, 0.99, 0.58))
+        return sorted(out)
+    plain = realised_conf(Hardware(**MOE_Q4_MEASURED, seed=0), FixedCut(0), 0.99, 0.58, warm=0, measure=600)[0]
+    assert best_fixed_conf(lambda: Hardware(**MOE_Q4_MEASURED, seed=0), 4, 0.99, 0.58) > 1.05 * plain  # the premise
+    on, off = ratios(), ratios(refine_iters=0)
+    assert on[5] >= 0.97 and sum(on) / 10 >= sum(off) / 10 + 0.02, (on, off)
 
 
 def test_pass_rates_follow_the_cut_and_the_position():

@@ -84,6 +84,7 @@ cdef extern from "_policy.h" nogil:
         double accept(int j, int k)
         double expected_tokens(int k)
         double verify_cost(int n)
+        double plain_cost()
         void catch_up_fit(double & cf, double & cp)
         double cost(int k)
         double score(int k)
