@@ -26,11 +26,13 @@
 // last samples (robust to slow steps when another process takes the CPU for a
 // moment, yet following a lasting change within a few iterations)
 // and the acceptances are exponentially decayed counts, so the policy follows
-// changes (another process loading the CPU, a text that becomes predictable).  It explores: lengths it has never measured get an
-// optimistic cost, it regularly tries the neighbours of the best length, and
-// when plain decoding wins it still probes a one-token draft after a gap that
-// doubles while drafting keeps losing (up to `max_gap` iterations), so it
-// never locks itself into "off".
+// changes (another process loading the CPU, a text that becomes predictable).
+// It explores: it measures every length twice first, then regularly re-measures
+// the length whose estimate is the oldest (those far behind the best, 4x less
+// often), and when plain decoding wins it still probes the most promising draft
+// length after a gap that grows while drafting keeps losing, within a budget of
+// 1% of the time (up to `max_gap` iterations), so it never locks itself into
+// "off".
 //
 // The draft's confidence: the head's probability p of each draft token says
 // how likely the target is to accept it.  The policy keeps a calibration,
@@ -105,6 +107,8 @@ struct mtp_cy_policy {
     double probe_budget = 0.01;  // share of the time probes may cost while plain decoding wins
     int    lag_window = 256;  // the MTP head is fed at most this many positions it missed
     int    explore_every = 16;  // iterations between tries of a neighbour of the best length
+    int    far_every = 4;       // ... of a length far behind it (below far_ratio of its score)
+    double far_ratio = 0.8;
     double w_cost  = 0.1;     // forgetting factor of the catch-up cost fit
     double decay   = 0.97;    // acceptance counts decay per observation of a position
     double prior_w = 2.0;     // weight of the acceptance prior (pseudo-observations)
@@ -148,6 +152,7 @@ struct mtp_cy_policy {
     int64_t next_probe;       // iteration of the next probe while plain decoding wins
     int     gap;
     int64_t next_explore;
+    int64_t explore_slot;          // explorations so far
     int64_t last_seen[KMAX + 1];   // iteration at which each length was last chosen
     int64_t n_drafting;            // iterations that drafted (at least one head decode)
     bool    last_plain;            // the last iteration observed was a plain step
@@ -195,6 +200,7 @@ struct mtp_cy_policy {
         next_probe = 0;
         gap = min_gap;
         next_explore = explore_every;
+        explore_slot = 0;
         std::fill(last_seen, last_seen + KMAX + 1, (int64_t) -1);
     }
 
@@ -212,18 +218,21 @@ struct mtp_cy_policy {
 
     // probability that draft token j survives the cut in force (and p_min) given that
     // 1..j-1 were drafted and accepted, when k are asked for: the share of the tokens
-    // seen at position j that the cut keeps (1 before any was seen)
+    // seen at position j that the cut keeps, with a prior (the position before's pass
+    // rate; 1 for the first) worth prior_w tokens.  (A deep position is seen rarely: a
+    // few unlucky tokens there must not rule it out for good.)
     double pass(int j, int k) const {
-        if (j < 1 || j > KMAX || pos_tot[j] < 0.5) {
+        if (j < 1 || j > KMAX) {
             return 1.0;
         }
+        const double prior = j <= 1 ? 1.0 : pass(j - 1, k);
         double n = 0.0;
         for (int b = 0; b < NB; ++b) {
             if (kept(b, j, k)) {
                 n += pos_hist[j][b];
             }
         }
-        return n / pos_tot[j];
+        return (n + prior_w * prior) / (pos_tot[j] + prior_w);
     }
 
     // probability that draft position j (1-based) of k is drafted and accepted given that
@@ -234,7 +243,7 @@ struct mtp_cy_policy {
         if (j < 1 || j > KMAX) {
             return 0.0;
         }
-        const double prior = (j <= 1 ? prior_a1 : accept(j - 1, k)) * pass(j, k);
+        const double prior = j <= 1 ? prior_a1 * pass(1, k) : accept(j - 1, k);
         double n = 0.0;
         for (int b = 0; b < NB; ++b) {
             if (kept(b, j, k)) {
@@ -500,11 +509,15 @@ struct mtp_cy_policy {
                 // measure again the length whose estimate is the oldest (costs and
                 // acceptances drift; a length never tried again would keep a stale score);
                 // plain decoding is measured with two plain steps in a row (the first one,
-                // right after a draft, does not cost what a run of plain steps does)
+                // right after a draft, does not cost what a run of plain steps does).
+                // Lengths far behind the best (even optimistically) only every
+                // `far_every`-th time: re-measuring them is what exploring costs most.
+                const bool far_turn = ++explore_slot % far_every == 0;
                 int ok = -1;
                 int64_t age = -1;
                 for (int i = 0; i <= k_max; ++i) {
-                    if (i != b && iter - last_seen[i] > age) {
+                    if (i != b && iter - last_seen[i] > age &&
+                        (far_turn || score(i, refine_z) >= far_ratio * bs)) {
                         age = iter - last_seen[i];
                         ok = i;
                     }

@@ -336,13 +336,16 @@ def test_a_cut_that_makes_drafting_pay_is_found_within_a_short_reply():
     """A quantized MoE model on a CPU: drafting loses without a cut (0.8x plain) and wins with
     upstream's p_min 0.8 (about 1.08x).  Auto drafts under its cut from its second measuring
     pass on, so within 300 iterations (a reply of a few hundred tokens) it is close to the best
-    fixed setting instead of settling for plain decoding."""
+    fixed setting instead of settling for plain decoding (the median of ten sessions: in a
+    short one, a run of unlucky drafts can still hide the gain)."""
     moe_q4 = dict(v1=35500.0, v_slope=13600.0, d=12400.0, accept=0.75, cf=1000.0, cp=500.0, sample=300.0)
-    make_hw = lambda: Hardware(**moe_q4, seed=11)  # noqa: E731
-    got, choices = realised_conf(make_hw(), DraftPolicy(4), 0.99, 0.58, warm=0, measure=300)
-    plain = realised_conf(make_hw(), FixedCut(0), 0.99, 0.58, warm=0, measure=300)[0]
-    best = best_fixed_conf(make_hw, 4, 0.99, 0.58)
-    assert got >= 0.96 * best and got >= 1.04 * plain, (got, best, plain, {k: choices.count(k) for k in range(5)})
+    vs_best, vs_plain = [], []
+    for seed in range(10):
+        make_hw = lambda: Hardware(**moe_q4, seed=seed)  # noqa: E731
+        got = realised_conf(make_hw(), DraftPolicy(4), 0.99, 0.58, warm=0, measure=300)[0]
+        vs_plain.append(got / realised_conf(make_hw(), FixedCut(0), 0.99, 0.58, warm=0, measure=300)[0])
+        vs_best.append(got / best_fixed_conf(make_hw, 4, 0.99, 0.58))
+    assert sorted(vs_best)[5] >= 0.96 and sorted(vs_plain)[5] >= 1.04, (sorted(vs_best), sorted(vs_plain))
 
 
 # The quantized MoE preset as measured on the 2-core CPU (moe-2.3b-a0.6b-q4_k_m, 2 threads):
@@ -381,8 +384,9 @@ def test_pass_rates_follow_the_cut_and_the_position():
         p.observe_confidence(0.6, False, position=1)
         p.observe_confidence(0.99, True, position=2)
     # p_min 0.7 leaves out the 0.6s: half of position 1, none of position 2
-    assert p.pass_rate(1) == pytest.approx(0.5, abs=0.02) and p.pass_rate(2) == pytest.approx(1.0)
-    assert p.pass_rate(3) == 1.0
+    # (each with a prior worth two tokens: the position before's rate, 1 for the first)
+    assert p.pass_rate(1) == pytest.approx(0.5, abs=0.04) and p.pass_rate(2) == pytest.approx(1.0, abs=0.05)
+    assert p.pass_rate(3) == pytest.approx(p.pass_rate(2))          # nothing seen there: the prior
     with pytest.raises(ValueError):
         p.observe_confidence(0.5, True, position=0)
     with pytest.raises(ValueError):
