@@ -216,49 +216,63 @@ struct mtp_cy_policy {
         return (j >= k ? keep_last : keep_mid)[b] && (b + 0.5) / NB >= p_min;
     }
 
-    // probability that draft token j survives the cut in force (and p_min) given that
-    // 1..j-1 were drafted and accepted, when k are asked for: the share of the tokens
-    // seen at position j that the cut keeps, with a prior (the position before's pass
-    // rate; 1 for the first) worth prior_w tokens.  (A deep position is seen rarely: a
-    // few unlucky tokens there must not rule it out for good.)
+    // Pass rates u[1..n] and acceptances a[1..n] of the first n positions of a draft of k,
+    // under the cut in force (and p_min), in one pass over the positions:
+    //   u[j]  probability that draft token j survives the cut given that 1..j-1 were
+    //         drafted and accepted: the share of the tokens seen at position j that the
+    //         cut keeps, with a prior (u[j-1]; 1 for the first) worth prior_w tokens (a
+    //         deep position is seen rarely: a few unlucky tokens there must not rule it
+    //         out for good);
+    //   a[j]  probability that it is drafted and accepted: the kept and accepted share,
+    //         with a prior (a[j-1]; prior_a1 * u[1] for the first) worth prior_w tokens.
+    // z > 0: each a[j] optimistic, z standard errors up (the priors stay unbiased).
+    void rates(int n, int k, double z, double * u, double * a) const {
+        double u_prev = 1.0, a_prev = 0.0;
+        for (int j = 1; j <= n; ++j) {
+            double n_kept = 0.0, n_acc = 0.0;
+            for (int b = 0; b < NB; ++b) {
+                if (kept(b, j, k)) {
+                    n_kept += pos_hist[j][b];
+                    n_acc += pos_acc[j][b];
+                }
+            }
+            const double w = pos_tot[j] + prior_w;
+            u[j] = (n_kept + prior_w * u_prev) / w;
+            const double prior = j <= 1 ? prior_a1 * u[1] : a_prev;
+            const double aj = (n_acc + prior_w * prior) / w;
+            a[j] = z > 0.0 ? std::min(1.0, aj + z * std::sqrt(aj * (1.0 - aj) / w)) : aj;
+            u_prev = u[j];
+            a_prev = aj;
+        }
+    }
+
+    // u[j] of rates(): the probability that draft token j of k survives the cut
     double pass(int j, int k) const {
         if (j < 1 || j > KMAX) {
             return 1.0;
         }
-        const double prior = j <= 1 ? 1.0 : pass(j - 1, k);
-        double n = 0.0;
-        for (int b = 0; b < NB; ++b) {
-            if (kept(b, j, k)) {
-                n += pos_hist[j][b];
-            }
-        }
-        return (n + prior_w * prior) / (pos_tot[j] + prior_w);
+        double u[KMAX + 1], a[KMAX + 1];
+        rates(j, k, 0.0, u, a);
+        return u[j];
     }
 
-    // probability that draft position j (1-based) of k is drafted and accepted given that
-    // 1..j-1 were, under the cut in force: the kept and accepted share of the tokens seen
-    // there, with a prior (the position before's acceptance) worth prior_w tokens.
-    // z > 0: an optimistic estimate, z standard errors up.
+    // a[j] of rates(): the probability that draft position j (1-based) of k is drafted
+    // and accepted given that 1..j-1 were
     double accept(int j, int k, double z = 0.0) const {
         if (j < 1 || j > KMAX) {
             return 0.0;
         }
-        const double prior = j <= 1 ? prior_a1 * pass(1, k) : accept(j - 1, k);
-        double n = 0.0;
-        for (int b = 0; b < NB; ++b) {
-            if (kept(b, j, k)) {
-                n += pos_acc[j][b];
-            }
-        }
-        const double w = pos_tot[j] + prior_w;
-        const double a = (n + prior_w * prior) / w;
-        return z > 0.0 ? std::min(1.0, a + z * std::sqrt(a * (1.0 - a) / w)) : a;
+        double u[KMAX + 1], a[KMAX + 1];
+        rates(j, k, z, u, a);
+        return a[j];
     }
 
     double expected_tokens(int k, double z = 0.0) const {
+        double u[KMAX + 1], a[KMAX + 1];
+        rates(k, k, z, u, a);
         double e = 1.0, run = 1.0;
         for (int j = 1; j <= k; ++j) {
-            run *= accept(j, k, z);
+            run *= a[j];
             e += run;
         }
         return e;
@@ -268,10 +282,12 @@ struct mtp_cy_policy {
     // of verifying (the number drafted varies with the cut: V is averaged over it)
     void expected_draft(int k, double & heads, double & verify) const {
         heads = verify = 0.0;
+        double u[KMAX + 1], a[KMAX + 1];
+        rates(k, k, 0.0, u, a);
         double at_least = 1.0;     // P(at least j tokens drafted)
         for (int j = 1; j <= k; ++j) {
             heads += at_least;     // token j is decoded when 1..j-1 were drafted
-            const double next = at_least * pass(j, k);
+            const double next = at_least * u[j];
             verify += (at_least - next) * verify_cost(j);     // exactly j-1 drafted
             at_least = next;
         }
