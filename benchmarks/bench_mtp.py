@@ -183,7 +183,7 @@ def bench_model(name, args, configs, spec_bin, comp_bin):
         if pol:
             total = sum(pol["chosen"].values()) or 1
             share = {k: v / total for k, v in pol["chosen"].items()}
-            v1 = pol.get("plain_step_us") or pol["verify_us"].get(1) or 0
+            v1 = pol["plain_step_us"]
             ratio = pol["draft_token_us"] / v1 if v1 else 0
             note = ("chose " + ", ".join(f"{k}:{share[k]:.0%}" for k in sorted(share) if share[k] >= 0.01) +
                     f"; measured draft/target {ratio:.2f}")

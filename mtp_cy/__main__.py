@@ -160,7 +160,7 @@ def _policy_line(st: dict) -> str:
     chosen = pol["chosen"]
     total = sum(chosen.values()) or 1
     plain = chosen.get(0, 0) / total
-    v1 = pol.get("plain_step_us") or pol["verify_us"].get(1) or 0.0
+    v1 = pol["plain_step_us"]
     ratio = pol["draft_token_us"] / v1 if v1 else 0.0
     if plain >= 0.5:
         return (f"auto decoded plainly in {plain:.0%} of the iterations: a draft token costs {ratio:.2f}x a "

@@ -456,8 +456,8 @@ cdef class DraftPolicy:
 
     @property
     def cut_active(self):
-        """Whether the last decision drafts under the learned confidence cut (not during
-        the first measuring pass)."""
+        """Whether the learned confidence cut is in force (from the second measuring pass
+        on; on plain steps too, where it prices the draft lengths)."""
         return self.p.cut_active
 
     @property
