@@ -49,9 +49,16 @@
 // the share of the probabilities seen at draft position j (a decayed histogram
 // per position) that the cut in force keeps: k * D becomes the expected head
 // decodes and V(k+1) the verification cost averaged over the number drafted;
-// a_j counts a cut token as not accepted.  The cut applies from the second
-// measuring pass on (the first one feeds the calibration), to probes as well (a
-// probe measures drafting as it would be done).
+// a_j counts a cut token as not accepted.  Each length has its own cut (priced
+// with its own marginal verification cost) and is scored under it.  The cut
+// applies from the second measuring pass on (the first one feeds the
+// calibration), to probes as well (a probe measures drafting as it would be
+// done), except when a length's verification cost has gone stale: its cut
+// stopped every draft of it before the end for `stale_iters` iterations and
+// `stale_choices` choices, so the cost that prices the cut was not measured
+// again (a slow first measurement -- pages faulted in, another process -- would
+// otherwise keep that cut, and the length, shut for good); that draft is made
+// without the cut.
 //
 // A close call is measured more: while drafting could still win (scored with
 // its acceptances one standard error up) and has been measured fewer than
@@ -136,6 +143,18 @@ struct mtp_cy_policy {
     bool   keep_mid[NB], keep_last[NB];   // the cut in force: draft a token of this bucket?
     bool   cut_active;                    // false during the first measuring pass
     double tau_mid, tau_last;             // break-even acceptances behind keep_*
+    // the cut each draft length would be drafted under (priced with its own marginal
+    // verification cost): the score of length k is that of drafting k under its cut
+    bool   k_mid[KMAX + 1][NB], k_last[KMAX + 1][NB];
+    // a length's verification cost is re-measured without the cut when it has gone
+    // stale: its cut stopped every draft of it before the end (the cost of verifying
+    // the whole draft, priced in the cut, is then never measured again -- a slow
+    // first measurement would keep the cut, and the length, shut for good)
+    int    stale_iters = 32;    // ... for this many iterations
+    int    stale_choices = 1;   // ... and this many choices of the length
+    int64_t v_last[KMAX + 2];   // iteration of the last sample of V(n)
+    int64_t v_miss[KMAX + 1];   // choices of length k since V(k + 1) was last sampled
+    bool   uncut;               // this iteration drafts without the cut (re-measuring)
     // the draft by position: decayed counts, by bucket of their probability, of the
     // tokens drafted at position j whose predecessors were accepted (pos_hist) and of
     // those among them that were (or, cut, would have been) accepted (pos_acc).  The
@@ -191,6 +210,13 @@ struct mtp_cy_policy {
         std::fill(cal_tries, cal_tries + NB, 0.0);
         std::fill(keep_mid, keep_mid + NB, true);
         std::fill(keep_last, keep_last + NB, true);
+        for (int k = 0; k <= KMAX; ++k) {
+            std::fill(k_mid[k], k_mid[k] + NB, true);
+            std::fill(k_last[k], k_last[k] + NB, true);
+        }
+        std::fill(v_last, v_last + KMAX + 2, (int64_t) -1);
+        std::fill(v_miss, v_miss + KMAX + 1, (int64_t) 0);
+        uncut = false;
         cut_active = false;
         tau_mid = tau_last = 0.0;
         iter = 0;
@@ -211,9 +237,9 @@ struct mtp_cy_policy {
         ++n;
     }
 
-    // does the cut in force (and p_min) draft a token of bucket b at position j of k?
+    // does the cut of length k (and p_min) draft a token of bucket b at position j of k?
     bool kept(int b, int j, int k) const {
-        return (j >= k ? keep_last : keep_mid)[b] && (b + 0.5) / NB >= p_min;
+        return (j >= k ? k_last : k_mid)[k][b] && (b + 0.5) / NB >= p_min;
     }
 
     // Pass rates u[1..n] and acceptances a[1..n] of the first n positions of a draft of k,
@@ -382,28 +408,46 @@ struct mtp_cy_policy {
         return verify + s_us + heads * d_us + cf + cp * expected_tokens(k);
     }
 
-    // the cut for the next draft: a token is drafted when its calibrated acceptance
-    // pays for verifying it (and, unless it is the last, for drafting the next one) at
-    // the rate of the best choice.  It stays in force on plain steps too: the scores of
-    // the draft lengths are those of drafting under it.
+    // The cut of each draft length, and the one in force for the next draft (of k; on
+    // a plain step, that of the best length, or k_max): a token is drafted when its
+    // calibrated acceptance pays for verifying it (and, unless it is the last, for
+    // drafting the next one) at the rate of the best choice, the marginal verification
+    // cost being that of the length's own draft.  Each length is scored as it would
+    // be drafted: under its own cut (scoring every length under the cut priced for
+    // another would shut the others out when that one's verification looks dear).
     void set_cut(bool active, int k) {
         cut_active = active && d_n > 0;
         if (!cut_active) {
+            for (int i = 0; i <= k_max; ++i) {
+                std::fill(k_mid[i], k_mid[i] + NB, true);
+                std::fill(k_last[i], k_last[i] + NB, true);
+            }
             std::fill(keep_mid, keep_mid + NB, true);
             std::fill(keep_last, keep_last + NB, true);
             tau_mid = tau_last = 0.0;
             return;
         }
         const double rate = score(best >= 0 ? best : k);                // tokens per microsecond
-        const int kk = k > 0 ? k : (best > 0 ? best : k_max);           // the draft it prices
-        const double dv = std::max(0.0, (verify_cost(kk + 1) - verify_cost(1)) / (double) kk);
-        tau_last = dv * rate;
-        tau_mid = (dv + d_us) * rate;
+        const int kk = k > 0 ? k : (best > 0 ? best : k_max);           // the draft in force
+        double q[NB];
         for (int b = 0; b < NB; ++b) {
-            const double q = calibrated((b + 0.5) / NB);
-            keep_mid[b] = q >= tau_mid;
-            keep_last[b] = q >= tau_last;
+            q[b] = calibrated((b + 0.5) / NB);
         }
+        const double v1 = verify_cost(1);
+        for (int i = 1; i <= k_max; ++i) {
+            const double dv = std::max(0.0, (verify_cost(i + 1) - v1) / (double) i);
+            const double t_last = dv * rate, t_mid = (dv + d_us) * rate;
+            for (int b = 0; b < NB; ++b) {
+                k_mid[i][b] = q[b] >= t_mid;
+                k_last[i][b] = q[b] >= t_last;
+            }
+            if (i == kk) {
+                tau_last = t_last;
+                tau_mid = t_mid;
+            }
+        }
+        std::copy(k_mid[kk], k_mid[kk] + NB, keep_mid);
+        std::copy(k_last[kk], k_last[kk] + NB, keep_last);
     }
 
     // a draft token of probability p was (or would have been) accepted or not
@@ -545,7 +589,18 @@ struct mtp_cy_policy {
                 next_explore = iter + explore_every;
             }
         }
+        // re-measure a verification cost gone stale without the cut (see v_miss)
+        uncut = k > 0 && iter >= 2 * k_max + 4 && v_miss[k] >= stale_choices &&
+                iter - v_last[k + 1] >= stale_iters;
         set_cut(iter >= k_max + 3, k);   // from the second measuring pass on
+        if (uncut) {
+            cut_active = false;
+            std::fill(keep_mid, keep_mid + NB, true);
+            std::fill(keep_last, keep_last + NB, true);
+        }
+        if (k > 0) {
+            ++v_miss[k];
+        }
         last_k = k;
         last_seen[k] = iter;
         chosen[k]++;
@@ -571,6 +626,10 @@ struct mtp_cy_policy {
         const bool plain = k == 0 && n_draft_steps == 0 && n_catch_up == 0;
         const int vi = plain && last_plain ? 0 : k + 1;
         sample(v_med[vi], v_us[vi], v_n[vi], t_verify_us);
+        v_last[vi] = iter - 1;
+        if (vi >= 2) {
+            v_miss[vi - 1] = 0;
+        }
         last_plain = plain;
         sample(s_med, s_us, s_n, t_sample_us);
         if (n_draft_steps > 0) {

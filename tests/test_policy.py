@@ -402,3 +402,42 @@ def test_refinement_is_bounded_and_can_be_turned_off():
     on = DraftPolicy(4, refine_iters=16)
     simulate_conf(on, Hardware(**MOE_Q4_MEASURED, seed=5), 200, 0.99, 0.58)
     assert on.drafting_iterations >= 16
+
+
+# The MoE f16 preset as measured (moe-2.3b-a0.6b, 2 threads): drafting 4 under the cut wins
+MOE_F16_MEASURED = dict(v1=64600.0, v_slope=18000.0, d=13500.0, accept=0.75, cf=3000.0, cp=100.0, sample=300.0,
+                        v_table=[64600.0, 84800.0, 104700.0, 121000.0, 136700.0])
+
+
+class SlowStart(Hardware):
+    """The first ``until`` target decodes are slow for batches of 3 tokens or more (more
+    so the larger: the experts those tokens route to are paged in on first use), then
+    the hardware is as measured."""
+
+    def __init__(self, until, factor, **kw):
+        super().__init__(**kw)
+        self.until, self.factor, self.count = until, factor, 0
+
+    def verify(self, n):
+        v = super().verify(n)
+        self.count += 1
+        return v * self.factor * (n - 1) / 2 if n >= 3 and self.count <= self.until else v
+
+
+@pytest.mark.parametrize("until, factor", [(12, 1.5), (30, 2.5)])
+def test_recovers_from_a_slow_start(until, factor):
+    """A slow start (seen on the real MoE model: the first batches of several tokens cost
+    up to 2.6x) must not shut the long drafts out for good.  It once did: the cut of a
+    length was priced with the slow first verification of the longest draft, every length
+    was scored under that cut (so none paid), and the cut then stopped every draft before
+    its last token, so that verification was never measured again.  Now each length is
+    scored under its own cut, and a length whose verification cost went stale is drafted
+    once without the cut: after the slow start, auto settles on the best length."""
+    speed = [realised_conf(Hardware(**MOE_F16_MEASURED), FixedCut(k), 0.99, 0.58, p_min=0.8)[0] for k in range(5)]
+    assert max(range(5), key=speed.__getitem__) == 4                      # the premise (under a cut)
+    ends = []
+    for seed in range(6):
+        hw = SlowStart(until, factor, **MOE_F16_MEASURED, seed=seed)
+        _, _, choices = simulate_conf(DraftPolicy(4), hw, 600, 0.99, 0.58)
+        ends.append(choices[-200:].count(4))
+    assert min(ends) >= 150, ends
