@@ -63,7 +63,11 @@
 // A close call is measured more: while drafting could still win (scored with
 // its acceptances one standard error up) and has been measured fewer than
 // `refine_iters` times, the policy goes on drafting after a drafting iteration
-// (if plain decoding really wins, that loses little: the call was close).
+// (if plain decoding really wins, that loses little: the call was close).  The
+// same between the best length b and b + 1, whose last position is seen only
+// when b + 1 is drafted: while b + 1 could still win (that position's
+// acceptance one standard error up) and was chosen fewer than `refine_iters`
+// times, it is drafted instead of b.
 //
 // The policy only chooses the *length*: every choice keeps the output exactly
 // that of plain decoding (the target verifies every draft).  It is plain C++
@@ -251,8 +255,9 @@ struct mtp_cy_policy {
     //         out for good);
     //   a[j]  probability that it is drafted and accepted: the kept and accepted share,
     //         with a prior (a[j-1]; prior_a1 * u[1] for the first) worth prior_w tokens.
-    // z > 0: each a[j] optimistic, z standard errors up (the priors stay unbiased).
-    void rates(int n, int k, double z, double * u, double * a) const {
+    // z > 0: each a[j] from position z_from on optimistic, z standard errors up (the
+    // priors stay unbiased).
+    void rates(int n, int k, double z, double * u, double * a, int z_from = 1) const {
         double u_prev = 1.0, a_prev = 0.0;
         for (int j = 1; j <= n; ++j) {
             double n_kept = 0.0, n_acc = 0.0;
@@ -266,7 +271,7 @@ struct mtp_cy_policy {
             u[j] = (n_kept + prior_w * u_prev) / w;
             const double prior = j <= 1 ? prior_a1 * u[1] : a_prev;
             const double aj = (n_acc + prior_w * prior) / w;
-            a[j] = z > 0.0 ? std::min(1.0, aj + z * std::sqrt(aj * (1.0 - aj) / w)) : aj;
+            a[j] = z > 0.0 && j >= z_from ? std::min(1.0, aj + z * std::sqrt(aj * (1.0 - aj) / w)) : aj;
             u_prev = u[j];
             a_prev = aj;
         }
@@ -293,9 +298,9 @@ struct mtp_cy_policy {
         return a[j];
     }
 
-    double expected_tokens(int k, double z = 0.0) const {
+    double expected_tokens(int k, double z = 0.0, int z_from = 1) const {
         double u[KMAX + 1], a[KMAX + 1];
-        rates(k, k, z, u, a);
+        rates(k, k, z, u, a, z_from);
         double e = 1.0, run = 1.0;
         for (int j = 1; j <= k; ++j) {
             run *= a[j];
@@ -473,10 +478,11 @@ struct mtp_cy_policy {
         pos_tot[j] = pos_tot[j] * decay + 1.0;
     }
 
-    // expected tokens per microsecond of drafting k (z > 0: with optimistic acceptances)
-    double score(int k, double z = 0.0) const {
+    // expected tokens per microsecond of drafting k (z > 0: with optimistic acceptances
+    // from draft position z_from on)
+    double score(int k, double z = 0.0, int z_from = 1) const {
         const double t = cost(k);
-        return t > 0.0 ? expected_tokens(k, z) / t : 0.0;
+        return t > 0.0 ? expected_tokens(k, z, z_from) / t : 0.0;
     }
 
     // Iterations between probes so that probing costs at most `probe_budget` of the
@@ -565,6 +571,15 @@ struct mtp_cy_policy {
             } else if (plain_next) {
                 k = 0;                 // the second plain step of a pair (a plain step's cost)
                 plain_next = false;
+            } else if (b < k_max && chosen[b + 1] < refine_iters &&
+                       score(b + 1, refine_z, b + 1) >= bs) {
+                // a close call between the best length and the next one: the next one's
+                // last position is seen only when it is drafted (the positions before are
+                // seen all the time), a few times at a few places of the text.  Draft it
+                // while it could still win (that position's acceptance one standard error
+                // up) -- it loses little if it really loses, the call being close -- until
+                // it was chosen refine_iters times.
+                k = b + 1;
             } else if (iter >= next_explore) {
                 // measure again the length whose estimate is the oldest (costs and
                 // acceptances drift; a length never tried again would keep a stale score);
