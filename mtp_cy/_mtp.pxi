@@ -379,7 +379,11 @@ cdef class DraftPolicy:
         p.observe(k, n_accepted, verify_us=..., draft_us=..., draft_steps=k,
                   catch_up_us=..., catch_up_tokens=..., sample_us=...)
 
-    Times are microseconds.
+    Times are microseconds.  Options (the defaults are the MTP loop's): ``p_min``; the
+    gaps between probes of drafting while plain decoding wins (``min_gap``, ``max_gap``);
+    ``explore_every`` (iterations between re-measurements of another length);
+    ``refine_iters`` (how long a close call is measured, 0: not at all); ``plain_run``
+    (the plain steps in a row that measure plain decoding when it is close to the best).
     """
     cdef mtp_cy_policy * p
 
@@ -389,7 +393,8 @@ cdef class DraftPolicy:
     def __dealloc__(self):
         del self.p
 
-    def __init__(self, k_max=4, *, p_min=0.0, min_gap=None, max_gap=None, explore_every=None, refine_iters=None):
+    def __init__(self, k_max=4, *, p_min=0.0, min_gap=None, max_gap=None, explore_every=None, refine_iters=None,
+                 plain_run=None):
         self.p.configure(_as_int("k_max", k_max, 1, _AUTO_MAX))
         self.p.p_min = _as_float("p_min", p_min, 0.0, 1.0)
         if refine_iters is not None:
@@ -401,6 +406,8 @@ cdef class DraftPolicy:
             self.p.max_gap = _as_int("max_gap", max_gap, 1)
         if explore_every is not None:
             self.p.explore_every = _as_int("explore_every", explore_every, 1)
+        if plain_run is not None:
+            self.p.plain_run = _as_int("plain_run", plain_run, 2)
 
     @property
     def k_max(self):

@@ -7,7 +7,9 @@
 //   V(n)   microseconds of a target decode of n tokens after a draft (n = k + 1),
 //   P      microseconds of a plain step's target decode in a run of plain steps
 //          (measured apart: right after the MTP head ran, or after a decode of
-//          another shape, the same decode costs more: no graph to reuse),
+//          another shape, the same decode costs more -- no graph to reuse -- and
+//          the next few still cost more: it is measured in a pair of plain steps,
+//          or in a run of `plain_run` when plain decoding is close to the best),
 //   D      microseconds per draft token (one MTP-head decode + its sampling),
 //   C(m)   microseconds to catch the MTP context up on m tokens (cf + cp * m),
 //   S      microseconds of sampling / acceptance per iteration,
@@ -179,7 +181,14 @@ struct mtp_cy_policy {
     int64_t last_seen[KMAX + 1];   // iteration at which each length was last chosen
     int64_t n_drafting;            // iterations that drafted (at least one head decode)
     bool    last_plain;            // the last iteration observed was a plain step
-    bool    plain_next;            // the next decision is the second plain step of a pair
+    int     plain_left;            // plain steps still to make in a run measuring plain decoding
+    // a run of plain steps measuring plain decoding: a pair, or `plain_run` steps when plain
+    // decoding is close to the best (its score at least close_ratio of the best one): in a
+    // session that drafts, a plain step costs more than in a long run of them (on the 239M
+    // model the second of a pair ~25% more, the fourth ~15%, the eighth ~0), and a close
+    // call must price the run that choosing plain decoding would get
+    int     plain_run = 8;
+    double  close_ratio = 0.8;
 
     mtp_cy_policy() { reset(); }
 
@@ -209,7 +218,7 @@ struct mtp_cy_policy {
         std::fill(pos_tot, pos_tot + KMAX + 1, 0.0);
         n_drafting = 0;
         last_plain = false;
-        plain_next = false;
+        plain_left = 0;
         std::fill(cal_hits, cal_hits + NB, 0.0);
         std::fill(cal_tries, cal_tries + NB, 0.0);
         std::fill(keep_mid, keep_mid + NB, true);
@@ -568,9 +577,9 @@ struct mtp_cy_policy {
                     gap = lag_over_budget() ? budget_gap(pk) : std::min(budget_gap(pk), gap * 2);
                     next_probe = iter + gap;
                 }
-            } else if (plain_next) {
-                k = 0;                 // the second plain step of a pair (a plain step's cost)
-                plain_next = false;
+            } else if (plain_left > 0) {
+                k = 0;                 // the rest of a run of plain steps (a plain step's cost)
+                --plain_left;
             } else if (b < k_max && chosen[b + 1] < refine_iters &&
                        score(b + 1, refine_z, b + 1) >= bs) {
                 // a close call between the best length and the next one: the next one's
@@ -583,8 +592,9 @@ struct mtp_cy_policy {
             } else if (iter >= next_explore) {
                 // measure again the length whose estimate is the oldest (costs and
                 // acceptances drift; a length never tried again would keep a stale score);
-                // plain decoding is measured with two plain steps in a row (the first one,
-                // right after a draft, does not cost what a run of plain steps does).
+                // plain decoding is measured with a run of plain steps (the first one,
+                // right after a draft, does not cost what a run of plain steps does: a
+                // pair, `plain_run` steps when plain decoding is close to the best).
                 // Lengths far behind the best (even optimistically) only every
                 // `far_every`-th time: re-measuring them is what exploring costs most.
                 const bool far_turn = ++explore_slot % far_every == 0;
@@ -599,7 +609,7 @@ struct mtp_cy_policy {
                 }
                 if (ok >= 0) {
                     k = ok;
-                    plain_next = ok == 0;
+                    plain_left = ok != 0 ? 0 : (score(0) >= close_ratio * bs ? plain_run - 1 : 1);
                 }
                 next_explore = iter + explore_every;
             }

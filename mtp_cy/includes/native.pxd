@@ -100,6 +100,7 @@ cdef extern from "_policy.h" nogil:
         double p_min
         double refine_z
         int refine_iters
+        int plain_run
         int64_t n_drafting
         double calibrated(double p)
         cbool keeps(double p, cbool last)
