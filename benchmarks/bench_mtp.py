@@ -167,8 +167,8 @@ def bench_model(name, args, configs, spec_bin, comp_bin):
            "theoretical_draft_ratio": cost.ratio if cost else None, "configs": {}}
     base = statistics.median(x["decode_tok_s"] for x in ours["plain"]) if "plain" in ours else None
     nat_base = statistics.median(v for v, _ in native["plain"]) if "plain" in native else None
-    head = (f"| config | mtp_cy tok/s | vs plain | native tok/s | native vs plain | mtp_cy/native | "
-            f"acceptance | notes |")
+    head = ("| config | mtp_cy tok/s | vs plain | native tok/s | native vs plain | mtp_cy/native | "
+            "acceptance | notes |")
     print(head)
     print("|" + "---|" * 8)
     for cname, _ in configs:

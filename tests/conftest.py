@@ -1,6 +1,5 @@
 """Shared fixtures: synthetic models (generated once, cached) and helpers."""
 import os
-import sys
 from pathlib import Path
 
 import pytest

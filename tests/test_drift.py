@@ -79,7 +79,7 @@ def pxd_blocks(path):
         line = lines[i]
         m = re.match(r"\s*(?:cdef\s+)?(enum|struct)\s+(\w+)(?:\s+\"(\w+)\")?\s*:\s*$", line)
         if m:
-            kind, name, cname = m.group(1), m.group(2), m.group(3) or m.group(2)
+            kind, cname = m.group(1), m.group(3) or m.group(2)
             indent = len(line) - len(line.lstrip())
             members = []
             i += 1

@@ -1,6 +1,5 @@
 """Foundation: package API, model loading, tokens, logging, errors."""
 import logging
-import os
 import subprocess
 import sys
 import textwrap

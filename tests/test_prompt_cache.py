@@ -5,7 +5,6 @@ The synthetic models are hybrid (Gated-DeltaNet + attention, like Qwen3.5/3.6), 
 reuse that is not at the very end of the state goes through a state checkpoint."""
 import asyncio
 import threading
-import time
 
 import pytest
 
