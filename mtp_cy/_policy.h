@@ -146,12 +146,13 @@ struct mtp_cy_policy {
     double cal_hits[NB], cal_tries[NB];
     double cal_decay = 0.98;  // per observation of a bucket
     double cal_prior_w = 2.0; // weight of the prior q = p (pseudo-observations)
-    bool   keep_mid[NB], keep_last[NB];   // the cut in force: draft a token of this bucket?
     bool   cut_active;                    // false during the first measuring pass
-    double tau_mid, tau_last;             // break-even acceptances behind keep_*
+    double tau_mid, tau_last;             // break-even acceptances of the cut in force
     // the cut each draft length would be drafted under (priced with its own marginal
-    // verification cost): the score of length k is that of drafting k under its cut
+    // verification cost; draft a token of this bucket?): the score of length k is that of
+    // drafting k under its cut.  Row 0 is never priced: it keeps every token.
     bool   k_mid[KMAX + 1][NB], k_last[KMAX + 1][NB];
+    int    cut_row;                       // the cut in force: its row (0: none)
     // a length's verification cost is re-measured without the cut when it has gone
     // stale: its cut stopped every draft of it before the end (the cost of verifying
     // the whole draft, priced in the cut, is then never measured again -- a slow
@@ -160,7 +161,6 @@ struct mtp_cy_policy {
     int    stale_choices = 1;   // ... and this many choices of the length
     int64_t v_last[KMAX + 2];   // iteration of the last sample of V(n)
     int64_t v_miss[KMAX + 1];   // choices of length k since V(k + 1) was last sampled
-    bool   uncut;               // this iteration drafts without the cut (re-measuring)
     // the draft by position: decayed counts, by bucket of their probability, of the
     // tokens drafted at position j whose predecessors were accepted (pos_hist) and of
     // those among them that were (or, cut, would have been) accepted (pos_acc).  The
@@ -222,15 +222,13 @@ struct mtp_cy_policy {
         plain_left = 0;
         std::fill(cal_hits, cal_hits + NB, 0.0);
         std::fill(cal_tries, cal_tries + NB, 0.0);
-        std::fill(keep_mid, keep_mid + NB, true);
-        std::fill(keep_last, keep_last + NB, true);
         for (int k = 0; k <= KMAX; ++k) {
             std::fill(k_mid[k], k_mid[k] + NB, true);
             std::fill(k_last[k], k_last[k] + NB, true);
         }
         std::fill(v_last, v_last + KMAX + 2, (int64_t) -1);
         std::fill(v_miss, v_miss + KMAX + 1, (int64_t) 0);
-        uncut = false;
+        cut_row = 0;
         cut_active = false;
         tau_mid = tau_last = 0.0;
         iter = 0;
@@ -349,12 +347,12 @@ struct mtp_cy_policy {
 
     // may a draft token of probability p be drafted now (last: it would end the draft)?
     bool keeps(double p, bool last) const {
-        return (last ? keep_last : keep_mid)[bucket(p)];
+        return (last ? k_last : k_mid)[cut_row][bucket(p)];
     }
 
     // the lowest p from which every bucket up is kept (the cut as a p_min)
     double cut_below(bool last) const {
-        const bool * keep = last ? keep_last : keep_mid;
+        const bool * keep = (last ? k_last : k_mid)[cut_row];
         int b = NB;
         while (b > 0 && keep[b - 1]) {
             --b;
@@ -437,8 +435,7 @@ struct mtp_cy_policy {
                 std::fill(k_mid[i], k_mid[i] + NB, true);
                 std::fill(k_last[i], k_last[i] + NB, true);
             }
-            std::fill(keep_mid, keep_mid + NB, true);
-            std::fill(keep_last, keep_last + NB, true);
+            cut_row = 0;
             tau_mid = tau_last = 0.0;
             return;
         }
@@ -461,8 +458,7 @@ struct mtp_cy_policy {
                 tau_mid = t_mid;
             }
         }
-        std::copy(k_mid[kk], k_mid[kk] + NB, keep_mid);
-        std::copy(k_last[kk], k_last[kk] + NB, keep_last);
+        cut_row = kk;
     }
 
     // a draft token of probability p was (or would have been) accepted or not
@@ -545,7 +541,8 @@ struct mtp_cy_policy {
             k = i < 3 ? 0 : (i < k_max + 3 ? i - 2 : i - (k_max + 3));
         } else {
             int b = 0;
-            double bs = score(0);
+            const double s0 = score(0);
+            double bs = s0;
             for (int i = 1; i <= k_max; ++i) {
                 const double s = score(i);
                 if (s > bs * (1.0 + 1e-9)) {
@@ -610,19 +607,18 @@ struct mtp_cy_policy {
                 }
                 if (ok >= 0) {
                     k = ok;
-                    plain_left = ok != 0 ? 0 : (score(0) >= close_ratio * bs ? plain_run - 1 : 1);
+                    plain_left = ok != 0 ? 0 : (s0 >= close_ratio * bs ? plain_run - 1 : 1);
                 }
                 next_explore = iter + explore_every;
             }
         }
         // re-measure a verification cost gone stale without the cut (see v_miss)
-        uncut = k > 0 && iter >= 2 * k_max + 4 && v_miss[k] >= stale_choices &&
-                iter - v_last[k + 1] >= stale_iters;
+        const bool uncut = k > 0 && iter >= 2 * k_max + 4 && v_miss[k] >= stale_choices &&
+                           iter - v_last[k + 1] >= stale_iters;
         set_cut(iter >= k_max + 3, k);   // from the second measuring pass on
         if (uncut) {
             cut_active = false;
-            std::fill(keep_mid, keep_mid + NB, true);
-            std::fill(keep_last, keep_last + NB, true);
+            cut_row = 0;
         }
         if (k > 0) {
             ++v_miss[k];
