@@ -150,3 +150,30 @@ def devices(rpc_servers=None, *, timeout=5.0):
 
 
 llama_cpp_commit = _LLAMA_CPP_COMMIT
+
+
+def cpu_pools():
+    """The CPU thread pools the sessions of this process share, for diagnostics.
+
+    mtp_cy keeps one ggml thread pool per thread count (``n_threads``), shared by
+    every session that uses that many threads, and runs one native step at a time
+    (a FIFO lock), so that sessions used from several threads take turns instead
+    of running several pools on the same cores.  A pool whose last call ended is
+    paused: its helper threads sleep instead of polling for work.
+
+    Returns ``{"pools": n, "helper_threads": n, "pauses": n, "can_pause": bool}``:
+    the pools alive now, their helper threads (each pool of ``n`` threads has
+    ``n - 1``: the calling thread is the first), how often mtp_cy paused a pool,
+    and whether this build's CPU backend lets it pause them (``vendor/patches/0001``).
+    """
+    init()
+    cdef int n_pools = 0, n_helpers = 0, can_pause = 0
+    cdef int64_t n_paused = 0
+    mtp_cy_pools_info(n_pools, n_helpers, n_paused, can_pause)
+    return {"pools": n_pools, "helper_threads": n_helpers, "pauses": n_paused, "can_pause": bool(can_pause)}
+
+
+def _set_pause_idle_pools(bint on):
+    """Pause a pool when its last call ends (the default) or leave its helpers polling
+    (for benchmarks that measure what pausing costs; not public API)."""
+    mtp_cy_set_pause_idle(on)

@@ -129,6 +129,11 @@ def system_info() -> str:
     """ggml's CPU feature string (e.g. ``"CPU : SSE3 = 1 | AVX2 = 1 | ..."``)."""
 
 
+def cpu_pools() -> Dict[str, Any]:
+    """The CPU thread pools shared by the sessions of this process: ``pools``,
+    ``helper_threads``, ``pauses`` (times an idle pool was paused) and ``can_pause``."""
+
+
 def build_info() -> BuildInfo:
     """How mtp_cy was built (static, or portable with backend modules) and which file
     each loaded backend came from; ``cpu_variant`` is the CPU module picked for this CPU."""

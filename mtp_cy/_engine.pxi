@@ -147,7 +147,8 @@ cdef class _Engine:
     cdef readonly Model model
     cdef llama_context * ctx
     cdef common_batch * batch
-    cdef ggml_threadpool_t tp
+    cdef ggml_threadpool_t tp      # the shared CPU pool of this thread count (_native.h)
+    cdef ggml_threadpool_t _call_tp   # the pool the open call is counted on (NULL: none)
     cdef mtp_cy_stats * st
     cdef mtp_cy_abort * ab
     cdef mtp_cy_flag * busy
@@ -173,6 +174,7 @@ cdef class _Engine:
         self.ctx = NULL
         self.batch = NULL
         self.tp = NULL
+        self._call_tp = NULL
         self.st = new mtp_cy_stats()
         self.ab = new mtp_cy_abort()
         self.busy = new mtp_cy_flag()
@@ -243,6 +245,7 @@ cdef class _Engine:
         if self.ctx != NULL:
             llama_free(self.ctx)
             self.ctx = NULL
+        self._end_call()
         if self.tp != NULL:
             mtp_cy_threadpool_free(self.tp)
             self.tp = NULL
@@ -560,16 +563,19 @@ cdef class _Engine:
             try:
                 if not s.started:
                     s.started = True
+                    if self.tp != NULL and self._call_tp == NULL:
+                        self._call_tp = self.tp
+                        mtp_cy_call_begin(self.tp)
                     mtp_cy_add(self.st.calls, 1)
                     mtp_cy_add(self.st.prompt_tokens, s.prompt.size())
                     self._arm(s.prompt_timeout_us)
                     r = self._prompt(s)
                     if r == R_NONE and not self.ab.cancel.load():
                         self._arm(s.timeout_us)
-                        r = self._step(s)
+                        r = self._locked_step(s)
                 else:
                     self._arm(s.timeout_us)
-                    r = self._step(s)
+                    r = self._locked_step(s)
             finally:
                 if w != NULL:
                     w.disarm()
@@ -603,22 +609,29 @@ cdef class _Engine:
                     m = min(m, max(1, last_ckpt + self.checkpoint_every - i))
                     if i < s.ckpt_hint:
                         m = min(m, s.ckpt_hint - i)
+                # the CPU lock per chunk (a long prompt does not hold other sessions' streams
+                # for all of its length); the MTP head's share of the chunk goes with it
+                with nogil:
+                    mtp_cy_cpu_enter(self.tp)
                 try:
-                    with nogil:
-                        self.batch.clear()
-                        for j in range(m):
-                            self.batch.add(s.prompt[i + j], i + j, 0, False)
-                        rc = llama_process(self.ctx, LLAMA_PROCESS_TYPE_DECODE, self.batch.get())
-                except Exception as exc:
-                    self.cache_valid = False
-                    raise _native_error(exc, "processing the prompt") from None
-                r = self._check_rc(rc, "processing the prompt")
-                if r != R_NONE:
-                    self.cache_valid = False
-                    return r
-                for j in range(m):
-                    self.toks.push_back(s.prompt[i + j])
-                self._hook_prefilled(i, m)
+                    try:
+                        with nogil:
+                            self.batch.clear()
+                            for j in range(m):
+                                self.batch.add(s.prompt[i + j], i + j, 0, False)
+                            rc = llama_process(self.ctx, LLAMA_PROCESS_TYPE_DECODE, self.batch.get())
+                    except Exception as exc:
+                        self.cache_valid = False
+                        raise _native_error(exc, "processing the prompt") from None
+                    r = self._check_rc(rc, "processing the prompt")
+                    if r != R_NONE:
+                        self.cache_valid = False
+                        return r
+                    for j in range(m):
+                        self.toks.push_back(s.prompt[i + j])
+                    self._hook_prefilled(i, m)
+                finally:
+                    mtp_cy_cpu_leave()
                 i += m
                 if (i - last_ckpt >= self.checkpoint_every or i == s.ckpt_hint) and i < n - 1:
                     self._checkpoint(i)
@@ -635,8 +648,26 @@ cdef class _Engine:
 
     cdef void _finish(self, _Stream s) noexcept:
         """The stream ``s`` let go of the session (it ended, or was closed or collected)."""
-        if self.tp != NULL:
-            mtp_cy_threadpool_pause(self.tp)
+        self._end_call()
+
+    cdef void _end_call(self) noexcept:
+        """The open call ends: its pool is paused unless another call uses it (_native.h)."""
+        if self._call_tp != NULL:
+            with nogil:
+                mtp_cy_call_end(self._call_tp)
+            self._call_tp = NULL
+
+    cdef int _locked_step(self, _Stream s) except -1:
+        """One decoding step under the process-wide CPU lock (one step computes at a time)."""
+        cdef ggml_threadpool_t tp = self.tp
+        cdef int r
+        with nogil:
+            mtp_cy_cpu_enter(tp)
+        try:
+            r = self._step(s)
+        finally:
+            mtp_cy_cpu_leave()
+        return r
 
     # -- streams ----------------------------------------------------------------------
     cdef _Stream _open(self, prompt, dict kw, bint events, str where, bint stats_events, int ckpt_hint=0):
@@ -666,6 +697,8 @@ cdef class _Engine:
                              f"it must be shorter than n_ctx (raise n_ctx or shorten the prompt)")
         _fill_sampling(&s.sp, self.model._vocab, o, self.n_ctx)
         s.smpl = _make_sampler(self.model._model, &s.sp)
+        # timeout, cancel() and Ctrl-C reach into the grammar's work too (vendor/patches/0002)
+        common_sampler_set_abort_callback(s.smpl, _abort_cb, <void *>self.ab)
         if not self.busy.try_acquire():
             common_sampler_free(s.smpl)
             s.smpl = NULL

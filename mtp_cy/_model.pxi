@@ -71,31 +71,87 @@ cdef object _head_mismatch(const llama_model * model, const llama_model * head):
     return None
 
 
-cdef tuple _gguf_arch_nextn(str path):
-    """``(architecture, nextn_predict_layers)`` from a GGUF file's metadata, without loading it
-    (``None`` for a key that is missing or has another type)."""
+cdef object _gguf_u32(gguf_context * g, str key):
+    cdef int64_t k = gguf_find_key(g, key.encode())
+    if k >= 0 and gguf_get_kv_type(g, k) == GGUF_TYPE_UINT32:
+        return gguf_get_val_u32(g, k)
+    return None
+
+
+# tensor-name parts (after "blk.N.") that mark a layer's kind, as llama.cpp's loaders name them:
+# attention layers (K projections of plain, fused-free and MLA attention) and recurrent layers
+# (Mamba / Gated-DeltaNet / KDA state-space mixers, LFM2's short convolutions, RWKV's time mix)
+_ATTN_PARTS = ("attn_k.", "attn_q.", "attn_k_b.", "attn_kv_a_mqa.", "attn_q_a.")
+_RECR_PARTS = ("ssm_", "shortconv", "time_mix")
+
+
+cdef dict _gguf_layout(str path):
+    """What a GGUF file holds, read from its header alone (no weights): ``arch``, ``n_block``
+    (block_count), ``nextn`` (NextN / MTP layers among them) and, per block index, whether it
+    has tensors at all, attention tensors and recurrent (state-space) tensors."""
     cdef bytes bpath = path.encode()
     cdef const char * cpath = bpath
     cdef gguf_init_params gp
     gp.no_alloc = True
     gp.ctx = NULL
     cdef gguf_context * g
+    cdef int64_t i, n
     with nogil:
         g = gguf_init_from_file(cpath, gp)
     if g == NULL:
-        raise ModelLoadError(f"cannot read the GGUF metadata of {path!r}: {_take_errors() or 'corrupt file'}")
-    cdef int64_t k
-    arch = nextn = None
+        raise ModelLoadError(f"cannot read the GGUF header of {path!r}: {_take_errors() or 'corrupt file'}")
+    arch = None
+    blocks = {}
     try:
-        k = gguf_find_key(g, b"general.architecture")
-        if k >= 0 and gguf_get_kv_type(g, k) == GGUF_TYPE_STRING:
-            arch = (<bytes>gguf_get_val_str(g, k)).decode("utf-8", "replace")
-            k = gguf_find_key(g, f"{arch}.nextn_predict_layers".encode())
-            if k >= 0 and gguf_get_kv_type(g, k) == GGUF_TYPE_UINT32:
-                nextn = gguf_get_val_u32(g, k)
+        i = gguf_find_key(g, b"general.architecture")
+        if i >= 0 and gguf_get_kv_type(g, i) == GGUF_TYPE_STRING:
+            arch = (<bytes>gguf_get_val_str(g, i)).decode("utf-8", "replace")
+        n_block = _gguf_u32(g, f"{arch}.block_count") if arch else None
+        nextn = (_gguf_u32(g, f"{arch}.nextn_predict_layers") if arch else None) or 0
+        n = gguf_get_n_tensors(g)
+        for i in range(n):
+            name = (<bytes>gguf_get_tensor_name(g, i)).decode("utf-8", "replace")
+            if not name.startswith("blk."):
+                continue
+            idx, _, rest = name[4:].partition(".")
+            if not idx.isdigit():
+                continue
+            b = blocks.setdefault(int(idx), [False, False])
+            if rest.startswith(_ATTN_PARTS):
+                b[0] = True
+            if rest.startswith(_RECR_PARTS):
+                b[1] = True
     finally:
         gguf_free(g)
-    return arch, nextn
+    return {"arch": arch, "n_block": n_block, "nextn": nextn, "blocks": blocks}
+
+
+cdef int _check_runnable(str path, dict lay, const llama_model * m) except -1:
+    """Refuse a file that llama.cpp loads but cannot run (it would abort the process on the
+    first decode): an MTP-head-only file (a sidecar) opened as the model, and a hybrid model
+    whose layer pattern leaves one of its two memories (attention KV cache, recurrent state)
+    without a layer."""
+    arch, n_block, nextn, blocks = lay["arch"], lay["n_block"], lay["nextn"], lay["blocks"]
+    if not n_block:
+        return 0
+    n_trunk = n_block - nextn
+    trunk = [blocks.get(i) for i in range(n_trunk)]
+    if nextn > 0 and n_trunk > 0 and all(b is None for b in trunk):
+        raise ModelLoadError(
+            f"{path!r} holds only an MTP head ({nextn} NextN layer(s), none of its {n_trunk} trunk layers): "
+            f"it is an MTP sidecar, not a model. Load the model it belongs to and pass this file as "
+            f"mtp_head=, e.g. mtp_cy.Model('model.gguf', mtp_head={path!r})")
+    if m != NULL and llama_model_is_hybrid(m) and n_trunk > 0:
+        n_attn = sum(1 for b in trunk if b is not None and b[0])
+        n_recr = sum(1 for b in trunk if b is not None and b[1])
+        if n_attn == 0 or n_recr == 0:
+            have, lack = (("recurrent", "attention") if n_attn == 0 else ("attention", "recurrent"))
+            raise ModelLoadError(
+                f"{path!r} is a hybrid {arch!r} model whose {n_trunk} trunk layers are all {have} layers "
+                f"(no {lack} layer): llama.cpp loads such a file but aborts on its first decode (its {lack} "
+                f"memory would be empty). The file's layer pattern is wrong for this architecture "
+                f"(e.g. {arch}.full_attention_interval); export it again with both kinds of layer")
+    return 0
 
 
 cdef _check_gguf_file(str path):
@@ -241,6 +297,9 @@ cdef class Model:
             for i, v in enumerate(vals):
                 ts[i] = v
         _check_gguf_file(path)
+        lay = _gguf_layout(path)
+        if not vocab_only:
+            _check_runnable(path, lay, NULL)     # a sidecar is refused before loading anything
 
         cdef llama_model_params mp = llama_model_default_params()
         cdef vector[ggml_backend_dev_t] devs
@@ -331,6 +390,15 @@ cdef class Model:
                     raise ModelLoadError(f"loading {path!r} was cancelled by the progress callback")
                 raise ModelLoadError(f"failed to load model {path!r}: {detail}")
             raise ModelLoadError(f"failed to load model {path!r}: {_take_errors() or 'unknown error'}")
+        if not vocab_only:
+            try:
+                _check_runnable(path, lay, m)
+            except BaseException:
+                with nogil:
+                    llama_model_free(m)
+                if w != NULL:
+                    del w
+                raise
         self._model = m
         self._vocab = llama_model_get_vocab(m)
         self.path = path
@@ -394,12 +462,13 @@ cdef class Model:
     cdef int _load_head(self, str path, llama_model_params mp) except -1:
         """Load an MTP-only sidecar GGUF (upstream's ``mtp-<name>.gguf``) and check that it fits."""
         _check_gguf_file(path)
-        arch, nextn = _gguf_arch_nextn(path)
+        lay = _gguf_layout(path)
+        arch, nextn = lay["arch"], lay["nextn"]
         if not nextn:
             # llama.cpp would try to load it as a whole model and fail on a missing tensor
             raise MTPUnsupportedError(
                 f"{path!r} cannot be the MTP head of {self.path!r}: it has no MTP (NextN) layer "
-                f"(architecture {arch!r}, nextn_predict_layers = {nextn or 0}): it is not an MTP head, "
+                f"(architecture {arch!r}, nextn_predict_layers = {nextn}): it is not an MTP head, "
                 f"e.g. a plain model was given as mtp_head")
         cdef bytes bpath = path.encode()
         cdef const char * cpath = bpath

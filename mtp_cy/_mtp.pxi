@@ -325,6 +325,11 @@ cdef class MTP(_Engine):
                 if rc == 0 and not rpc_bad:
                     self.drafter.add_rows(n_past, nb, llama_get_embeddings_nextn(self.ctx))
                     ids = common_sampler_sample_and_accept_n(s.smpl, self.ctx, s.draft, False)
+                    if ids.size() == 0 or self.ab.cancel.load() or self.ab.timed_out or self.ab.interrupted:
+                        # the abort callback stopped the grammar's work (timeout / cancel / Ctrl-C):
+                        # this step is abandoned, as a decode stopped between graph nodes is
+                        rc = 2
+                if rc == 0 and not rpc_bad:
                     n_acc = <int>ids.size() - 1
                     if self.auto and k > 0:
                         # calibrate the draft's confidence: every drafted token whose

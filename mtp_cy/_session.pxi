@@ -60,12 +60,15 @@ cdef class Session(_Engine):
                     self.toks.push_back(s.last)
                     mtp_cy_add(self.st.iters, 1)
                     tok = common_sampler_sample(s.smpl, self.ctx, 0, False)
-                    common_sampler_accept(s.smpl, tok, True)
-                    s.last = tok
-                    s.pending.push_back(tok)
-                    if s.n_top >= 0:
-                        s.lp_vals.push_back(mtp_cy_logprobs(llama_get_logits_ith(self.ctx, 0), n_vocab, tok,
-                                                            s.n_top, s.lp_top_ids, s.lp_top_vals))
+                    if tok < 0:     # LLAMA_TOKEN_NULL
+                        rc = 2      # the abort callback stopped the grammar's work (timeout / cancel)
+                    else:
+                        common_sampler_accept(s.smpl, tok, True)
+                        s.last = tok
+                        s.pending.push_back(tok)
+                        if s.n_top >= 0:
+                            s.lp_vals.push_back(mtp_cy_logprobs(llama_get_logits_ith(self.ctx, 0), n_vocab, tok,
+                                                                s.n_top, s.lp_top_ids, s.lp_top_vals))
                 t2 = ggml_time_us()
                 mtp_cy_add(self.st.t_verify_us, t1 - t0)
                 mtp_cy_add(self.st.t_sample_us, t2 - t1)

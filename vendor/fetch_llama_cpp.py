@@ -4,8 +4,12 @@
 llama.cpp is not committed to this repository.  Its source for upstream commit
 ``0c1e57098`` ships inside the PyPI sdist ``llama-cpp-python==0.3.36`` (under
 ``vendor/llama.cpp``), so the build fetches that sdist from the package index,
-verifies its pinned sha256 and extracts only what mtp_cy's build, tests and
-benchmarks need.
+verifies its pinned sha256, extracts only what mtp_cy's build, tests and
+benchmarks need, and applies mtp_cy's own small fixes to it: the patch files in
+``vendor/patches/`` (``NNNN-name.patch``, unified diffs against the pinned source,
+applied in name order, each with a comment on top that says why).  A patch that
+no longer applies exactly (no fuzz) stops the fetch with the file and hunk that
+failed: review it against the new source when llama.cpp is bumped.
 
 The download is cached (``$MTP_CY_CACHE_DIR`` or ``~/.cache/mtp_cy``), so a
 second fetch does not touch the network.  Set ``MTP_CY_LLAMA_CPP_DIR`` to use an
@@ -53,6 +57,87 @@ SKIP_PARTS = ("/.git", ".github/")
 STAMP = ".mtp_cy_fetched"
 
 HERE = Path(__file__).resolve().parent
+PATCH_DIR = HERE / "patches"
+
+
+class PatchError(RuntimeError):
+    """A patch of vendor/patches/ does not apply to the pinned source."""
+
+
+def patch_files() -> list:
+    """The patches mtp_cy applies to llama.cpp, in the order they are applied."""
+    return sorted(PATCH_DIR.glob("*.patch")) if PATCH_DIR.is_dir() else []
+
+
+def patches_digest() -> str:
+    """sha256 over the patch files (names and contents): part of the fetch stamp, so that a
+    changed patch set extracts the source again."""
+    h = hashlib.sha256()
+    for f in patch_files():
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _parse_patch(text: str, name: str) -> list:
+    """[(path, [(old_start, old_lines, new_lines), ...]), ...] of a unified diff."""
+    files, cur, i = [], None, 0
+    lines = text.splitlines(keepends=True)
+    while i < len(lines):
+        ln = lines[i]
+        if ln.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
+            path = lines[i + 1][4:].strip().split("\t")[0]
+            if path.startswith("b/"):
+                path = path[2:]
+            cur = (path, [])
+            files.append(cur)
+            i += 2
+            continue
+        if ln.startswith("@@ "):
+            if cur is None:
+                raise PatchError(f"{name}: hunk before any file header")
+            try:
+                old = ln.split()[1]
+                start = int(old[1:].split(",")[0])
+            except (IndexError, ValueError):
+                raise PatchError(f"{name}: bad hunk header {ln.strip()!r}") from None
+            old_l, new_l = [], []
+            i += 1
+            while i < len(lines) and lines[i][:1] in (" ", "-", "+", "\\"):
+                t = lines[i]
+                if t.startswith("\\"):          # "\ No newline at end of file"
+                    i += 1
+                    continue
+                if t[0] in " -":
+                    old_l.append(t[1:])
+                if t[0] in " +":
+                    new_l.append(t[1:])
+                i += 1
+            cur[1].append((start, old_l, new_l))
+            continue
+        i += 1
+    if not files:
+        raise PatchError(f"{name}: no file in the patch")
+    return files
+
+
+def apply_patch(root: Path, patch: Path) -> None:
+    """Apply one unified diff to the tree at ``root``: every hunk must match exactly, at
+    its stated line (no fuzz, no offset); raises PatchError naming the file and hunk."""
+    for rel, hunks in _parse_patch(patch.read_text(), patch.name):
+        target = root / rel
+        if not target.is_file():
+            raise PatchError(f"{patch.name}: {rel} does not exist in the llama.cpp source")
+        src = target.read_text().splitlines(keepends=True)
+        out, pos = [], 0
+        for n, (start, old_l, new_l) in enumerate(hunks, 1):
+            at = max(start - 1, 0) if old_l else start
+            if at < pos or src[at:at + len(old_l)] != old_l:
+                raise PatchError(f"{patch.name}: hunk {n} of {rel} (line {start}) does not match the pinned "
+                                 "source; update the patch for this llama.cpp")
+            out += src[pos:at] + new_l
+            pos = at + len(old_l)
+        out += src[pos:]
+        target.write_text("".join(out))
 
 
 def _keep(rel: str) -> bool:
@@ -133,8 +218,11 @@ def extract(sdist: Path, dest: Path) -> None:
             members.append(m)
         tf.extractall(tmp, members=members, filter="data") if sys.version_info >= (3, 12) \
             else tf.extractall(tmp, members=members)
+    for patch in patch_files():
+        apply_patch(tmp, patch)
     (tmp / STAMP).write_text(json.dumps({
-        "commit": LLAMA_CPP_COMMIT, "sdist": SDIST_FILE, "sha256": SDIST_SHA256}) + "\n")
+        "commit": LLAMA_CPP_COMMIT, "sdist": SDIST_FILE, "sha256": SDIST_SHA256,
+        "patches": patches_digest(), "patch_files": [f.name for f in patch_files()]}) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
 
@@ -144,9 +232,10 @@ def is_fetched(dest: Path) -> bool:
     if not stamp.exists():
         return False
     try:
-        return json.loads(stamp.read_text()).get("sha256") == SDIST_SHA256
+        st = json.loads(stamp.read_text())
     except ValueError:
         return False
+    return st.get("sha256") == SDIST_SHA256 and st.get("patches") == patches_digest()
 
 
 def ensure(dest: Path | None = None, force: bool = False) -> Path:

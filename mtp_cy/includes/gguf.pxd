@@ -34,3 +34,6 @@ cdef extern from "gguf.h" nogil:
     # these abort on a type mismatch: check gguf_get_kv_type first
     uint32_t gguf_get_val_u32(const gguf_context * ctx, int64_t key_id)
     const char * gguf_get_val_str(const gguf_context * ctx, int64_t key_id)
+    int64_t gguf_get_n_tensors(const gguf_context * ctx)
+    int64_t gguf_find_tensor(const gguf_context * ctx, const char * name)
+    const char * gguf_get_tensor_name(const gguf_context * ctx, int64_t tensor_id)

@@ -51,7 +51,12 @@ cdef extern from "_native.h" nogil:
                           vector[llama_token] & top_ids, vector[float] & top_lps) except +
     ggml_threadpool_t mtp_cy_threadpool_new(int n_threads)
     void mtp_cy_threadpool_free(ggml_threadpool_t tp)
-    void mtp_cy_threadpool_pause(ggml_threadpool_t tp)
+    void mtp_cy_cpu_enter(ggml_threadpool_t tp)
+    void mtp_cy_cpu_leave()
+    void mtp_cy_call_begin(ggml_threadpool_t tp)
+    void mtp_cy_call_end(ggml_threadpool_t tp)
+    void mtp_cy_set_pause_idle(cbool on)
+    void mtp_cy_pools_info(int & n_pools, int & n_helpers, int64_t & n_paused, int & can_pause)
 
 
 cdef extern from "_policy.h" nogil:

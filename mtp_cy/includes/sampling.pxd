@@ -18,6 +18,10 @@ cdef extern from "sampling.h" nogil:
     void common_sampler_reset(common_sampler * gsmpl) except +
     llama_token common_sampler_sample(common_sampler * gsmpl, llama_context * ctx, int idx,
                                       cbool grammar_first) except +
+    # vendor/patches/0002: checked between chunks of the grammar's work; true stops sampling
+    # (common_sampler_sample returns LLAMA_TOKEN_NULL)
+    void common_sampler_set_abort_callback(common_sampler * gsmpl, cbool (*abort_cb)(void * data) noexcept nogil,
+                                           void * data)
     vector[llama_token] common_sampler_sample_and_accept_n(common_sampler * gsmpl, llama_context * ctx,
                                                            const llama_tokens & draft,
                                                            cbool grammar_first) except +
