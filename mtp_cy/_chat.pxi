@@ -169,19 +169,15 @@ def json_schema_to_grammar(schema):
     """A GBNF grammar that only admits JSON documents valid for ``schema`` (a dict, or its
     JSON text), with llama.cpp's converter (``common/json-schema-to-grammar``).
 
-    Raises ``ValueError`` for a schema the converter does not accept."""
-    if isinstance(schema, (bytes, bytearray)):
-        schema = bytes(schema).decode("utf-8")
-    if not isinstance(schema, str):
-        try:
-            schema = json.dumps(schema)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"schema must be a JSON-serializable dict or a JSON str: {exc}") from None
+    Raises :class:`GrammarError` (a ``ValueError``) for a schema the converter does not accept,
+    one nested deeper than 64 levels or with a ``min*`` above its ``max*`` (with the JSON
+    pointer of the offending part), ``TypeError`` for one that is not JSON."""
+    schema = _grammar_check.schema_text(schema)
     cdef string s = (<str>schema).encode("utf-8")
     cdef string out
     try:
         with nogil:
             out = mtp_cy_json_schema_to_grammar(s)
     except Exception as exc:
-        raise ValueError(f"invalid JSON schema: {exc}") from None
+        raise GrammarError(str(exc), path="") from None
     return out.decode("utf-8")

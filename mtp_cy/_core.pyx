@@ -39,7 +39,9 @@ import threading
 from mtp_cy import _template_guard
 
 from mtp_cy.errors import (MTPError, ModelLoadError, DecodeError, MTPUnsupportedError, NativeError,
-                           SessionBusyError, ClosedError, GenerationTimeout, ChatTemplateError, RPCError)
+                           SessionBusyError, ClosedError, GenerationTimeout, ChatTemplateError, RPCError,
+                           GrammarError)
+from mtp_cy import _grammar_check
 
 include "_logging.pxi"
 include "_rpc.pxi"

@@ -71,20 +71,23 @@ cdef str _grammar_text(const llama_vocab * vocab, grammar, grammar_root):
     if not isinstance(grammar_root, str) or not grammar_root:
         raise TypeError("grammar_root must be a non-empty str")
     text = grammar
+    # malformed or pathological grammars (deep nesting, {m,n} with m > n, long rule chains)
+    # are refused here with their position: llama.cpp's recursive parser would crash or hang
+    _grammar_check.check_grammar(grammar, grammar_root)
     rules = set(_RULE_DEF.findall(grammar))
-    if grammar_root not in rules:
-        raise ValueError(f"invalid grammar: no rule named {grammar_root!r} (grammar_root)")
     if grammar_root != "root":
         if "root" in rules:
-            raise ValueError("grammar defines a rule named 'root' and grammar_root="
-                             f"{grammar_root!r}; rename one of them")
+            raise GrammarError("grammar defines a rule named 'root' and grammar_root="
+                               f"{grammar_root!r}; rename one of them")
         text = grammar + f"\nroot ::= {grammar_root}\n"
     cdef bytes b = text.encode("utf-8")
+    cdef const char * cb = b
     cdef llama_sampler * s
     _take_errors()
-    s = llama_sampler_init_grammar(vocab, b, b"root")
+    with nogil:
+        s = llama_sampler_init_grammar(vocab, cb, b"root")
     if s == NULL:
-        raise ValueError(f"invalid grammar: {_take_errors() or 'parse error'}")
+        raise GrammarError(_take_errors() or "parse error")
     llama_sampler_free(s)
     return text
 

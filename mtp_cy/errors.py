@@ -7,7 +7,7 @@ or :class:`TypeError` naming the argument and the allowed range.
 
 __all__ = [
     "MTPError", "ModelLoadError", "DecodeError", "MTPUnsupportedError", "NativeError",
-    "SessionBusyError", "ClosedError", "GenerationTimeout", "ChatTemplateError", "RPCError",
+    "SessionBusyError", "ClosedError", "GenerationTimeout", "ChatTemplateError", "RPCError", "GrammarError",
 ]
 
 
@@ -46,6 +46,25 @@ class ClosedError(MTPError):
 
 class GenerationTimeout(MTPError, TimeoutError):
     """No token arrived within the ``timeout`` of a stream (also a builtin ``TimeoutError``)."""
+
+
+class GrammarError(MTPError, ValueError):
+    """A GBNF grammar or JSON schema that mtp_cy refuses (also a builtin :class:`ValueError`):
+    malformed, or beyond the bounds that keep llama.cpp's recursive parser and sampler safe
+    (see :mod:`mtp_cy._grammar_check`).  ``line`` / ``column`` (1-based) locate the problem in
+    the grammar text, ``path`` is the JSON pointer of the offending part of a schema (each
+    ``None`` when it does not apply)."""
+
+    def __init__(self, message: str, line=None, column=None, path=None):
+        if line is not None:
+            where = f" at line {line}, column {column}"
+        elif path is not None:
+            where = f" at {path or '/'}"
+        else:
+            where = ""
+        what = "invalid JSON schema" if path is not None else "invalid grammar"
+        super().__init__(f"{what}{where}: {message}")
+        self.line, self.column, self.path = line, column, path
 
 
 class ChatTemplateError(MTPError, ValueError):
