@@ -559,7 +559,7 @@ cdef class _Engine:
             if w != NULL:
                 self.model._rpc_guard()
                 # the stream's timeout also bounds every wait for an RPC server
-                w.arm(s.timeout_us)
+                rpc.set_timeout(s.timeout_us if s.timeout_us > 0 else self.model._rpc_tus)
             try:
                 if not s.started:
                     s.started = True
@@ -578,7 +578,7 @@ cdef class _Engine:
                     r = self._locked_step(s)
             finally:
                 if w != NULL:
-                    w.disarm()
+                    rpc.set_timeout(self.model._rpc_tus)
         except BaseException:
             self.cache_valid = False
             raise

@@ -35,7 +35,7 @@ cdef str _watch_error(rpc.watch * w, bint * timed_out=NULL):
     cdef int i = w.failed()
     if i < 0:
         return "no error"
-    msg = _relay_error(w.relays[i], &to)
+    msg = _rpc_error(w.endpoints[i].decode(), &to)
     if timed_out != NULL:
         timed_out[0] = to
     return msg
@@ -230,6 +230,7 @@ cdef class Model:
     cdef common_chat_templates * _chat_tmpls_tools   # its separate tool_use template, if any
     cdef object _chat_lock
     cdef rpc.watch * _rpcw                     # the RPC servers this model depends on (NULL: none)
+    cdef int64_t _rpc_tus                       # rpc_timeout: the bound of every wait for them
     cdef readonly tuple rpc_servers
     cdef str _rpc_error                         # set once a server failed: the model is unusable
     cdef object __weakref__
@@ -306,7 +307,6 @@ cdef class Model:
         cdef vector[ggml_backend_dev_t] gpus
         cdef vector[ggml_backend_dev_t] first_devs    # one device per RPC server
         cdef size_t mfree = 0, mtotal = 0
-        cdef rpc.relay * r
         cdef ggml_backend_reg_t reg
         cdef size_t di
         cdef rpc.watch * w = NULL
@@ -318,8 +318,8 @@ cdef class Model:
             w = new rpc.watch()
             try:
                 for ip, port, ep in endpoints:
-                    reg = _rpc_connect(ip, port, ep, rpc_tus, &r)
-                    w.add(r)
+                    w.add(ep.encode())
+                    reg = _rpc_connect(ip, port, ep, rpc_tus)
                     if ggml_backend_reg_dev_count(reg) > 0:
                         first_devs.push_back(ggml_backend_reg_dev_get(reg, 0))
                     for di in range(ggml_backend_reg_dev_count(reg)):
@@ -408,6 +408,7 @@ cdef class Model:
         self._mtp_loaded = mp.load_mtp and llama_model_n_layer_nextn(m) > 0 and not vocab_only
         if w != NULL:
             self._rpcw = w
+            self._rpc_tus = rpc_tus
             self.rpc_servers = tuple(ep for _, _, ep in endpoints)
         if head_path is not None:
             try:
@@ -530,6 +531,8 @@ cdef class Model:
             self._model = NULL
             self._vocab = NULL
             # RPC buffers are freed over the network (bounded by rpc_timeout)
+            if self._rpcw != NULL:
+                rpc.set_timeout(self._rpc_tus)
             with nogil:
                 llama_model_free(m)
 

@@ -1,42 +1,42 @@
 # ggml's RPC backend: models split across hosts (Model(rpc_servers=...)), the RPC
-# devices in devices(), and upstream's RPC server (rpc_server()).  ggml connects to
-# every server through mtp_cy's connection guard (_rpc.h), which keeps a failing
-# server from aborting the process; see the comment at the top of _rpc.h.
+# devices in devices(), and upstream's RPC server (rpc_server()).  ggml's RPC client
+# reports a failing server instead of aborting the process and bounds its waits
+# (vendor/patches/0004); mtp_cy reads those reports (_rpc.h) after every load, context
+# creation and step and raises RPCError / GenerationTimeout naming the server.
 
 cimport mtp_cy.includes.rpc as rpc
 
 import socket as _socket
 
 cdef object _rpc_lock = threading.Lock()
-cdef dict _rpc_known = {}        # "ip:port" -> (relay address, reg address): servers registered so far
+cdef dict _rpc_known = {}        # "ip:port" -> reg address: servers registered so far
 DEFAULT_RPC_PORT = 50052
 
 
-def _rpc_local_endpoint(ep):
-    """The loopback address of the relay that ggml connects to for server ``ep`` (``"ip:port"``),
-    or ``None`` when mtp_cy has not connected to it (for tests and diagnostics)."""
-    with _rpc_lock:
-        t = _rpc_known.get(ep)
-    if t is None:
-        return None
-    return rpc.relay_local(<rpc.relay *><size_t>t[0]).decode()
-
-
 def _rpc_connections(ep):
-    """``(links, live, failed_open)`` of the relay of ``ep``: connections from ggml, those
-    forwarding to the server, failed ones ggml still holds (for tests and diagnostics)."""
+    """``(open, working, failed_open)`` connections of this process to server ``ep``
+    (``"ip:port"``): ggml's connections open now, those working, and failed ones still held
+    by a model that was not closed yet; ``None`` when mtp_cy never connected to it (for
+    tests and diagnostics)."""
     with _rpc_lock:
-        t = _rpc_known.get(ep)
-    if t is None:
-        return None
-    cdef rpc.relay * r = <rpc.relay *><size_t>t[0]
-    return (rpc.relay_links(r), rpc.relay_live(r), rpc.relay_dead_open(r))
+        if ep not in _rpc_known:
+            return None
+    cdef rpc.state st = rpc.endpoint_state(ep.encode())
+    return (st.live + st.failed_open, st.live, st.failed_open)
 
 
 def _rpc_available():
-    """``True`` when this build has ggml's RPC backend and mtp_cy's connection guard."""
+    """``True`` when this build has ggml's RPC backend with mtp_cy's failure reporting
+    (vendor/patches/0004)."""
     init()
     return rpc.rpc_reg() != NULL and rpc.guard_supported()
+
+
+cdef str _rpc_error(str ep, bint * timed_out):
+    """Why the last connection to ``ep`` failed (``*timed_out``: it stopped answering)."""
+    cdef rpc.state st = rpc.endpoint_state(ep.encode())
+    timed_out[0] = st.timed_out
+    return st.error.decode("utf-8", "replace") or f"RPC server {ep}: the connection failed"
 
 
 cdef tuple _parse_endpoint(ep):
@@ -104,60 +104,43 @@ cdef int64_t _timeout_us(timeout, str name) except -2:
     return max(1, <int64_t>(t * 1e6))
 
 
-cdef rpc.relay * _relay(str ip, int port, str ep) except NULL:
-    cdef string err
-    cdef rpc.relay * r = rpc.get_relay(ip.encode(), port, err)
-    if r == NULL:
-        raise RPCError(f"RPC server {ep}: {err.decode('utf-8', 'replace')}", endpoint=ep)
-    return r
-
-
-cdef str _relay_error(rpc.relay * r, bint * timed_out):
-    cdef cbool to = False
-    cdef string e = rpc.relay_error(r, &to)
-    timed_out[0] = to
-    return e.decode("utf-8", "replace")
-
-
 cdef int _require_rpc() except -1:
     init()
     if rpc.rpc_reg() == NULL:
         raise MTPError("this build of mtp_cy has no RPC backend (it was built with GGML_RPC=OFF); "
                        "rebuild without -DGGML_RPC=OFF in CMAKE_ARGS")
     if not rpc.guard_supported():
-        raise MTPError("RPC servers are not supported on this platform by mtp_cy")
+        raise MTPError("this build's RPC backend lacks mtp_cy's failure reporting (vendor/patches/0004: "
+                       "a llama.cpp tree given with MTP_CY_LLAMA_CPP_DIR must have vendor/patches applied); "
+                       "without it a failing server would abort the process")
     return 0
 
 
-cdef ggml_backend_reg_t _rpc_connect(str ip, int port, str ep, int64_t timeout_us, rpc.relay ** out) except NULL:
-    """Check that the server at ``ep`` answers (bounded by ``timeout_us``) and register its devices
-    with ggml (through the relay).  Raises RPCError naming the server."""
-    cdef rpc.relay * r = _relay(ip, port, ep)
-    cdef string why
-    cdef cbool to = False
-    cdef bint bto = False
+cdef ggml_backend_reg_t _rpc_connect(str ip, int port, str ep, int64_t timeout_us) except NULL:
+    """Connect to the server at ``ep`` (every wait bounded by ``timeout_us``) and register its
+    devices with ggml.  Raises RPCError naming the server."""
     cdef ggml_backend_reg_t reg
-    cdef string local = rpc.relay_local(r)
-    cdef int64_t base
-    if rpc.relay_dead_open(r) > 0:
+    cdef string bep = ep.encode()
+    cdef rpc.state st = rpc.endpoint_state(bep)
+    cdef int64_t base = st.failures
+    cdef bint to = False
+    if st.failed_open > 0:
+        # ggml shares one connection per server: a new model would get the failed one
         raise RPCError(f"RPC server {ep}: the connection of a model loaded earlier failed "
-                       f"({_relay_error(r, &bto)}) and that model is still open; llama.cpp would reuse its "
+                       f"({_rpc_error(ep, &to)}) and that model is still open; llama.cpp would reuse its "
                        "connection: close that model and its sessions first", endpoint=ep)
-    rpc.relay_set_io_timeout(r, timeout_us)
+    rpc.set_timeout(timeout_us)
     with nogil:
-        why = rpc.probe(r, timeout_us, &to)
-    if why.size() > 0:
-        raise RPCError(f"RPC server {ep} did not answer: {why.decode('utf-8', 'replace')}", endpoint=ep)
-    base = rpc.relay_failures(r)
-    with nogil:
-        reg = rpc.add_server(local)
-    if rpc.relay_failures(r) != base:
-        raise RPCError(f"{_relay_error(r, &bto)}", endpoint=ep)
+        reg = rpc.add_server(bep)
+    with _rpc_lock:
+        _rpc_known.setdefault(ep, 0)
+    if rpc.failures(bep) != base:
+        msg = _rpc_error(ep, &to)
+        raise RPCError(f"{msg}", endpoint=ep)
     if reg == NULL:
         raise RPCError(f"RPC server {ep} reported no devices", endpoint=ep)
     with _rpc_lock:
-        _rpc_known[ep] = (<size_t>r, <size_t>reg)
-    out[0] = r
+        _rpc_known[ep] = <size_t>reg
     return reg
 
 
@@ -181,36 +164,28 @@ cdef dict _rpc_device_dict(ggml_backend_dev_t dev, str ep, bint query):
 cdef list _rpc_devices(rpc_servers, timeout):
     """The devices of the servers registered so far (and of ``rpc_servers``, registered now)."""
     cdef int64_t tus = _timeout_us(timeout, "timeout")
-    cdef rpc.relay * r
     cdef ggml_backend_reg_t reg
     cdef size_t i, n
-    cdef string why
-    cdef cbool to = False
     cdef int64_t base
     cdef bint ok
-    fresh = set()
+    cdef string bep
     if rpc_servers is not None:
         _require_rpc()
         for ip, port, ep in _parse_endpoints(rpc_servers):
-            _rpc_connect(ip, port, ep, tus, &r)
-            fresh.add(ep)
+            _rpc_connect(ip, port, ep, tus)
     with _rpc_lock:
-        known = list(_rpc_known.items())
+        known = [(ep, r) for ep, r in _rpc_known.items() if r]
     out = []
-    for ep, (raddr, regaddr) in known:
-        r = <rpc.relay *><size_t>raddr
+    rpc.set_timeout(tus)
+    for ep, regaddr in known:
         reg = <ggml_backend_reg_t><size_t>regaddr
-        ok = rpc.relay_dead_open(r) == 0
-        if ok and rpc.relay_live(r) == 0 and ep not in fresh:
-            # not connected: make sure it answers before ggml connects (ggml would abort otherwise)
-            with nogil:
-                why = rpc.probe(r, tus, &to)
-            ok = why.size() == 0
+        bep = ep.encode()
+        ok = True
         n = ggml_backend_reg_dev_count(reg)
         for i in range(n):
-            base = rpc.relay_failures(r)
+            base = rpc.failures(bep)
             d = _rpc_device_dict(ggml_backend_reg_dev_get(reg, i), ep, ok)
-            if ok and rpc.relay_failures(r) != base:
+            if ok and rpc.failures(bep) != base:
                 ok = False
                 d["memory_free"] = d["memory_total"] = 0
                 d["available"] = False

@@ -18,6 +18,7 @@ existing llama.cpp checkout instead (then nothing is fetched at all).
 Usage::
 
     python vendor/fetch_llama_cpp.py [--dest vendor/llama.cpp] [--force]
+    python vendor/fetch_llama_cpp.py --apply-to DIR     # patch an existing checkout
 """
 from __future__ import annotations
 
@@ -262,7 +263,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dest", type=Path, default=HERE / "llama.cpp")
     ap.add_argument("--force", action="store_true", help="extract again even if present")
+    ap.add_argument("--apply-to", type=Path, default=None, metavar="DIR",
+                    help="apply vendor/patches/ to an existing llama.cpp tree of the pinned commit "
+                         "(for MTP_CY_LLAMA_CPP_DIR) and exit")
     a = ap.parse_args()
+    if a.apply_to is not None:
+        for patch in patch_files():
+            apply_patch(a.apply_to, patch)
+            print(f"applied {patch.name}")
+        return
     print(ensure(a.dest, a.force))
 
 
