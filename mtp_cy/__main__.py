@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import time
 from typing import List, Optional, Sequence
@@ -170,6 +171,44 @@ def _policy_line(st: dict) -> str:
             f"a draft token costs {ratio:.2f}x a target step here)")
 
 
+def _with_progress(fn, label: str, quiet: bool = False, every: float = 0.5):
+    """Run ``fn()`` in a worker thread while stderr shows ``label`` and the seconds elapsed
+    (a line that updates itself on a terminal, a line every few seconds otherwise); only once
+    it has taken longer than ``every``.  Returns what ``fn`` returned, raises what it raised."""
+    import threading
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # re-raised on the calling thread
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t0 = time.perf_counter()
+    t.start()
+    tty = sys.stderr.isatty()
+    shown = False
+    last = 0.0
+    while t.is_alive():
+        t.join(every)
+        el = time.perf_counter() - t0
+        if quiet or not t.is_alive():
+            continue
+        if tty:
+            sys.stderr.write(f"\r\x1b[K{label} ... {el:.0f} s")
+            shown = True
+        elif el - last >= 5.0:
+            sys.stderr.write(f"{label} ... {el:.0f} s\n")
+            last = el
+        sys.stderr.flush()
+    if shown:
+        sys.stderr.write("\r\x1b[K")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 def cmd_demo(args) -> int:
     import mtp_cy
     from mtp_cy import synthetic
@@ -177,7 +216,8 @@ def cmd_demo(args) -> int:
     err.write(f"mtp_cy {mtp_cy.__version__} (llama.cpp {mtp_cy.llama_cpp_commit}) - "
               f"synthetic MTP demo model (acceptance {args.acceptance:.2f}, size {args.size})\n")
     t0 = time.perf_counter()
-    sm = synthetic.cached_model(mtp=True, acceptance=args.acceptance, size=args.size)
+    sm = _with_progress(lambda: synthetic.cached_model(mtp=True, acceptance=args.acceptance, size=args.size),
+                        "building the synthetic demo model (first run only; cached afterwards)", args.quiet)
     err.write(f"model: {sm.path} ({sm.n_params / 1e6:.1f}M params, ready in {time.perf_counter() - t0:.1f} s)\n")
     with _load(sm.path, args) as model, mtp_cy.MTP(model, n_draft=args.n_draft, **_ctx_opts(args)) as mtp, \
             mtp_cy.Session(model, **_ctx_opts(args)) as plain:
@@ -206,16 +246,27 @@ def cmd_demo(args) -> int:
             want = sm.predict(model.tokenize(prompt), args.max_tokens, args.n_draft, n_ctx=mtp.n_ctx)
             exact = (want.iters, want.drafts_generated, want.drafts_accepted, want.tokens_emitted) == \
                     (st["iters"], st["drafts_generated"], st["drafts_accepted"], st["tokens_emitted"])
-        # MTP against plain decoding on this machine, side by side (interleaved, best of 3)
-        speed = {"mtp": 0.0, "plain": 0.0}
-        for _ in range(3):
-            for name, eng in (("mtp", mtp), ("plain", plain)):
+        # MTP against plain decoding on this machine, side by side: rounds in the order
+        # M P / P M / M P / P M (neither engine always runs first or after the other), the
+        # median of each, so that the order of the runs cannot tilt the ratio
+        runs = {"mtp": [], "plain": []}
+        order = (("mtp", mtp), ("plain", plain))
+        n_rounds = 4
+        for r in range(n_rounds):
+            for name, eng in (order if r % 2 == 0 else order[::-1]):
+                if not args.quiet:
+                    err.write(f"\r\x1b[Kcomparing MTP with plain decoding: round {r + 1}/{n_rounds} ({name})"
+                              if err.isatty() else "")
+                    err.flush()
                 t1 = time.perf_counter()
                 n = len(eng.complete(prompt, max_tokens=args.max_tokens, temp=0).tokens)
-                speed[name] = max(speed[name], n / (time.perf_counter() - t1))
+                runs[name].append(n / (time.perf_counter() - t1))
+        if not args.quiet and err.isatty():
+            err.write("\r\x1b[K")
+        speed = {k: statistics.median(v) for k, v in runs.items()}
         ratio = speed["mtp"] / speed["plain"] if speed["plain"] else 0.0
         print(f"\non this machine: MTP ({_draft_desc(args.n_draft)}) {speed['mtp']:.0f} tok/s, plain decoding "
-              f"{speed['plain']:.0f} tok/s -> {ratio:.2f}x. " + (_policy_line(mtp.stats()) or
+              f"{speed['plain']:.0f} tok/s (medians of {n_rounds} alternating runs) -> {ratio:.2f}x. " + (_policy_line(mtp.stats()) or
               ("MTP pays when a draft token costs a small fraction of a target step (large, memory-bound "
                "models); on a tiny model it rarely does: try --n-draft auto")))
         print(f"  {'identical to plain greedy text':<39}  {'yes' if same else 'NO'}")
@@ -403,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, n_ctx=2048):
         sp.add_argument("--rpc", default=None, metavar="SERVERS", help=rpc_help)
         sp.add_argument("--n-ctx", type=_positive_int, default=n_ctx, help="context size (default %(default)s)")
-        sp.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: llama.cpp's)")
+        sp.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: every CPU this process may use)")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar, live line or summary")
 
     d = sub.add_parser("demo", help="stream from a synthetic MTP model with live statistics")
@@ -411,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft length, or 'auto' to let the loop choose (default %(default)s)")
     d.add_argument("--max-tokens", type=_positive_int, default=160)
     d.add_argument("--acceptance", type=float, default=0.75, help="fraction of drafts that are right")
-    d.add_argument("--size", choices=["tiny", "bench"], default="tiny", help="tiny (~10 MB) or bench (>=200M params)")
+    d.add_argument("--size", choices=["tiny", "bench"], default="tiny", help="tiny (~21.5 MB, 10M params) or bench (~480 MB, 239M params)")
     d.add_argument("--prompt", default=DEMO_PROMPT)
     d.add_argument("--stats-every", type=_positive_int, default=1, help="redraw the statistics every N tokens")
     d.add_argument("--upstream-stats", action="store_true", help="also log llama.cpp's own speculative summary")

@@ -96,10 +96,6 @@ static inline std::string mtp_cy_chat_source(const common_chat_templates * t) {
     return common_chat_templates_source(t);
 }
 
-// Render `messages_json` (an OpenAI-style JSON array of messages) with the
-// template, as llama-server's /v1/chat/completions does: messages and tools
-// parsed by common_chat_msgs_parse_oaicompat / common_chat_tools_parse_oaicompat,
-// `kwargs` are chat_template_kwargs (name -> JSON text).
 // What is needed to parse the model's reply to a rendered conversation
 // (reasoning, tool calls) with upstream's chat parser.
 struct mtp_cy_chat_parser {
@@ -108,6 +104,12 @@ struct mtp_cy_chat_parser {
     std::string format_name;
 };
 
+// Render `messages_json` (an OpenAI-style JSON array of messages) with the
+// template, as llama-server's /v1/chat/completions does: messages and tools
+// parsed by common_chat_msgs_parse_oaicompat / common_chat_tools_parse_oaicompat,
+// `kwargs` are chat_template_kwargs (name -> JSON text); with `parser`, what the
+// reply's parser needs is filled in.  On the calling thread: mtp_cy_chat_apply
+// runs it on a big stack.
 static inline std::string mtp_cy_chat_apply_here(const common_chat_templates * t,
                                                  const std::string & messages_json,
                                                  const std::string & tools_json,

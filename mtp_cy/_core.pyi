@@ -17,6 +17,7 @@ from mtp_cy._aio import AsyncStream
 from mtp_cy.completion import Completion
 from mtp_cy.errors import (ChatTemplateError as ChatTemplateError, ClosedError as ClosedError,
                            DecodeError as DecodeError, GenerationTimeout as GenerationTimeout,
+                           GrammarError as GrammarError,
                            ModelLoadError as ModelLoadError, MTPError as MTPError,
                            MTPUnsupportedError as MTPUnsupportedError, NativeError as NativeError,
                            RPCError as RPCError, SessionBusyError as SessionBusyError)

@@ -147,8 +147,9 @@ cdef class _Engine:
     cdef readonly Model model
     cdef llama_context * ctx
     cdef common_batch * batch
-    cdef ggml_threadpool_t tp      # the shared CPU pool of this thread count (_native.h)
-    cdef ggml_threadpool_t _call_tp   # the pool the open call is counted on (NULL: none)
+    cdef ggml_threadpool_t tp      # the shared CPU pool the contexts are attached to now (_native.h)
+    cdef int _pool_threads         # its thread count (0: no pool)
+    cdef bint _in_call             # a call (stream) is open and counted on the pool
     cdef mtp_cy_stats * st
     cdef mtp_cy_abort * ab
     cdef mtp_cy_flag * busy
@@ -160,6 +161,7 @@ cdef class _Engine:
     cdef readonly int n_ctx
     cdef int n_batch
     cdef int n_threads
+    cdef int n_threads_batch       # threads of a prompt chunk (llama.cpp's n_threads_batch)
     # prompt cache: toks[p] is the token at position p of the target's memory
     cdef vector[llama_token] toks
     cdef bint cache_prompt
@@ -174,7 +176,8 @@ cdef class _Engine:
         self.ctx = NULL
         self.batch = NULL
         self.tp = NULL
-        self._call_tp = NULL
+        self._pool_threads = 0
+        self._in_call = False
         self.st = new mtp_cy_stats()
         self.ab = new mtp_cy_abort()
         self.busy = new mtp_cy_flag()
@@ -212,8 +215,9 @@ cdef class _Engine:
             self.model._rpc_check(f"creating {what}")
         if ctx == NULL:
             raise exc_type(f"failed to create {what}: {_take_errors() or 'unknown error'}")
-        if self.tp == NULL:
-            self.tp = mtp_cy_threadpool_new(max(cp.n_threads, cp.n_threads_batch))
+        if self.tp == NULL and self._pool_threads == 0:
+            self._pool_threads = max(cp.n_threads, cp.n_threads_batch)
+            self.tp = mtp_cy_threadpool_new(self._pool_threads)
         if self.tp != NULL:
             llama_attach_threadpool(ctx, self.tp, self.tp)
         return ctx
@@ -229,6 +233,7 @@ cdef class _Engine:
         self.n_ctx = o["n_ctx"]
         self.n_batch = llama_n_batch(ctx)
         self.n_threads = <int>(o["n_threads"] or _default_threads())
+        self.n_threads_batch = <int>(o["n_threads_batch"] or self.n_threads)
         self.cache_prompt = o["cache_prompt"]
         self.max_checkpoints = o["cache_checkpoints"]
         self.checkpoint_every = o["checkpoint_every"]
@@ -246,9 +251,10 @@ cdef class _Engine:
             llama_free(self.ctx)
             self.ctx = NULL
         self._end_call()
-        if self.tp != NULL:
-            mtp_cy_threadpool_free(self.tp)
-            self.tp = NULL
+        self.tp = NULL
+        if self._pool_threads > 0:
+            mtp_cy_threadpool_free(self._pool_threads)
+            self._pool_threads = 0
         self.ckpts.clear()
         self.toks.clear()
         self.cache_valid = False
@@ -563,8 +569,8 @@ cdef class _Engine:
             try:
                 if not s.started:
                     s.started = True
-                    if self.tp != NULL and self._call_tp == NULL:
-                        self._call_tp = self.tp
+                    if self.tp != NULL and not self._in_call:
+                        self._in_call = True
                         mtp_cy_call_begin(self.tp)
                     mtp_cy_add(self.st.calls, 1)
                     mtp_cy_add(self.st.prompt_tokens, s.prompt.size())
@@ -611,8 +617,7 @@ cdef class _Engine:
                         m = min(m, s.ckpt_hint - i)
                 # the CPU lock per chunk (a long prompt does not hold other sessions' streams
                 # for all of its length); the MTP head's share of the chunk goes with it
-                with nogil:
-                    mtp_cy_cpu_enter(self.tp)
+                self._cpu_enter(self.n_threads_batch)
                 try:
                     try:
                         with nogil:
@@ -631,7 +636,7 @@ cdef class _Engine:
                         self.toks.push_back(s.prompt[i + j])
                     self._hook_prefilled(i, m)
                 finally:
-                    mtp_cy_cpu_leave()
+                    self._cpu_leave(self.n_threads_batch)
                 i += m
                 if (i - last_ckpt >= self.checkpoint_every or i == s.ckpt_hint) and i < n - 1:
                     self._checkpoint(i)
@@ -652,21 +657,40 @@ cdef class _Engine:
 
     cdef void _end_call(self) noexcept:
         """The open call ends: its pool is paused unless another call uses it (_native.h)."""
-        if self._call_tp != NULL:
-            with nogil:
-                mtp_cy_call_end(self._call_tp)
-            self._call_tp = NULL
+        if self._in_call:
+            self._in_call = False
+            if self.tp != NULL:
+                with nogil:
+                    mtp_cy_call_end(self.tp)
+
+    cdef void _cpu_enter(self, int n_threads) noexcept:
+        """Take ``n_threads`` of the CPU budget and a free shared pool for the next native work
+        (blocks, FIFO; _native.h); the contexts follow the pool when it changed."""
+        cdef ggml_threadpool_t tp = self.tp
+        if tp == NULL:
+            return
+        with nogil:
+            mtp_cy_cpu_enter(&tp, n_threads, self._in_call)
+        if tp != self.tp:
+            self.tp = tp
+            self._attach_pool(tp)
+
+    cdef void _cpu_leave(self, int n_threads) noexcept:
+        if self.tp != NULL:
+            mtp_cy_cpu_leave(self.tp, n_threads)
+
+    cdef void _attach_pool(self, ggml_threadpool_t tp) noexcept:
+        """Attach the contexts to pool ``tp`` (MTP attaches its head's context too)."""
+        llama_attach_threadpool(self.ctx, tp, tp)
 
     cdef int _locked_step(self, _Stream s) except -1:
-        """One decoding step under the process-wide CPU lock (one step computes at a time)."""
-        cdef ggml_threadpool_t tp = self.tp
+        """One decoding step with its threads taken from the process's CPU budget (_native.h)."""
         cdef int r
-        with nogil:
-            mtp_cy_cpu_enter(tp)
+        self._cpu_enter(self.n_threads)
         try:
             r = self._step(s)
         finally:
-            mtp_cy_cpu_leave()
+            self._cpu_leave(self.n_threads)
         return r
 
     # -- streams ----------------------------------------------------------------------

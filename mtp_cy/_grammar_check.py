@@ -327,7 +327,7 @@ def check_grammar(text: str, root: str = "root") -> None:
         if name not in g.rules:
             r.fail(f"rule {name!r} is used but never defined", at)
     if root not in g.rules:
-        raise GrammarError(f"no rule named {root!r} (the root rule)")
+        raise GrammarError(f"no rule named {root!r} (the root rule, grammar_root={root!r})")
     null = _nullable(g)
     lead = _leading(g, null)
     # longest chain of leading references from every rule (iterative DFS; a cycle is left

@@ -144,15 +144,21 @@ cdef class MTP(_Engine):
             if dft != NULL:
                 llama_free(dft)
             llama_free(ctx)
-            if self.tp != NULL:
-                mtp_cy_threadpool_free(self.tp)
-                self.tp = NULL
+            self.tp = NULL
+            if self._pool_threads > 0:
+                mtp_cy_threadpool_free(self._pool_threads)
+                self._pool_threads = 0
             raise
         self.ctx_dft = dft
         self.policy.configure(self.k_max)
         self.policy.lag_window = LAG_WINDOW
         self.policy.p_min = self.p_min
         self._finish_init(model, ctx, o)
+
+    cdef void _attach_pool(self, ggml_threadpool_t tp) noexcept:
+        llama_attach_threadpool(self.ctx, tp, tp)
+        if self.ctx_dft != NULL:
+            llama_attach_threadpool(self.ctx_dft, tp, tp)
 
     cdef void _free_native(self) noexcept:
         # the drafter's sampler and batch belong to the draft context

@@ -11,7 +11,12 @@
 #include <mutex>
 #include <exception>
 #include <string>
+#include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -87,24 +92,23 @@ static inline std::string mtp_cy_current_exception_what() {
 // the calling thread joins the pool as worker 0 for the duration of a graph,
 // so the speed does not depend on which thread calls.
 //
-// One pool per thread count, shared by every session that asks for that many
-// threads (refcounted), so a process holding many sessions has one set of
-// helper threads, not one per session.  After a graph ggml's helpers poll for
-// the next one (~100-200 ms) before they sleep: good within a call, a thief of
-// CPU time for whatever runs next.  So:
-//  * native steps take the process-wide CPU lock (a ticket lock: FIFO, so two
-//    sessions used from two threads alternate step by step instead of running
-//    two thread pools on the same cores, where each graph's barriers would wait
+// Pools are shared by the sessions of the process: a native step takes a pool of
+// its thread count that no other step is using (a ggml pool runs one graph at a
+// time), preferring the one that ran last (its helpers are awake), and the
+// session's contexts are attached to it; a new pool is made only when every pool
+// of that size is busy, so a process holding many sessions has one set of helper
+// threads per thread count, not one per session.  After a graph ggml's helpers
+// poll for the next one (~100-200 ms) before they sleep: good within a call, a
+// thief of CPU time for whatever runs next.  So:
+//  * native steps take their threads from the process's CPU budget (the CPUs
+//    it may run on), first come first served: steps whose threads fit run at
+//    the same time (two 1-thread sessions on 2 CPUs), others wait their turn
+//    (two sessions of every CPU alternate step by step, on one pool, instead of
+//    running two pools on the same cores, where each graph's barriers would wait
 //    for a thread that the other pool's spinner keeps off its core);
-//  * a step that takes the lock with another pool than the one that ran last
-//    pauses every other pool first (its helpers stop polling and sleep);
-//  * when a session's call ends and no other call uses its pool and no step
-//    waits for the lock, the pool is paused.
-// ggml resumes a paused pool by itself when the next graph starts.
-// The pool functions come from the CPU backend's registry entry (the CPU
-// backend is a loadable module in the portable builds); pause/resume are
-// exposed there by vendor/patches/0001 (without it, pools are never paused).
-// ---------------------------------------------------------------------------
+//  * a step pauses every pool that no step is using at that moment (their
+//    helpers stop polling and sleep);
+//  * when a call ends and no other call is on its pool, the pool is paused.
 typedef ggml_threadpool_t (*mtp_cy_tp_new_fn)(struct ggml_threadpool_params * params);
 typedef void (*mtp_cy_tp_fn)(ggml_threadpool_t tp);
 
@@ -121,28 +125,47 @@ static inline void * mtp_cy_cpu_proc(const char * name) {
 struct mtp_cy_pool {
     ggml_threadpool_t tp = nullptr;
     int  n_threads = 0;
-    int  refs = 0;          // sessions attached to it
-    int  active = 0;        // calls (streams) running on it
+    bool running = false;   // a native step computes on it
+    int  bound = 0;         // open calls whose session is attached to it
     bool paused = true;     // as far as mtp_cy knows (ggml resumes it on the next graph)
+    uint64_t used = 0;      // when a step last took it (for "the one that ran last")
     int64_t n_paused = 0;   // times mtp_cy paused it (diagnostics)
 };
 
 struct mtp_cy_cpu_state {
     std::mutex m;                   // guards everything below; never held during a graph
     std::condition_variable cv;
-    uint64_t next = 0;              // ticket lock: next ticket to hand out
-    uint64_t serving = 0;           //              ticket now allowed to compute
-    ggml_threadpool_t last = nullptr;   // the pool of the last step
+    uint64_t next = 0;              // FIFO admission: next ticket to hand out
+    uint64_t serving = 0;           //                 the ticket at the head of the line
+    int budget = 0;                 // CPUs the steps may use at once (0: not known yet)
+    int in_use = 0;                 // threads of the steps in flight
+    uint64_t clock = 0;
     std::vector<mtp_cy_pool *> pools;
+    std::vector<std::pair<int, int>> sessions;   // (n_threads, sessions of that size)
     mtp_cy_tp_fn pause = nullptr;
     bool looked_up = false;
-    bool pause_idle = true;         // pause a pool when its last call ends (tests/benchmarks turn it off)
+    bool pause_idle = true;         // pause a pool when its last call ends (benchmarks turn it off)
 };
 
 // process-wide and never destroyed (helper threads may outlive static destructors)
 static inline mtp_cy_cpu_state & mtp_cy_cpu() {
     static mtp_cy_cpu_state * s = new mtp_cy_cpu_state();
     return *s;
+}
+
+// The CPUs this process may run on (its affinity mask where the OS has one).
+static inline int mtp_cy_cpu_count() {
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+        const int n = CPU_COUNT(&set);
+        if (n > 0) {
+            return n;
+        }
+    }
+#endif
+    const unsigned n = std::thread::hardware_concurrency();
+    return n > 0 ? (int) n : 1;
 }
 
 static inline mtp_cy_pool * mtp_cy_pool_of(mtp_cy_cpu_state & c, ggml_threadpool_t tp) {
@@ -167,16 +190,8 @@ static inline void mtp_cy_pool_pause_locked(mtp_cy_cpu_state & c, mtp_cy_pool * 
     }
 }
 
-// The shared pool for n_threads (created paused on first use); nullptr without a CPU backend.
-static inline ggml_threadpool_t mtp_cy_threadpool_new(int n_threads) {
-    mtp_cy_cpu_state & c = mtp_cy_cpu();
-    std::lock_guard<std::mutex> lk(c.m);
-    for (auto * p : c.pools) {
-        if (p->n_threads == n_threads) {
-            p->refs++;
-            return p->tp;
-        }
-    }
+// a new pool of n_threads (paused), registered; nullptr without a CPU backend.  c.m held.
+static inline mtp_cy_pool * mtp_cy_pool_make_locked(mtp_cy_cpu_state & c, int n_threads) {
     auto fn = (mtp_cy_tp_new_fn) mtp_cy_cpu_proc("ggml_threadpool_new");
     if (!fn) {
         return nullptr;
@@ -190,67 +205,139 @@ static inline ggml_threadpool_t mtp_cy_threadpool_new(int n_threads) {
     auto * p = new mtp_cy_pool();
     p->tp = tp;
     p->n_threads = n_threads;
-    p->refs = 1;
     c.pools.push_back(p);
-    return tp;
+    return p;
 }
 
-// A session lets go of its pool; the last one frees it (its helpers are joined).
-static inline void mtp_cy_threadpool_free(ggml_threadpool_t tp) {
-    if (!tp) {
-        return;
-    }
+// A session of n_threads starts: a pool of that size to attach its contexts to at first
+// (steps may move it to another one, mtp_cy_cpu_enter); nullptr without a CPU backend.
+static inline ggml_threadpool_t mtp_cy_threadpool_new(int n_threads) {
     mtp_cy_cpu_state & c = mtp_cy_cpu();
     std::lock_guard<std::mutex> lk(c.m);
-    mtp_cy_pool * p = mtp_cy_pool_of(c, tp);
-    if (!p || --p->refs > 0) {
-        return;
+    if (c.budget <= 0) {
+        c.budget = mtp_cy_cpu_count();
     }
-    c.pools.erase(std::find(c.pools.begin(), c.pools.end(), p));
-    if (c.last == tp) {
-        c.last = nullptr;
+    mtp_cy_pool * best = nullptr;
+    for (auto * p : c.pools) {
+        if (p->n_threads == n_threads && (!best || p->used > best->used)) {
+            best = p;
+        }
     }
-    auto fn = (mtp_cy_tp_fn) mtp_cy_cpu_proc("ggml_threadpool_free");
-    if (fn) {
-        fn(tp);
+    if (!best) {
+        best = mtp_cy_pool_make_locked(c, n_threads);
+        if (!best) {
+            return nullptr;
+        }
     }
-    delete p;
+    bool found = false;
+    for (auto & s : c.sessions) {
+        if (s.first == n_threads) {
+            s.second++;
+            found = true;
+        }
+    }
+    if (!found) {
+        c.sessions.push_back({n_threads, 1});
+    }
+    return best->tp;
 }
 
-// Take the CPU lock before a native step on pool tp (blocks, FIFO); pauses the other pools.
-static inline void mtp_cy_cpu_enter(ggml_threadpool_t tp) {
+// A session of n_threads ends (its contexts are freed): the pools of that size go with the
+// last such session (their helpers are joined).
+static inline void mtp_cy_threadpool_free(int n_threads) {
+    mtp_cy_cpu_state & c = mtp_cy_cpu();
+    std::lock_guard<std::mutex> lk(c.m);
+    for (size_t i = 0; i < c.sessions.size(); i++) {
+        if (c.sessions[i].first != n_threads) {
+            continue;
+        }
+        if (--c.sessions[i].second > 0) {
+            return;
+        }
+        c.sessions.erase(c.sessions.begin() + i);
+        auto fn = (mtp_cy_tp_fn) mtp_cy_cpu_proc("ggml_threadpool_free");
+        for (size_t j = 0; j < c.pools.size();) {
+            mtp_cy_pool * p = c.pools[j];
+            if (p->n_threads == n_threads && !p->running) {
+                if (fn) {
+                    fn(p->tp);
+                }
+                delete p;
+                c.pools.erase(c.pools.begin() + j);
+            } else {
+                j++;
+            }
+        }
+        return;
+    }
+}
+
+// Before a native step of a session whose contexts are attached to *tp, using n_threads:
+// wait (FIFO) until they fit in the CPU budget -- or nothing else runs --, take a pool of
+// that size that no step is using (the one that ran last, else *tp, else a new one; *tp is
+// set to it: the caller attaches its contexts when it changed) and pause the pools no step
+// is using.  in_call: the step belongs to an open call (counted on the pool it runs on).
+static inline void mtp_cy_cpu_enter(ggml_threadpool_t * tp, int n_threads, bool in_call) {
     mtp_cy_cpu_state & c = mtp_cy_cpu();
     std::unique_lock<std::mutex> lk(c.m);
+    if (c.budget <= 0) {
+        c.budget = mtp_cy_cpu_count();
+    }
+    const int n = std::max(1, n_threads);
     const uint64_t ticket = c.next++;
-    c.cv.wait(lk, [&] { return c.serving == ticket; });
-    if (c.last != tp) {
+    c.cv.wait(lk, [&] { return c.serving == ticket && (c.in_use == 0 || c.in_use + n <= c.budget); });
+    c.serving++;
+    c.in_use += n;
+    mtp_cy_pool * cur = mtp_cy_pool_of(c, *tp);
+    mtp_cy_pool * pick = nullptr;
+    if (cur) {
         for (auto * p : c.pools) {
-            if (p->tp != tp) {
+            if (p->n_threads == cur->n_threads && !p->running && (!pick || p->used > pick->used)) {
+                pick = p;
+            }
+        }
+        if (!pick) {
+            pick = mtp_cy_pool_make_locked(c, cur->n_threads);
+        }
+    }
+    if (pick) {
+        for (auto * p : c.pools) {
+            if (p != pick && !p->running) {
                 mtp_cy_pool_pause_locked(c, p);
             }
         }
-        c.last = tp;
+        pick->running = true;
+        pick->paused = false;   // the step's first graph resumes it
+        pick->used = ++c.clock;
+        if (pick != cur && in_call) {
+            cur->bound--;
+            pick->bound++;
+        }
+        *tp = pick->tp;
     }
-    if (mtp_cy_pool * p = mtp_cy_pool_of(c, tp)) {
-        p->paused = false;   // the step's first graph resumes it
-    }
+    lk.unlock();
+    c.cv.notify_all();          // the next in line may fit as well
 }
 
-static inline void mtp_cy_cpu_leave() {
+static inline void mtp_cy_cpu_leave(ggml_threadpool_t tp, int n_threads) {
     mtp_cy_cpu_state & c = mtp_cy_cpu();
     {
         std::lock_guard<std::mutex> lk(c.m);
-        c.serving++;
+        c.in_use -= std::max(1, n_threads);
+        if (mtp_cy_pool * p = mtp_cy_pool_of(c, tp)) {
+            p->running = false;
+        }
     }
     c.cv.notify_all();
 }
 
-// A call (stream) starts / ends on pool tp.  The end pauses the pool when nothing else uses it.
+// A call (stream) starts / ends on the pool its session is attached to.  The end pauses the
+// pool when no other open call is on it and no step runs on it.
 static inline void mtp_cy_call_begin(ggml_threadpool_t tp) {
     mtp_cy_cpu_state & c = mtp_cy_cpu();
     std::lock_guard<std::mutex> lk(c.m);
     if (mtp_cy_pool * p = mtp_cy_pool_of(c, tp)) {
-        p->active++;
+        p->bound++;
     }
 }
 
@@ -261,11 +348,10 @@ static inline void mtp_cy_call_end(ggml_threadpool_t tp) {
     if (!p) {
         return;
     }
-    if (p->active > 0) {
-        p->active--;
+    if (p->bound > 0) {
+        p->bound--;
     }
-    // a step in flight or waiting has paused (or will use) the pools itself
-    if (c.pause_idle && p->active == 0 && c.serving == c.next) {
+    if (c.pause_idle && p->bound == 0 && !p->running) {
         mtp_cy_pool_pause_locked(c, p);
     }
 }

@@ -84,7 +84,7 @@
 // stall (another process takes the CPU in the middle of a step) only ever adds
 // time, so a low quantile sees through up to 3 stalls in 4 samples, and it
 // still follows a lasting change within a few iterations.
-struct mtp_cy_median {
+struct mtp_cy_low_quantile {
     static const int N = 9;
     double buf[N];
     int    n = 0;       // samples seen (saturates at N in the buffer)
@@ -133,10 +133,10 @@ struct mtp_cy_policy {
     int    refine_iters = 32;
 
     // learned state
-    mtp_cy_median v_med[KMAX + 2];
+    mtp_cy_low_quantile v_q25[KMAX + 2];
     double v_us[KMAX + 2];  int64_t v_n[KMAX + 2];   // target decode of n tokens after a draft (n >= 1)
                                                      // and of a plain step (n = 0)
-    mtp_cy_median d_med, s_med;
+    mtp_cy_low_quantile d_q25, s_q25;
     double d_us;            int64_t d_n;             // per draft token
     double s_us;            int64_t s_n;             // sampling per iteration
     // catch-up cost: weighted least squares of t = cf + cp * m with forgetting
@@ -201,11 +201,11 @@ struct mtp_cy_policy {
     void reset() {
         std::fill(v_us, v_us + KMAX + 2, 0.0);
         std::fill(v_n, v_n + KMAX + 2, (int64_t) 0);
-        for (auto & m : v_med) {
+        for (auto & m : v_q25) {
             m.clear();
         }
-        d_med.clear();
-        s_med.clear();
+        d_q25.clear();
+        s_q25.clear();
         d_us = 0.0; d_n = 0;
         s_us = 0.0; s_n = 0;
         c_w = c_m = c_mm = c_t = c_mt = 0.0; c_n = 0;
@@ -243,9 +243,9 @@ struct mtp_cy_policy {
     }
 
     // -- estimates ---------------------------------------------------------------
-    static void sample(mtp_cy_median & med, double & est, int64_t & n, double x) {
-        med.add(x);
-        est = med.get();
+    static void sample(mtp_cy_low_quantile & q25, double & est, int64_t & n, double x) {
+        q25.add(x);
+        est = q25.get();
         ++n;
     }
 
@@ -647,15 +647,15 @@ struct mtp_cy_policy {
         // shape, and a run of plain steps is what choosing plain decoding gets
         const bool plain = k == 0 && n_draft_steps == 0 && n_catch_up == 0;
         const int vi = plain && last_plain ? 0 : k + 1;
-        sample(v_med[vi], v_us[vi], v_n[vi], t_verify_us);
+        sample(v_q25[vi], v_us[vi], v_n[vi], t_verify_us);
         v_last[vi] = iter - 1;
         if (vi >= 2) {
             v_miss[vi - 1] = 0;
         }
         last_plain = plain;
-        sample(s_med, s_us, s_n, t_sample_us);
+        sample(s_q25, s_us, s_n, t_sample_us);
         if (n_draft_steps > 0) {
-            sample(d_med, d_us, d_n, t_draft_us / (double) n_draft_steps);
+            sample(d_q25, d_us, d_n, t_draft_us / (double) n_draft_steps);
         }
         if (n_catch_up > 0) {
             if (c_n >= 4) {

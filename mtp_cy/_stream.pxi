@@ -97,7 +97,10 @@ cdef class _Stream:
     cdef Py_ssize_t base
     cdef Py_ssize_t released      # characters released to the caller
     cdef Py_ssize_t total         # characters decoded so far
-    cdef list held                # (token, start, end, piece_end) of the undelivered tokens
+    cdef list held                # (token, start, release_at, piece_end, logprob) of the undelivered
+                                  # tokens: text offsets of its piece (start..piece_end); it is delivered
+                                  # once the text is released up to release_at (piece_end, + 1 while its
+                                  # bytes only start a character); logprob: its dict or None
     cdef str hit                  # the stop string that ended the stream
     # native loop state (used by the engines)
     cdef llama_token last         # the next token to decode (sampled, or the prompt's last)

@@ -112,3 +112,30 @@ def test_measure_rows_are_exact(mtp_model, mtp_sm):
     assert "mtp-3" in table and "native" in table
     with pytest.raises(ValueError):
         measure(mtp_model, p, repeats=0)
+
+
+def test_progress_while_waiting(monkeypatch):
+    """The demo shows how long the model build has been running (on a terminal: one line that
+    updates itself and is cleared at the end) and passes the result or the error through."""
+    import io
+    import time
+    from mtp_cy import __main__ as main
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Tty()
+    monkeypatch.setattr(main.sys, "stderr", err)
+    assert main._with_progress(lambda: (time.sleep(0.5), 42)[1], "building the model", every=0.1) == 42
+    out = err.getvalue()
+    assert "\rbuilding the model ... 0 s" in out.replace("\x1b[K", "") and out.endswith("\r\x1b[K")
+    quiet = Tty()
+    monkeypatch.setattr(main.sys, "stderr", quiet)
+    assert main._with_progress(lambda: (time.sleep(0.3), 1)[1], "x", quiet=True, every=0.1) == 1
+    assert quiet.getvalue() == ""
+
+    def boom():
+        raise KeyError("nope")
+    with pytest.raises(KeyError):
+        main._with_progress(boom, "y", every=0.1)
