@@ -21,7 +21,8 @@ and, so that ``p_min`` has something to cut, the MTP head is unsure where it is 
 
 Configurations (``--configs``): ``plain``, a draft length ``k``, ``k@p`` (draft length k
 with ``p_min=p``) and ``auto``.  For each model, every repeat runs every configuration
-once, interleaved, mtp_cy then the native program with the same settings
+once, interleaved (in the listed order on even repeats, reversed on odd ones, so that the
+order of the runs cannot tilt the ratios), mtp_cy then the native program with the same settings
 (``llama-completion`` for plain decoding, ``llama-speculative-simple --spec-type
 draft-mtp`` otherwise, built as upstream builds them by default, i.e. with OpenMP, unless
 ``--native same``; ``auto`` has no native counterpart); medians are reported with
@@ -147,7 +148,9 @@ def bench_model(name, args, configs, spec_bin, comp_bin):
             for c, o in configs:
                 _one_run(engines[c], prompt, args.max_tokens if o and o.get("n_draft") == "auto" else 8, sampling)
             for r in range(args.repeats):
-                for cname, o in configs:
+                # the order alternates from one repeat to the next, so that no configuration
+                # always runs first, or always right after the same other one
+                for cname, o in (configs if r % 2 == 0 else configs[::-1]):
                     ours.setdefault(cname, []).append(_one_run(engines[cname], prompt, args.max_tokens, sampling))
                     if spec_bin is None or (o and o.get("n_draft") == "auto"):
                         continue

@@ -18,8 +18,9 @@ What is measured, per configuration (``plain`` = :class:`mtp_cy.Session`,
   generator protocol and the Python-side bookkeeping cost;
 * ``acceptance``, ``iters``, ``drafts_generated``, ``drafts_accepted`` of the runs.
 
-Configurations are interleaved (``plain, mtp-1, ..., plain, mtp-1, ...``) so
-that drifting machine load affects all of them alike; the median run is kept.
+Configurations are interleaved, in alternating order (``plain, mtp-1, ..., mtp-k``, then
+``mtp-k, ..., mtp-1, plain``, ...), so that drifting machine load affects all of them alike
+and the order of the runs cannot favour one; the median run is kept.
 """
 from __future__ import annotations
 
@@ -122,7 +123,9 @@ def measure(model, prompt: Union[str, Sequence[int]], *, max_tokens: int = 128,
         for name, _, eng in engines:
             _one_run(eng, prompt, min(max_tokens, warmup), sampling)
         for r in range(repeats):
-            for name, _, eng in engines:
+            # alternate the order (reversed on odd repeats): no engine always runs first or
+            # always right after the same other one
+            for name, _, eng in (engines if r % 2 == 0 else engines[::-1]):
                 if progress is not None:
                     progress(f"run {r + 1}/{repeats}: {name}")
                 results[name].append(_one_run(eng, prompt, max_tokens, sampling))
