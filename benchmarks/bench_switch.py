@@ -11,12 +11,15 @@ runs, in this order and with the same greedy prompt:
 * ``alone``: X after X (the reference);
 * ``after Session``: another ``Session`` B generates, then X;
 * ``after MTP``: an ``MTP`` session M generates, then X;
+* ``alone + 1 s``: X, the process idles for a second, then X (the reference of the next case:
+  on a VM an idle second can change the speed of what follows by itself);
 * ``after Session + 1 s``: B generates, the process idles for a second, then X;
 * ``two at once``: X and a twin of X (another session of the same kind and options) generate
   in two threads at the same time; their tokens together over the wall time.
 
-Rounds interleave the cases, so a slow stretch of the machine hits every case alike; the median
-of each case over the rounds is reported with its ratio to ``alone`` of the same round set.
+Each round runs every case once, in an order shuffled per round (seeded), so a slow stretch of
+the machine or the order of the cases cannot favour one; the median of each case over the rounds
+is reported with its ratio to ``alone`` (``after Session + 1 s``: to ``alone + 1 s``).
 ``idle CPU`` is the CPU time the whole process burnt in the 0.5 s after a call ended (helper
 threads still polling for work show up here).  Run it on a quiet machine: a 2-core box shared with
 a build gives noise, not numbers.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import threading
@@ -40,7 +44,8 @@ except ImportError:
     import mtp_cy  # noqa: E402
 from mtp_cy import synthetic  # noqa: E402
 
-CASES = ("alone", "after Session", "after MTP", "after Session + 1 s", "two at once")
+CASES = ("alone", "after Session", "after MTP", "alone + 1 s", "after Session + 1 s", "two at once")
+REFERENCE = {"after Session + 1 s": "alone + 1 s"}
 
 
 def process_cpu_s():
@@ -92,22 +97,27 @@ def bench_model(size, tokens, repeats):
             for e in (x, twin, other_session, other_mtp):
                 e.generate(prompt, max_tokens=16, temp=0)           # warm: graphs, caches
             runs = {c: [] for c in CASES}
+            before = {"alone": (x, 0.0), "after Session": (other_session, 0.0), "after MTP": (other_mtp, 0.0),
+                      "alone + 1 s": (x, 1.0), "after Session + 1 s": (other_session, 1.0)}
+            rng = random.Random(len(runs) * 1000 + tokens)
             for _ in range(repeats):
-                x.generate(prompt, max_tokens=tokens, temp=0)
-                runs["alone"].append(timed_call(x, prompt, tokens))
-                other_session.generate(prompt, max_tokens=tokens, temp=0)
-                runs["after Session"].append(timed_call(x, prompt, tokens))
-                other_mtp.generate(prompt, max_tokens=tokens, temp=0)
-                runs["after MTP"].append(timed_call(x, prompt, tokens))
-                other_session.generate(prompt, max_tokens=tokens, temp=0)
-                time.sleep(1.0)
-                runs["after Session + 1 s"].append(timed_call(x, prompt, tokens))
-                runs["two at once"].append(two_at_once(x, twin, prompt, tokens))
+                order = list(CASES)
+                rng.shuffle(order)
+                for case in order:
+                    if case == "two at once":
+                        runs[case].append(two_at_once(x, twin, prompt, tokens))
+                        continue
+                    prev, idle = before[case]
+                    prev.generate(prompt, max_tokens=tokens, temp=0)
+                    if idle:
+                        time.sleep(idle)
+                    runs[case].append(timed_call(x, prompt, tokens))
             idle = statistics.median(idle_cpu_after_call(x, prompt, tokens) for _ in range(3))
             med = {c: statistics.median(v) for c, v in runs.items()}
             out["engines"][name] = {
                 "tok_s": {c: round(v, 1) for c, v in med.items()},
-                "ratio": {c: round(v / med["alone"], 3) for c, v in med.items()},
+                "ratio": {c: round(v / med[REFERENCE.get(c, "alone")], 3) for c, v in med.items()},
+                "runs": {c: [round(x, 1) for x in v] for c, v in runs.items()},
                 "idle_cpu_ms_per_0.5s": round(idle, 1),
             }
             x.close()
@@ -122,7 +132,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,bench", help="comma-separated: tiny, bench (239M)")
     ap.add_argument("--tokens", type=int, default=None, help="tokens per call (default 256 tiny, 128 bench)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--json", default=None, help="also write the results to this file")
     a = ap.parse_args()
     print(f"# mtp_cy {mtp_cy.__version__}, llama.cpp {mtp_cy.llama_cpp_commit}; {os.cpu_count()} CPUs; "

@@ -155,22 +155,27 @@ llama_cpp_commit = _LLAMA_CPP_COMMIT
 def cpu_pools():
     """The CPU thread pools the sessions of this process share, for diagnostics.
 
-    mtp_cy keeps one ggml thread pool per thread count (``n_threads``), shared by
-    every session that uses that many threads, and runs one native step at a time
-    (a FIFO lock), so that sessions used from several threads take turns instead
-    of running several pools on the same cores.  A pool whose last call ended is
-    paused: its helper threads sleep instead of polling for work.
+    The sessions of a process share ggml thread pools (one set of helper threads per
+    thread count, more only while steps of that size run at once), and their native
+    steps share the CPUs the process may run on, first come first served: sessions
+    used from several threads split the CPUs instead of running several pools on the
+    same cores.  A pool whose last call ended is paused: its helper threads sleep
+    instead of polling for work.
 
-    Returns ``{"pools": n, "helper_threads": n, "pauses": n, "can_pause": bool}``:
-    the pools alive now, their helper threads (each pool of ``n`` threads has
-    ``n - 1``: the calling thread is the first), how often mtp_cy paused a pool,
-    and whether this build's CPU backend lets it pause them (``vendor/patches/0001``).
+    Returns ``{"pools": n, "helper_threads": n, "pauses": n, "can_pause": bool,
+    "open_calls": n, "cpu_budget": n}``: the pools alive now, their helper threads
+    (each pool of ``n`` threads has ``n - 1``: the calling thread is the first), how
+    often mtp_cy paused a pool, whether this build's CPU backend lets it pause them
+    (``vendor/patches/0001``), the calls (streams) open now and the CPUs their steps
+    share (a step runs with at most ``cpu_budget / open_calls`` threads, at least
+    one, never more than its session's ``n_threads``).
     """
     init()
-    cdef int n_pools = 0, n_helpers = 0, can_pause = 0
+    cdef int n_pools = 0, n_helpers = 0, can_pause = 0, n_calls = 0, budget = 0
     cdef int64_t n_paused = 0
-    mtp_cy_pools_info(n_pools, n_helpers, n_paused, can_pause)
-    return {"pools": n_pools, "helper_threads": n_helpers, "pauses": n_paused, "can_pause": bool(can_pause)}
+    mtp_cy_pools_info(n_pools, n_helpers, n_paused, can_pause, n_calls, budget)
+    return {"pools": n_pools, "helper_threads": n_helpers, "pauses": n_paused, "can_pause": bool(can_pause),
+            "open_calls": n_calls, "cpu_budget": budget}
 
 
 def _set_pause_idle_pools(bint on):

@@ -148,7 +148,8 @@ cdef class _Engine:
     cdef llama_context * ctx
     cdef common_batch * batch
     cdef ggml_threadpool_t tp      # the shared CPU pool the contexts are attached to now (_native.h)
-    cdef int _pool_threads         # its thread count (0: no pool)
+    cdef int _pool_threads         # the session's pool size (0: no pool)
+    cdef int _cur_threads          # the thread count the contexts are set to now
     cdef bint _in_call             # a call (stream) is open and counted on the pool
     cdef mtp_cy_stats * st
     cdef mtp_cy_abort * ab
@@ -177,6 +178,7 @@ cdef class _Engine:
         self.batch = NULL
         self.tp = NULL
         self._pool_threads = 0
+        self._cur_threads = 0
         self._in_call = False
         self.st = new mtp_cy_stats()
         self.ab = new mtp_cy_abort()
@@ -253,7 +255,7 @@ cdef class _Engine:
         self._end_call()
         self.tp = NULL
         if self._pool_threads > 0:
-            mtp_cy_threadpool_free(self._pool_threads)
+            mtp_cy_threadpool_free()
             self._pool_threads = 0
         self.ckpts.clear()
         self.toks.clear()
@@ -598,7 +600,7 @@ cdef class _Engine:
     cdef int _prompt(self, _Stream s) except -1:
         """Reuse what the memory already holds, then process the rest of the prompt but its last token."""
         cdef int n = s.prompt.size()
-        cdef int keep, i, m, j, rc = 0, r
+        cdef int keep, i, m, j, rc = 0, r, nt
         cdef int64_t t0 = ggml_time_us()
         cdef int last_ckpt
         keep = self._reuse(s)
@@ -617,7 +619,7 @@ cdef class _Engine:
                         m = min(m, s.ckpt_hint - i)
                 # the CPU lock per chunk (a long prompt does not hold other sessions' streams
                 # for all of its length); the MTP head's share of the chunk goes with it
-                self._cpu_enter(self.n_threads_batch)
+                nt = self._cpu_enter(self.n_threads_batch)
                 try:
                     try:
                         with nogil:
@@ -636,7 +638,7 @@ cdef class _Engine:
                         self.toks.push_back(s.prompt[i + j])
                     self._hook_prefilled(i, m)
                 finally:
-                    self._cpu_leave(self.n_threads_batch)
+                    self._cpu_leave(nt)
                 i += m
                 if (i - last_ckpt >= self.checkpoint_every or i == s.ckpt_hint) and i < n - 1:
                     self._checkpoint(i)
@@ -661,36 +663,47 @@ cdef class _Engine:
             self._in_call = False
             if self.tp != NULL:
                 with nogil:
-                    mtp_cy_call_end(self.tp)
+                    mtp_cy_call_end(self.tp, <void *>self)
 
-    cdef void _cpu_enter(self, int n_threads) noexcept:
-        """Take ``n_threads`` of the CPU budget and a free shared pool for the next native work
-        (blocks, FIFO; _native.h); the contexts follow the pool when it changed."""
+    cdef int _cpu_enter(self, int n_threads) noexcept:
+        """Take up to ``n_threads`` of the CPU budget and a free shared pool of that size for the
+        next native work (blocks, FIFO; _native.h); the contexts follow the pool and the thread
+        count when they changed.  Returns the threads taken (for _cpu_leave)."""
         cdef ggml_threadpool_t tp = self.tp
+        cdef int n
         if tp == NULL:
-            return
+            return n_threads
+        cdef const void * who = <void *>self
         with nogil:
-            mtp_cy_cpu_enter(&tp, n_threads, self._in_call)
+            n = mtp_cy_cpu_enter(&tp, n_threads, self._in_call, who)
         if tp != self.tp:
             self.tp = tp
             self._attach_pool(tp)
+        if n != self._cur_threads:
+            self._cur_threads = n
+            self._set_threads(n)
+        return n
 
     cdef void _cpu_leave(self, int n_threads) noexcept:
         if self.tp != NULL:
-            mtp_cy_cpu_leave(self.tp, n_threads)
+            mtp_cy_cpu_leave(self.tp, n_threads, <void *>self)
 
     cdef void _attach_pool(self, ggml_threadpool_t tp) noexcept:
         """Attach the contexts to pool ``tp`` (MTP attaches its head's context too)."""
         llama_attach_threadpool(self.ctx, tp, tp)
 
+    cdef void _set_threads(self, int n) noexcept:
+        """Run the contexts' graphs with ``n`` threads (MTP sets its head's context too)."""
+        llama_set_n_threads(self.ctx, n, n)
+
     cdef int _locked_step(self, _Stream s) except -1:
         """One decoding step with its threads taken from the process's CPU budget (_native.h)."""
         cdef int r
-        self._cpu_enter(self.n_threads)
+        cdef int nt = self._cpu_enter(self.n_threads)
         try:
             r = self._step(s)
         finally:
-            self._cpu_leave(self.n_threads)
+            self._cpu_leave(nt)
         return r
 
     # -- streams ----------------------------------------------------------------------

@@ -146,7 +146,7 @@ cdef class MTP(_Engine):
             llama_free(ctx)
             self.tp = NULL
             if self._pool_threads > 0:
-                mtp_cy_threadpool_free(self._pool_threads)
+                mtp_cy_threadpool_free()
                 self._pool_threads = 0
             raise
         self.ctx_dft = dft
@@ -159,6 +159,11 @@ cdef class MTP(_Engine):
         llama_attach_threadpool(self.ctx, tp, tp)
         if self.ctx_dft != NULL:
             llama_attach_threadpool(self.ctx_dft, tp, tp)
+
+    cdef void _set_threads(self, int n) noexcept:
+        llama_set_n_threads(self.ctx, n, n)
+        if self.ctx_dft != NULL:
+            llama_set_n_threads(self.ctx_dft, n, n)
 
     cdef void _free_native(self) noexcept:
         # the drafter's sampler and batch belong to the draft context

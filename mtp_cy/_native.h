@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -82,7 +83,7 @@ static inline std::string mtp_cy_current_exception_what() {
 }
 
 // ---------------------------------------------------------------------------
-// CPU thread pools, shared by every session of the process, and the CPU lock.
+// CPU thread pools, shared by every session of the process, and the CPU budget.
 //
 // llama.cpp is built without OpenMP: an OpenMP team belongs to the OS thread
 // that starts a parallel region, so every Python thread (asyncio workers,
@@ -92,23 +93,36 @@ static inline std::string mtp_cy_current_exception_what() {
 // the calling thread joins the pool as worker 0 for the duration of a graph,
 // so the speed does not depend on which thread calls.
 //
-// Pools are shared by the sessions of the process: a native step takes a pool of
-// its thread count that no other step is using (a ggml pool runs one graph at a
-// time), preferring the one that ran last (its helpers are awake), and the
-// session's contexts are attached to it; a new pool is made only when every pool
-// of that size is busy, so a process holding many sessions has one set of helper
-// threads per thread count, not one per session.  After a graph ggml's helpers
-// poll for the next one (~100-200 ms) before they sleep: good within a call, a
-// thief of CPU time for whatever runs next.  So:
-//  * native steps take their threads from the process's CPU budget (the CPUs
-//    it may run on), first come first served: steps whose threads fit run at
-//    the same time (two 1-thread sessions on 2 CPUs), others wait their turn
-//    (two sessions of every CPU alternate step by step, on one pool, instead of
-//    running two pools on the same cores, where each graph's barriers would wait
-//    for a thread that the other pool's spinner keeps off its core);
+// Pools are shared by the sessions of the process.  Native steps take their
+// threads from the process's CPU budget (the CPUs it may run on), first come
+// first served, and no more than their share: with k calls open at once, a step
+// uses at most budget / k threads (at least 1; never more than its session's
+// n_threads).  So two sessions of every CPU used from two threads on a 2-CPU
+// machine run side by side with one thread each, instead of two pools of two
+// threads on two cores, where each graph's barriers would wait for a thread that
+// the other pool keeps off its core; alone, a session gets all of its threads
+// back at its next step.  A step takes a pool of the size it runs with that no
+// other step is using (a ggml pool runs one graph at a time; a pool bigger than
+// the graph would wake its idle helpers for nothing), preferring the one that
+// ran last (its helpers are awake); the session's contexts are attached to it
+// and set to that many threads.  A new pool is made only when every pool of that
+// size is busy, so a process holding many sessions has one set of helper threads
+// per size, not one per session.  After a graph ggml's helpers poll for the next
+// one (~100-200 ms) before they sleep: good within a call, a thief of CPU time
+// for whatever runs next.  So:
 //  * a step pauses every pool that no step is using at that moment (their
 //    helpers stop polling and sleep);
-//  * when a call ends and no other call is on its pool, the pool is paused.
+//  * when a call ends and no other call is on its pool, the pool is paused;
+//  * when more calls want the CPU than it has, a session that just computed
+//    keeps it for a time slice (MTP_CY_SLICE_US) while it comes back for its
+//    next step at once (handing the cores over costs two thread wake-ups, which
+//    step by step would halve a small model's speed); the others wait at most
+//    one slice.
+// ggml resumes a paused pool by itself when the next graph starts.  The pool
+// functions come from the CPU backend's registry entry (the CPU backend is a
+// loadable module in the portable builds); pause is exposed there by
+// vendor/patches/0001 (without it, pools are never paused).
+// ---------------------------------------------------------------------------
 typedef ggml_threadpool_t (*mtp_cy_tp_new_fn)(struct ggml_threadpool_params * params);
 typedef void (*mtp_cy_tp_fn)(ggml_threadpool_t tp);
 
@@ -139,13 +153,23 @@ struct mtp_cy_cpu_state {
     uint64_t serving = 0;           //                 the ticket at the head of the line
     int budget = 0;                 // CPUs the steps may use at once (0: not known yet)
     int in_use = 0;                 // threads of the steps in flight
+    const void * owner = nullptr;   // the session whose time slice runs
+    int64_t slice_end = 0;          // until when (mtp_cy_now_us)
     uint64_t clock = 0;
     std::vector<mtp_cy_pool *> pools;
-    std::vector<std::pair<int, int>> sessions;   // (n_threads, sessions of that size)
+    int n_sessions = 0;             // sessions alive (the pools go with the last one)
+    int calls = 0;                  // calls open: the CPU budget's shares
     mtp_cy_tp_fn pause = nullptr;
     bool looked_up = false;
     bool pause_idle = true;         // pause a pool when its last call ends (benchmarks turn it off)
 };
+
+static const int64_t MTP_CY_SLICE_US = 5000;
+
+static inline int64_t mtp_cy_now_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(
+        std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 // process-wide and never destroyed (helper threads may outlive static destructors)
 static inline mtp_cy_cpu_state & mtp_cy_cpu() {
@@ -229,75 +253,82 @@ static inline ggml_threadpool_t mtp_cy_threadpool_new(int n_threads) {
             return nullptr;
         }
     }
-    bool found = false;
-    for (auto & s : c.sessions) {
-        if (s.first == n_threads) {
-            s.second++;
-            found = true;
-        }
-    }
-    if (!found) {
-        c.sessions.push_back({n_threads, 1});
-    }
+    c.n_sessions++;
     return best->tp;
 }
 
-// A session of n_threads ends (its contexts are freed): the pools of that size go with the
-// last such session (their helpers are joined).
-static inline void mtp_cy_threadpool_free(int n_threads) {
+// A session ends (its contexts are freed): the pools go with the last session (their
+// helpers are joined).
+static inline void mtp_cy_threadpool_free() {
     mtp_cy_cpu_state & c = mtp_cy_cpu();
     std::lock_guard<std::mutex> lk(c.m);
-    for (size_t i = 0; i < c.sessions.size(); i++) {
-        if (c.sessions[i].first != n_threads) {
-            continue;
-        }
-        if (--c.sessions[i].second > 0) {
-            return;
-        }
-        c.sessions.erase(c.sessions.begin() + i);
-        auto fn = (mtp_cy_tp_fn) mtp_cy_cpu_proc("ggml_threadpool_free");
-        for (size_t j = 0; j < c.pools.size();) {
-            mtp_cy_pool * p = c.pools[j];
-            if (p->n_threads == n_threads && !p->running) {
-                if (fn) {
-                    fn(p->tp);
-                }
-                delete p;
-                c.pools.erase(c.pools.begin() + j);
-            } else {
-                j++;
-            }
-        }
+    if (--c.n_sessions > 0) {
         return;
+    }
+    c.n_sessions = 0;
+    auto fn = (mtp_cy_tp_fn) mtp_cy_cpu_proc("ggml_threadpool_free");
+    for (size_t j = 0; j < c.pools.size();) {
+        mtp_cy_pool * p = c.pools[j];
+        if (!p->running) {
+            if (fn) {
+                fn(p->tp);
+            }
+            delete p;
+            c.pools.erase(c.pools.begin() + j);
+        } else {
+            j++;
+        }
     }
 }
 
-// Before a native step of a session whose contexts are attached to *tp, using n_threads:
-// wait (FIFO) until they fit in the CPU budget -- or nothing else runs --, take a pool of
-// that size that no step is using (the one that ran last, else *tp, else a new one; *tp is
-// set to it: the caller attaches its contexts when it changed) and pause the pools no step
+// Before a native step of a session whose contexts are attached to *tp, wanting n_threads:
+// the threads it runs with (its share of the CPU budget, see above) are returned; it waits
+// (FIFO) until they fit -- or nothing else runs --, takes a pool of that size that no step
+// is using (the one that ran last, else a new one; *tp is set to it: the caller attaches
+// its contexts and sets their thread count when they changed) and pauses the pools no step
 // is using.  in_call: the step belongs to an open call (counted on the pool it runs on).
-static inline void mtp_cy_cpu_enter(ggml_threadpool_t * tp, int n_threads, bool in_call) {
+static inline int mtp_cy_cpu_enter(ggml_threadpool_t * tp, int n_threads, bool in_call, const void * who) {
     mtp_cy_cpu_state & c = mtp_cy_cpu();
     std::unique_lock<std::mutex> lk(c.m);
     if (c.budget <= 0) {
         c.budget = mtp_cy_cpu_count();
     }
-    const int n = std::max(1, n_threads);
-    const uint64_t ticket = c.next++;
-    c.cv.wait(lk, [&] { return c.serving == ticket && (c.in_use == 0 || c.in_use + n <= c.budget); });
-    c.serving++;
+    auto share = [&] {
+        return std::max(1, std::min(std::max(1, n_threads), c.budget / std::max(1, c.calls)));
+    };
+    int n = share();
+    if (!(who && who == c.owner && c.in_use == 0 && mtp_cy_now_us() < c.slice_end)) {
+        // the line: first come first served; a waiter re-checks when its predecessor is
+        // admitted, when a step ends outside a slice, and at the end of the running slice
+        const uint64_t ticket = c.next++;
+        auto ready = [&] {
+            n = share();
+            return c.serving == ticket && (c.in_use == 0 || c.in_use + n <= c.budget) &&
+                   (c.owner == nullptr || c.owner == who || c.in_use > 0 || mtp_cy_now_us() >= c.slice_end);
+        };
+        while (!ready()) {
+            const int64_t wait_us = c.slice_end - mtp_cy_now_us();
+            if (wait_us > 0) {
+                c.cv.wait_for(lk, std::chrono::microseconds(wait_us));
+            } else {
+                c.cv.wait(lk);
+            }
+        }
+        c.serving++;
+        c.owner = who;
+        c.slice_end = mtp_cy_now_us() + MTP_CY_SLICE_US;
+    }
     c.in_use += n;
     mtp_cy_pool * cur = mtp_cy_pool_of(c, *tp);
     mtp_cy_pool * pick = nullptr;
     if (cur) {
         for (auto * p : c.pools) {
-            if (p->n_threads == cur->n_threads && !p->running && (!pick || p->used > pick->used)) {
+            if (p->n_threads == n && !p->running && (!pick || p->used > pick->used)) {
                 pick = p;
             }
         }
         if (!pick) {
-            pick = mtp_cy_pool_make_locked(c, cur->n_threads);
+            pick = mtp_cy_pool_make_locked(c, n);
         }
     }
     if (pick) {
@@ -317,18 +348,25 @@ static inline void mtp_cy_cpu_enter(ggml_threadpool_t * tp, int n_threads, bool 
     }
     lk.unlock();
     c.cv.notify_all();          // the next in line may fit as well
+    return n;
 }
 
-static inline void mtp_cy_cpu_leave(ggml_threadpool_t tp, int n_threads) {
+static inline void mtp_cy_cpu_leave(ggml_threadpool_t tp, int n_threads, const void * who) {
     mtp_cy_cpu_state & c = mtp_cy_cpu();
+    bool wake;
     {
         std::lock_guard<std::mutex> lk(c.m);
         c.in_use -= std::max(1, n_threads);
         if (mtp_cy_pool * p = mtp_cy_pool_of(c, tp)) {
             p->running = false;
         }
+        // within its slice the session comes back for its next step: the others would only
+        // wake up to wait again (they re-check when the slice ends)
+        wake = !(who && who == c.owner && mtp_cy_now_us() < c.slice_end);
     }
-    c.cv.notify_all();
+    if (wake) {
+        c.cv.notify_all();
+    }
 }
 
 // A call (stream) starts / ends on the pool its session is attached to.  The end pauses the
@@ -336,24 +374,33 @@ static inline void mtp_cy_cpu_leave(ggml_threadpool_t tp, int n_threads) {
 static inline void mtp_cy_call_begin(ggml_threadpool_t tp) {
     mtp_cy_cpu_state & c = mtp_cy_cpu();
     std::lock_guard<std::mutex> lk(c.m);
+    c.calls++;
     if (mtp_cy_pool * p = mtp_cy_pool_of(c, tp)) {
         p->bound++;
     }
 }
 
-static inline void mtp_cy_call_end(ggml_threadpool_t tp) {
+static inline void mtp_cy_call_end(ggml_threadpool_t tp, const void * who) {
     mtp_cy_cpu_state & c = mtp_cy_cpu();
-    std::lock_guard<std::mutex> lk(c.m);
-    mtp_cy_pool * p = mtp_cy_pool_of(c, tp);
-    if (!p) {
-        return;
+    {
+        std::lock_guard<std::mutex> lk(c.m);
+        if (who && c.owner == who) {
+            c.owner = nullptr;      // its slice ends with the call
+        }
+        if (c.calls > 0) {
+            c.calls--;
+        }
+        mtp_cy_pool * p = mtp_cy_pool_of(c, tp);
+        if (p) {
+            if (p->bound > 0) {
+                p->bound--;
+            }
+            if (c.pause_idle && p->bound == 0 && !p->running) {
+                mtp_cy_pool_pause_locked(c, p);
+            }
+        }
     }
-    if (p->bound > 0) {
-        p->bound--;
-    }
-    if (c.pause_idle && p->bound == 0 && !p->running) {
-        mtp_cy_pool_pause_locked(c, p);
-    }
+    c.cv.notify_all();
 }
 
 static inline void mtp_cy_set_pause_idle(bool on) {
@@ -363,9 +410,12 @@ static inline void mtp_cy_set_pause_idle(bool on) {
 }
 
 // (pools, total helper threads, times paused, whether pausing is available) for diagnostics
-static inline void mtp_cy_pools_info(int & n_pools, int & n_helpers, int64_t & n_paused, int & can_pause) {
+static inline void mtp_cy_pools_info(int & n_pools, int & n_helpers, int64_t & n_paused, int & can_pause,
+                                     int & n_calls, int & budget) {
     mtp_cy_cpu_state & c = mtp_cy_cpu();
     std::lock_guard<std::mutex> lk(c.m);
+    n_calls = c.calls;
+    budget = c.budget > 0 ? c.budget : mtp_cy_cpu_count();
     n_pools = (int) c.pools.size();
     n_helpers = 0;
     n_paused = 0;

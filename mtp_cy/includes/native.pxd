@@ -50,13 +50,14 @@ cdef extern from "_native.h" nogil:
     float mtp_cy_logprobs(const float * logits, int32_t n_vocab, llama_token tok, int32_t top_n,
                           vector[llama_token] & top_ids, vector[float] & top_lps) except +
     ggml_threadpool_t mtp_cy_threadpool_new(int n_threads)
-    void mtp_cy_threadpool_free(int n_threads)
-    void mtp_cy_cpu_enter(ggml_threadpool_t * tp, int n_threads, cbool in_call)
-    void mtp_cy_cpu_leave(ggml_threadpool_t tp, int n_threads)
+    void mtp_cy_threadpool_free()
+    int mtp_cy_cpu_enter(ggml_threadpool_t * tp, int n_threads, cbool in_call, const void * who)
+    void mtp_cy_cpu_leave(ggml_threadpool_t tp, int n_threads, const void * who)
     void mtp_cy_call_begin(ggml_threadpool_t tp)
-    void mtp_cy_call_end(ggml_threadpool_t tp)
+    void mtp_cy_call_end(ggml_threadpool_t tp, const void * who)
     void mtp_cy_set_pause_idle(cbool on)
-    void mtp_cy_pools_info(int & n_pools, int & n_helpers, int64_t & n_paused, int & can_pause)
+    void mtp_cy_pools_info(int & n_pools, int & n_helpers, int64_t & n_paused, int & can_pause,
+                           int & n_calls, int & budget)
 
 
 cdef extern from "_policy.h" nogil:
