@@ -43,8 +43,11 @@ def upstream(binary, path, prompt, sch, n, threads):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, stdin=subprocess.DEVNULL)
     if p.returncode != 0:
         raise RuntimeError(f"{binary.name} failed:\n{p.stderr[-2000:]}")
-    m = re.search(r"\bsampling time =\s*([\d.]+) ms /\s*(\d+) runs", p.stderr)
-    return float(m.group(1)) / int(m.group(2)) if m else None
+    # "sampling time = X ms" is the total of the run; the tokens sampled: one after the
+    # prompt, one after every eval run
+    m = re.search(r"\bsampling time =\s*([\d.]+) ms", p.stderr)
+    e = re.search(r"\beval time =\s*[\d.]+ ms /\s*(\d+) runs", p.stderr)
+    return float(m.group(1)) / (int(e.group(1)) + 1) if m and e else None
 
 
 def main():

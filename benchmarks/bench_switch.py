@@ -11,15 +11,18 @@ runs, in this order and with the same greedy prompt:
 * ``alone``: X after X (the reference);
 * ``after Session``: another ``Session`` B generates, then X;
 * ``after MTP``: an ``MTP`` session M generates, then X;
-* ``alone + 1 s``: X, the process idles for a second, then X (the reference of the next case:
-  on a VM an idle second can change the speed of what follows by itself);
+* ``alone + 1 s``: X, the process idles for a second, then X (on a VM an idle second can change
+  the speed of what follows by itself);
 * ``after Session + 1 s``: B generates, the process idles for a second, then X;
 * ``two at once``: X and a twin of X (another session of the same kind and options) generate
   in two threads at the same time; their tokens together over the wall time.
 
-Each round runs every case once, in an order shuffled per round (seeded), so a slow stretch of
-the machine or the order of the cases cannot favour one; the median of each case over the rounds
-is reported with its ratio to ``alone`` (``after Session + 1 s``: to ``alone + 1 s``).
+Each round runs every case once, in an order shuffled per round (seeded), and pairs each
+measurement with a reference run of X alone right before or right after it (alternating): on a
+VM the speed drifts between calls by more than any effect measured here (the tiny model runs
+anywhere between ~1,200 and ~2,600 tok/s in one process), and such drift lasts across adjacent
+calls, so the ratio within a pair cancels it.  Reported: the median tok/s of each case and the
+median of its paired ratios (``x``).
 ``idle CPU`` is the CPU time the whole process burnt in the 0.5 s after a call ended (helper
 threads still polling for work show up here).  Run it on a quiet machine: a 2-core box shared with
 a build gives noise, not numbers.
@@ -45,7 +48,6 @@ except ImportError:
 from mtp_cy import synthetic  # noqa: E402
 
 CASES = ("alone", "after Session", "after MTP", "alone + 1 s", "after Session + 1 s", "two at once")
-REFERENCE = {"after Session + 1 s": "alone + 1 s"}
 
 
 def process_cpu_s():
@@ -97,26 +99,36 @@ def bench_model(size, tokens, repeats):
             for e in (x, twin, other_session, other_mtp):
                 e.generate(prompt, max_tokens=16, temp=0)           # warm: graphs, caches
             runs = {c: [] for c in CASES}
+            ratios = {c: [] for c in CASES}
             before = {"alone": (x, 0.0), "after Session": (other_session, 0.0), "after MTP": (other_mtp, 0.0),
                       "alone + 1 s": (x, 1.0), "after Session + 1 s": (other_session, 1.0)}
             rng = random.Random(len(runs) * 1000 + tokens)
+            def measure(case):
+                if case == "two at once":
+                    return two_at_once(x, twin, prompt, tokens)
+                prev, idle = before[case]
+                prev.generate(prompt, max_tokens=tokens, temp=0)
+                if idle:
+                    time.sleep(idle)
+                return timed_call(x, prompt, tokens)
+
+            k = 0
             for _ in range(repeats):
                 order = list(CASES)
                 rng.shuffle(order)
                 for case in order:
-                    if case == "two at once":
-                        runs[case].append(two_at_once(x, twin, prompt, tokens))
-                        continue
-                    prev, idle = before[case]
-                    prev.generate(prompt, max_tokens=tokens, temp=0)
-                    if idle:
-                        time.sleep(idle)
-                    runs[case].append(timed_call(x, prompt, tokens))
+                    k += 1
+                    if k % 2:
+                        v, ref = measure(case), measure("alone")
+                    else:
+                        ref, v = measure("alone"), measure(case)
+                    runs[case].append(v)
+                    ratios[case].append(v / ref)
             idle = statistics.median(idle_cpu_after_call(x, prompt, tokens) for _ in range(3))
             med = {c: statistics.median(v) for c, v in runs.items()}
             out["engines"][name] = {
                 "tok_s": {c: round(v, 1) for c, v in med.items()},
-                "ratio": {c: round(v / med[REFERENCE.get(c, "alone")], 3) for c, v in med.items()},
+                "ratio": {c: round(statistics.median(v), 3) for c, v in ratios.items()},
                 "runs": {c: [round(x, 1) for x in v] for c, v in runs.items()},
                 "idle_cpu_ms_per_0.5s": round(idle, 1),
             }
@@ -132,7 +144,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,bench", help="comma-separated: tiny, bench (239M)")
     ap.add_argument("--tokens", type=int, default=None, help="tokens per call (default 256 tiny, 128 bench)")
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", default=None, help="also write the results to this file")
     a = ap.parse_args()
     print(f"# mtp_cy {mtp_cy.__version__}, llama.cpp {mtp_cy.llama_cpp_commit}; {os.cpu_count()} CPUs; "
