@@ -617,8 +617,8 @@ cdef class _Engine:
                     m = min(m, max(1, last_ckpt + self.checkpoint_every - i))
                     if i < s.ckpt_hint:
                         m = min(m, s.ckpt_hint - i)
-                # the CPU lock per chunk (a long prompt does not hold other sessions' streams
-                # for all of its length); the MTP head's share of the chunk goes with it
+                # the CPU budget is taken per chunk (a long prompt does not hold other sessions'
+                # streams for all of its length); the MTP head's share of the chunk goes with it
                 nt = self._cpu_enter(self.n_threads_batch)
                 try:
                     try:

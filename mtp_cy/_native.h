@@ -1,6 +1,6 @@
 // Small C++ helpers shared by mtp_cy's Cython code: lock-free statistics
 // counters, the state read by llama.cpp's abort callback, the shared CPU
-// thread pools with the CPU lock, and the conversion of C++ exceptions into
+// thread pools with the CPU budget, and the conversion of C++ exceptions into
 // messages.
 #pragma once
 #include <algorithm>
