@@ -7,10 +7,11 @@ cdef class Session(_Engine):
     n_threads_batch=None, flash_attn="auto", type_k="f16", type_v="f16",
     offload_kqv=True, cache_prompt=True, cache_checkpoints=8, checkpoint_every=2048)``
 
-    ``n_threads=None`` uses every CPU this process may run on (the session owns a
-    pool of that many threads, shared by its contexts; the thread that calls
-    takes part in the work, so generation runs as fast from any thread).  The
-    decode/sample loop runs with the GIL released.
+    ``n_threads=None`` uses every CPU this process may run on (the sessions of a
+    process share CPU thread pools and the CPUs: with several calls open at once a
+    step runs with its share of them, see :func:`mtp_cy.cpu_pools`; the thread
+    that calls takes part in the work, so generation runs as fast from any
+    thread).  The decode/sample loop runs with the GIL released.
 
     Prompt cache: the session keeps its state between calls, and a call whose
     prompt starts like the previous prompt plus the text generated after it only
