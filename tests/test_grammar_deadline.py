@@ -13,6 +13,7 @@ import time
 import pytest
 
 import mtp_cy
+from conftest import make_engine
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,7 @@ def full_step(big_vocab):
 @pytest.mark.parametrize("kind", ["session", "mtp"])
 def test_timeout_inside_the_grammar(big_vocab, full_step, kind):
     sm, m = big_vocab
-    eng = mtp_cy.Session(m, n_ctx=256, n_threads=1) if kind == "session" else \
-        mtp_cy.MTP(m, n_draft=2, n_ctx=256, n_threads=1)
-    with eng:
+    with make_engine(kind, m, n_draft=2, n_ctx=256, n_threads=1) as eng:
         limit = full_step / 20
         t0 = time.perf_counter()
         with pytest.raises(mtp_cy.GenerationTimeout):
@@ -65,9 +64,7 @@ def test_timeout_inside_the_grammar(big_vocab, full_step, kind):
 @pytest.mark.parametrize("kind", ["session", "mtp"])
 def test_cancel_inside_the_grammar(big_vocab, full_step, kind):
     sm, m = big_vocab
-    eng = mtp_cy.Session(m, n_ctx=256, n_threads=1) if kind == "session" else \
-        mtp_cy.MTP(m, n_draft=2, n_ctx=256, n_threads=1)
-    with eng:
+    with make_engine(kind, m, n_draft=2, n_ctx=256, n_threads=1) as eng:
         timer = threading.Timer(full_step / 20, eng.cancel)
         it = eng.stream_events(sm.token_ids[:3], json_schema=SCHEMA, max_tokens=3, temp=0, timeout=None)
         t0 = time.perf_counter()
