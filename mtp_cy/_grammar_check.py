@@ -253,35 +253,29 @@ def _sequence(r: _Reader, g: _Rules, depth: int) -> List[tuple]:
     return out
 
 
+def _elem_nullable(e, null: Dict[str, bool]) -> bool:
+    """Whether element ``e`` can match the empty string, given the rules' nullability."""
+    k = e[0]
+    if k == "lit":
+        return e[1]
+    if k in ("ref", "group"):
+        return null.get(e[1], False)
+    return e[2] == 0 or _elem_nullable(e[1], null)   # rep
+
+
 def _nullable(g: _Rules) -> Dict[str, bool]:
     null = {name: False for name in g.rules}
-
-    def elem(e) -> bool:
-        k = e[0]
-        if k == "lit":
-            return e[1]
-        if k in ("ref", "group"):
-            return null.get(e[1], False)
-        return e[2] == 0 or elem(e[1])           # rep
-
     changed = True
     while changed:
         changed = False
         for name, alts in g.rules.items():
-            if not null[name] and any(all(elem(e) for e in alt) for alt in alts):
+            if not null[name] and any(all(_elem_nullable(e, null) for e in alt) for alt in alts):
                 null[name] = changed = True
     return null
 
 
 def _leading(g: _Rules, null: Dict[str, bool]) -> Dict[str, List[Tuple[str, int]]]:
     """name -> [(rule, extra depth)] the rule may start with (llama.cpp recurses into each)."""
-    def elem_nullable(e) -> bool:
-        if e[0] == "lit":
-            return e[1]
-        if e[0] in ("ref", "group"):
-            return null.get(e[1], False)
-        return e[2] == 0 or elem_nullable(e[1])
-
     def targets(e, extra=0):
         if e[0] in ("ref", "group"):
             return [(e[1], extra)]
@@ -290,7 +284,7 @@ def _leading(g: _Rules, null: Dict[str, bool]) -> Dict[str, List[Tuple[str, int]
             # S{m,n} becomes n-m nested helper rules; they start with one another only when
             # S can be empty
             chain = 1
-            if elem_nullable(inner):
+            if _elem_nullable(inner, null):
                 chain = (e[3] - e[2]) if e[3] is not None else 1
             return targets(inner, extra + max(chain, 1))
         return []
@@ -301,7 +295,7 @@ def _leading(g: _Rules, null: Dict[str, bool]) -> Dict[str, List[Tuple[str, int]
         for alt in alts:
             for e in alt:
                 lead.extend(targets(e))
-                if not elem_nullable(e):
+                if not _elem_nullable(e, null):
                     break
         out[name] = lead
     return out
