@@ -9,7 +9,6 @@ time limit, so that a regression fails the test instead of killing or hanging th
 """
 import json
 import os
-import random
 import subprocess
 import sys
 import textwrap
