@@ -13,13 +13,13 @@ from mtp_cy._version import __version__, LLAMA_CPP_COMMIT as llama_cpp_commit
 from mtp_cy.errors import (MTPError, ModelLoadError, DecodeError, MTPUnsupportedError, NativeError,
                            SessionBusyError, ClosedError, GenerationTimeout, ChatTemplateError, RPCError,
                            GrammarError)
-from mtp_cy._core import (Model, Session, MTP, DraftPolicy, ChatParser, init, system_info, build_info, devices,
+from mtp_cy._core import (Model, Session, MTP, Batch, DraftPolicy, ChatParser, init, system_info, build_info, devices,
                           cpu_pools, rpc_server, json_schema_to_grammar)
 from mtp_cy.completion import Completion, Usage, TokenLogprob
 
 __all__ = [
     "__version__", "llama_cpp_commit", "init", "system_info", "build_info", "devices", "cpu_pools", "rpc_server",
-    "Model", "Session", "MTP", "DraftPolicy", "ChatParser", "json_schema_to_grammar",
+    "Model", "Session", "MTP", "Batch", "DraftPolicy", "ChatParser", "json_schema_to_grammar",
     "Completion", "Usage", "TokenLogprob",
     "MTPError", "ModelLoadError", "DecodeError", "MTPUnsupportedError", "NativeError",
     "SessionBusyError", "ClosedError", "GenerationTimeout", "ChatTemplateError", "RPCError",

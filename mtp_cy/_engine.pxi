@@ -159,6 +159,7 @@ cdef class _Engine:
     cdef int _running            # a native step is running (another thread may be waiting in close())
     cdef long _running_tid       # the thread running it
     cdef bint _close_pending     # close() was called from inside that step (a signal handler)
+    cdef bint _multi             # many calls at once, one sequence each (mtp_cy.Batch)
     cdef readonly int n_ctx
     cdef int n_batch
     cdef int n_threads
@@ -186,6 +187,7 @@ cdef class _Engine:
         self._closed = True
         self._inited = False
         self.cache_valid = False
+        self._multi = False
 
     # -- construction ---------------------------------------------------------------
     cdef dict _begin_init(self, Model model, dict options, str kind):
@@ -653,6 +655,17 @@ cdef class _Engine:
     cdef int _step(self, _Stream s) except -1:
         raise NotImplementedError
 
+    cdef void _cancel_call(self, _Stream s) except *:
+        """mtp_cy.Batch: stop the call of stream ``s`` only."""
+        pass
+
+    cdef dict _stream_stats(self, _Stream s):
+        """mtp_cy.Batch: the statistics of the call of stream ``s`` (its own counters)."""
+        return {}
+
+    cdef int _call_n_draft(self, value) except -2:
+        raise TypeError("a per-call n_draft is an option of mtp_cy.Batch")
+
     cdef void _finish(self, _Stream s) noexcept:
         """The stream ``s`` let go of the session (it ended, or was closed or collected)."""
         self._end_call()
@@ -736,16 +749,29 @@ cdef class _Engine:
         s.smpl = _make_sampler(self.model._model, &s.sp)
         # timeout, cancel() and Ctrl-C reach into the grammar's work too (vendor/patches/0002)
         common_sampler_set_abort_callback(s.smpl, _abort_cb, <void *>self.ab)
-        if not self.busy.try_acquire():
+        if o["n_draft"] is not None:
+            if not self._multi:
+                common_sampler_free(s.smpl)
+                s.smpl = NULL
+                raise TypeError(f"{where}(): a per-call n_draft is an option of mtp_cy.Batch; "
+                                f"this {type(self).__name__}'s draft length is set when it is created")
+            s.k_req = self._call_n_draft(o["n_draft"])
+        if self._multi:
+            s.engine = self
+            s.model = self.model
+            self.model._retain()
+            s.owns_busy = True
+        elif not self.busy.try_acquire():
             common_sampler_free(s.smpl)
             s.smpl = NULL
             raise SessionBusyError(f"this {type(self).__name__} is busy: another stream on it is still open "
                                    "(exhaust or close() it first, or use a second session)")
-        s.engine = self
-        s.model = self.model
-        self.model._retain()      # a stream keeps the weights alive (its sampler refers to the vocabulary)
-        s.owns_busy = True
-        self.ab.cancel.store(0)     # a cancel() before this call does not affect it
+        if not self._multi:
+            s.engine = self
+            s.model = self.model
+            self.model._retain()      # a stream keeps the weights alive (its sampler refers to the vocabulary)
+            s.owns_busy = True
+            self.ab.cancel.store(0)     # a cancel() before this call does not affect it
         s.events = events
         s.max_tokens = max_tokens
         s.timeout_us = timeout_us
@@ -1006,5 +1032,5 @@ cdef class _Engine:
 
 
 STREAM_DEFAULTS = dict(SAMPLER_DEFAULTS, max_tokens=256, timeout=60.0, prompt_timeout=None, stop=None,
-                       emit_stats_every=0, logprobs=False, top_logprobs=0, json_schema=None)
+                       emit_stats_every=0, logprobs=False, top_logprobs=0, json_schema=None, n_draft=None)
 STREAM_OPTIONS = tuple(STREAM_DEFAULTS)

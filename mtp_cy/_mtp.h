@@ -40,6 +40,7 @@ struct mtp_cy_drafter {
     llama_context * ctx_dft = nullptr;
     int32_t n_embd = 0;
     int32_t n_batch = 0;                 // batch limit of the MTP context
+    llama_seq_id seq = 0;                // the sequence it drafts for (mtp_cy.Batch: its slot)
     common_batch batch;
     common_sampler * smpl = nullptr;
 
@@ -139,7 +140,7 @@ struct mtp_cy_drafter {
     // The sequence goes back to n_past = c: drop what lies at or after c.
     void truncate(llama_pos c) {
         if (m > c) {
-            llama_memory_seq_rm(llama_get_memory(ctx_dft), 0, c, -1);
+            llama_memory_seq_rm(llama_get_memory(ctx_dft), seq, c, -1);
             m = c;
         }
         if (c <= r0) {
@@ -188,26 +189,55 @@ struct mtp_cy_drafter {
                 if (!h) {
                     throw std::logic_error("mtp_cy: MTP catch-up without the target row it needs");
                 }
-                const int32_t idx = batch.add(toks[p], p, 0, false);
+                const int32_t idx = batch.add(toks[p], p, seq, false);
                 batch.set_embd(idx, { h, 1, (size_t) n_embd });
             }
             rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, batch.get());
             if (rc != 0) {
                 // an interrupted decode may have left some of the chunk behind
-                llama_memory_seq_rm(llama_get_memory(ctx_dft), 0, m, -1);
+                llama_memory_seq_rm(llama_get_memory(ctx_dft), seq, m, -1);
                 break;
             }
             m += n;
             done += n;
         }
         // keep h(m-1): the next entry pairs with it
-        if (rc == 0 && m - 1 > r0 && m - 1 < rows_end()) {
-            rows.erase(rows.begin(), rows.begin() + (size_t) (m - 1 - r0) * n_embd);
-            r0 = m - 1;
+        if (rc == 0) {
+            trim();
         }
         t_catch_up_us = ggml_time_us() - t0;
         n_catch_up = done;
         return rc;
+    }
+
+    // Drop the rows before h(m-1): the next entry pairs with it.
+    void trim() {
+        if (m - 1 > r0 && m - 1 < rows_end()) {
+            rows.erase(rows.begin(), rows.begin() + (size_t) (m - 1 - r0) * n_embd);
+            r0 = m - 1;
+        }
+    }
+
+    // A batched catch-up (mtp_cy.Batch feeds every sequence's missing positions in one
+    // MTP-context decode): append the entries [m, min(upto, m + max_n)) to `b`, pairing
+    // toks[p] with h(p-1); returns how many.  commit_catch_up(n) after the decode.
+    int32_t add_catch_up(common_batch & b, const llama_token * toks, llama_pos upto, int32_t max_n) const {
+        const int32_t n = std::max<int32_t>(0, std::min<int32_t>(max_n, upto - m));
+        for (int32_t j = 0; j < n; ++j) {
+            const llama_pos p = m + j;
+            const float * h = row(p - 1);
+            if (!h) {
+                throw std::logic_error("mtp_cy: MTP catch-up without the target row it needs");
+            }
+            const int32_t idx = b.add(toks[p], p, seq, false);
+            b.set_embd(idx, { h, 1, (size_t) n_embd });
+        }
+        return n;
+    }
+
+    void commit_catch_up(int32_t n) {
+        m += n;
+        trim();
     }
 
     // Draft up to n_max tokens after `last` (at position pos0 == m, paired
@@ -235,7 +265,7 @@ struct mtp_cy_drafter {
         }
         common_sampler_reset(smpl);
         batch.clear();
-        int32_t idx = batch.add(last, pos0, 0, true);
+        int32_t idx = batch.add(last, pos0, seq, true);
         batch.set_embd(idx, { h, 1, (size_t) n_embd });
         for (int32_t i = 0; n_max > 0; ++i) {
             rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, batch.get());
@@ -261,10 +291,10 @@ struct mtp_cy_drafter {
             }
             std::memcpy(cur.data(), h_out, (size_t) n_embd * sizeof(float));
             batch.clear();
-            idx = batch.add(id, pos0 + i + 1, 0, true);
+            idx = batch.add(id, pos0 + i + 1, seq, true);
             batch.set_embd(idx, { cur.data(), 1, (size_t) n_embd });
         }
-        llama_memory_seq_rm(llama_get_memory(ctx_dft), 0, pos0, -1);
+        llama_memory_seq_rm(llama_get_memory(ctx_dft), seq, pos0, -1);
         t_draft_us = ggml_time_us() - t0;
         return rc;
     }

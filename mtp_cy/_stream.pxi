@@ -105,6 +105,12 @@ cdef class _Stream:
     # native loop state (used by the engines)
     cdef llama_token last         # the next token to decode (sampled, or the prompt's last)
     cdef vector[llama_token] draft
+    # mtp_cy.Batch: the slot of this call, and this call's own counters (the steps it took part in)
+    cdef int slot
+    cdef uint64_t call_id
+    cdef int k_req                # a per-call n_draft (-1: the Batch's)
+    cdef bint cancel_req
+    cdef int64_t b_iters, b_gen, b_acc, b_t_draft, b_t_verify, b_t_sample, b_t_total, b_t_prefill
 
     def __cinit__(self):
         self.smpl = NULL
@@ -129,6 +135,12 @@ cdef class _Stream:
         self.out_logprobs = None
         self.n_top = -1
         self._completion = None
+        self.slot = -1
+        self.call_id = 0
+        self.k_req = -1
+        self.cancel_req = False
+        self.b_iters = self.b_gen = self.b_acc = 0
+        self.b_t_draft = self.b_t_verify = self.b_t_sample = self.b_t_total = self.b_t_prefill = 0
 
     def __dealloc__(self):
         self._release()
@@ -139,7 +151,8 @@ cdef class _Stream:
             self.smpl = NULL
         if self.owns_busy and self.engine is not None:
             self.engine._finish(self)
-            self.engine.busy.release()
+            if not self.engine._multi:
+                self.engine.busy.release()
             self.owns_busy = False
         if self.model is not None:
             self.model._release()
@@ -177,7 +190,10 @@ cdef class _Stream:
         stream releases the session only while holding the GIL.
         """
         if self.owns_busy and not self.finished:
-            self.engine.ab.cancel.store(1)
+            if self.engine._multi:
+                self.engine._cancel_call(self)
+            else:
+                self.engine.ab.cancel.store(1)
 
     @property
     def finish_reason(self):
@@ -230,6 +246,8 @@ cdef class _Stream:
             d = dict(self.stats_end)
             d["timing_us"] = dict(d["timing_us"])
             return d
+        if self.engine._multi:
+            return self.engine._stream_stats(self)
         now = self.engine._stats()
         d = {}
         for k in ("iters", "drafts_generated", "drafts_accepted", "tokens_emitted", "calls"):

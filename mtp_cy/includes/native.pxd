@@ -1,12 +1,15 @@
 # Declarations of mtp_cy's own C++ headers: _native.h (lock-free statistics, abort state,
 # thread pool, C++ exception text), _mtp.h (the MTP head driver), _policy.h (the
-# n_draft="auto" policy) and _cache.h (state checkpoints of the prompt cache).
-from libc.stdint cimport int32_t, int64_t, uint8_t
+# n_draft="auto" policy), _cache.h (state checkpoints of the prompt cache), _batch.h
+# (the loop of mtp_cy.Batch) and _batch_policy.h (its draft-length decision).
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libcpp.deque cimport deque
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
 from libcpp.vector cimport vector
 from mtp_cy.includes.ggml cimport ggml_threadpool_t
 from mtp_cy.includes.llama cimport llama_context, llama_token, llama_pos
+from mtp_cy.includes.sampling cimport common_sampler
 
 cdef extern from "_native.h" nogil:
     cdef cppclass atomic_i64 "std::atomic<int64_t>":
@@ -159,3 +162,126 @@ cdef extern from "_cache.h" nogil:
         cbool has(llama_pos pos)
         cbool restore(llama_context * ctx, int i) except +
         void drop_after(llama_pos pos)
+
+
+cdef extern from "_batch_policy.h" nogil:
+    cdef cppclass mtp_cy_cost_model:
+        double predict(int t)
+        int64_t count(int t)
+
+    cdef cppclass mtp_cy_acceptance:
+        double p(int i, const mtp_cy_acceptance * prior)
+        double expected(int k, const mtp_cy_acceptance * prior)
+        double reach[17]
+        double acc[17]
+        void reset()
+
+    cdef cppclass mtp_cy_decision:
+        int k
+        int n_seq
+        double tokens_per_sec
+        double plain_tokens_per_sec
+        const char * reason
+
+    cdef cppclass mtp_cy_batch_policy:
+        int k_max
+        mtp_cy_cost_model target
+        mtp_cy_cost_model head
+        mtp_cy_acceptance batch_acc
+        int64_t steps
+        int64_t chosen[17]
+        int explore_every
+        mtp_cy_decision last
+        void configure(int kmax)
+
+
+cdef extern from "_batch.h" nogil:
+    cdef cppclass mtp_cy_group:
+        int32_t n_tok
+        int32_t n_gen
+        int32_t n_acc
+        int32_t n_lp
+        int64_t t_draft_us
+        int64_t t_verify_us
+        int64_t t_sample_us
+        int64_t t_total_us
+
+    int MTP_CY_SLOT_FREE
+    int MTP_CY_SLOT_PROMPT
+    int MTP_CY_SLOT_GEN
+    int MTP_CY_SLOT_DONE
+    int MTP_CY_END_NONE
+    int MTP_CY_END_TOKENS
+    int MTP_CY_END_CTX
+    int MTP_CY_END_ABORT
+    int MTP_CY_END_FAILED
+
+    cdef cppclass mtp_cy_slot:
+        int32_t seq
+        vector[llama_token] toks
+        cbool valid
+        int64_t last_used
+        atomic_int state
+        int end
+        int rc
+        uint64_t call_id
+        common_sampler * smpl
+        mtp_cy_abort ab
+        llama_token last
+        int32_t max_new
+        int32_t generated
+        int32_t n_ctx
+        int32_t k_req
+        int32_t n_top
+        float p_min
+        int32_t max_groups
+        vector[llama_token] prompt
+        int32_t ppos
+        cbool need_reuse
+        cbool cache
+        int32_t n_reused
+        int64_t t_prefill_us
+        deque[llama_token] out
+        deque[mtp_cy_group] groups
+        deque[float] lp_vals
+        deque[llama_token] lp_top_ids
+        deque[float] lp_top_vals
+        mtp_cy_acceptance acc
+        atomic_i64 n_cached
+        atomic_i64 c_iters
+        atomic_i64 c_gen
+        atomic_i64 c_acc
+        cbool active()
+
+    cdef cppclass mtp_cy_slot_ptr "std::unique_ptr<mtp_cy_slot>":
+        mtp_cy_slot * get()
+
+    cdef cppclass mtp_cy_loop:
+        llama_context * ctx
+        llama_context * ctx_dft
+        int32_t k_max
+        int32_t lag_window
+        cbool needs_checkpoints
+        cbool auto_k
+        vector[mtp_cy_slot_ptr] slots
+        mtp_cy_batch_policy policy
+        atomic_i64 steps
+        atomic_i64 seq_steps
+        atomic_int batch_size
+        atomic_int last_k
+        int64_t clock
+        int64_t t_draft_us
+        int64_t t_verify_us
+        int64_t t_sample_us
+        int64_t t_total_us
+        int32_t last_gen
+        int32_t last_acc
+        int32_t last_n
+        void release()
+        void init(llama_context * tgt, llama_context * dft, int32_t n_seq, int32_t kmax, cbool is_auto) except +
+        int32_t prefix(int32_t i, const llama_token * p, int32_t n)
+        void clear_seq(mtp_cy_slot & s)
+        int32_t reuse(int32_t i, const llama_token * p, int32_t n, cbool cache) except +
+        int prefill(int32_t i, const llama_token * p, int32_t pos0, int32_t m) except +
+        int step(int32_t prompt_budget) except +
+        cbool has_prompts()

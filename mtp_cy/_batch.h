@@ -1,0 +1,619 @@
+// The generation loop of mtp_cy.Batch: many sequences in one target context and
+// one MTP-head context, continuous batching.
+//
+// A step (mtp_cy_loop::step) serves every sequence that is generating:
+//   1. the MTP head is fed the tokens each drafting sequence had verified since it
+//      last drafted (one MTP-context decode for all of them),
+//   2. it drafts, one MTP-context decode per draft depth for every sequence still
+//      drafting (the draft length per sequence: its own n_draft, or the policy's
+//      choice for the batch, _batch_policy.h),
+//   3. one target decode verifies [last, drafts...] of every sequence,
+//   4. each sequence's own sampler accepts the longest agreeing prefix plus its next
+//      token (upstream's common_sampler_sample_and_accept_n), the rejected tail
+//      leaves both memories, and the step's tokens are appended to the sequence's
+//      output as one group (what a lone MTP session produces in one iteration).
+// A sequence joins between steps (its prompt is processed in chunks, prefill()) and
+// leaves between steps; nothing one sequence does changes another one's tokens.
+//
+// Each slot keeps its tokens between calls (the prompt cache of that slot).  The
+// Python side (_batch.pxi) owns the locking: step() and prefill() run one at a
+// time, with the GIL released.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <vector>
+
+#include "common.h"
+#include "llama.h"
+#include "llama-ext.h"
+#include "sampling.h"
+#include "_native.h"
+#include "_mtp.h"
+#include "_batch_policy.h"
+
+// the tokens one step produced for one sequence (a lone MTP iteration)
+struct mtp_cy_group {
+    int32_t n_tok = 0;          // tokens (the last one may be end-of-generation)
+    int32_t n_gen = 0;          // drafts verified
+    int32_t n_acc = 0;          // drafts accepted
+    int32_t n_lp = 0;           // log-probability records (0 or n_tok)
+    int64_t t_draft_us = 0, t_verify_us = 0, t_sample_us = 0, t_total_us = 0;
+};
+
+enum {
+    MTP_CY_SLOT_FREE = 0,
+    MTP_CY_SLOT_PROMPT = 1,     // its call processes the prompt
+    MTP_CY_SLOT_GEN = 2,        // in the steps
+    MTP_CY_SLOT_DONE = 3,       // no more steps (see end)
+};
+
+enum {
+    MTP_CY_END_NONE = 0,
+    MTP_CY_END_TOKENS = 1,      // end-of-generation or max_tokens: the stream ends on its own
+    MTP_CY_END_CTX = 2,         // the sequence's context is full
+    MTP_CY_END_ABORT = 3,       // the grammar's work was aborted (timeout / cancel)
+    MTP_CY_END_FAILED = 4,      // a decode failed: the step's error code is in rc
+};
+
+struct mtp_cy_slot {
+    llama_seq_id seq = 0;
+    // the slot's memory (both contexts): toks[p] is the token at position p
+    std::vector<llama_token> toks;
+    bool valid = false;
+    int64_t last_used = 0;
+    // the call
+    std::atomic<int> state{MTP_CY_SLOT_FREE};
+    int end = MTP_CY_END_NONE;
+    int rc = 0;
+    uint64_t call_id = 0;
+    common_sampler * smpl = nullptr;    // owned while a call holds the slot
+    mtp_cy_abort ab;                    // this call's cancel flag and deadline (grammar work)
+    llama_token last = -1;
+    int32_t max_new = 0;                // tokens the call may generate
+    int32_t generated = 0;              // tokens generated (end-of-generation not counted)
+    int32_t n_ctx = 0;                  // positions this sequence may use
+    int32_t k_req = -1;                 // -1: the policy's choice; else a fixed draft length
+    int32_t n_top = -1;                 // log-probabilities: top entries (-1: off)
+    float p_min = 0.0f;
+    int32_t max_groups = 4;             // steps ahead of its reader before it waits
+    // the prompt (state MTP_CY_SLOT_PROMPT): processed by the steps, a chunk at a time
+    std::vector<llama_token> prompt;
+    int32_t ppos = 0;                   // prompt tokens in memory
+    bool need_reuse = false;            // the prompt cache was not consulted yet
+    bool cache = true;                  // the call may reuse the slot's memory
+    int32_t n_reused = 0;
+    int64_t t_prefill_us = 0;
+    // output not taken yet
+    std::deque<llama_token> out;
+    std::deque<mtp_cy_group> groups;
+    std::deque<float> lp_vals;
+    std::deque<llama_token> lp_top_ids;
+    std::deque<float> lp_top_vals;
+    // the MTP head's state of this sequence
+    mtp_cy_drafter dr;
+    mtp_cy_acceptance acc;
+    std::vector<llama_token> draft;
+    int32_t k = 0;                      // this step's draft length
+    int32_t i0 = 0;                     // this step's first index in the target batch
+    int32_t di = -1;                    // this draft step's index in the head's batch
+    bool drafting = false;
+    bool produced = false;              // this step appended a group
+    // for stats(), from any thread
+    std::atomic<int64_t> n_cached{0};
+    std::atomic<int64_t> c_iters{0}, c_gen{0}, c_acc{0};
+
+    bool active() const {
+        return state.load(std::memory_order_relaxed) == MTP_CY_SLOT_GEN && end == MTP_CY_END_NONE
+            && ab.cancel.load() == 0 && (int32_t) groups.size() < max_groups;
+    }
+};
+
+struct mtp_cy_loop {
+    llama_context * ctx = nullptr;
+    llama_context * ctx_dft = nullptr;      // null: no MTP head (plain steps only)
+    const llama_vocab * vocab = nullptr;
+    int32_t n_vocab = 0;
+    int32_t n_embd = 0;
+    int32_t n_batch = 0;
+    int32_t n_batch_dft = 0;
+    int32_t k_max = 0;                      // the longest draft of any sequence
+    int32_t lag_window = 256;
+    bool needs_checkpoints = false;         // the memory cannot be cut at any position
+    bool auto_k = false;
+    // Verify each sequence in its own target decode: llama.cpp (pinned commit, CPU)
+    // computes the second and later sequences of a multi-sequence ubatch wrongly on the
+    // recurrent (Gated DeltaNet) layers of qwen35 models, so their decodes are never
+    // shared; the MTP head (attention only) still drafts for all of them at once.
+    bool serial_verify = false;
+    common_batch tb;                        // target batch
+    common_batch db;                        // head batch
+    std::vector<std::unique_ptr<mtp_cy_slot>> slots;
+    mtp_cy_batch_policy policy;
+    std::vector<float> rows_tmp;
+    // statistics (lock-free)
+    std::atomic<int64_t> steps{0};
+    std::atomic<int64_t> seq_steps{0};      // sum over steps of the sequences in them
+    std::atomic<int> batch_size{0};         // sequences in the last step
+    std::atomic<int> last_k{0};
+    int64_t clock = 0;
+    // the last step's costs
+    int64_t t_draft_us = 0, t_verify_us = 0, t_sample_us = 0, t_total_us = 0;
+    int32_t last_gen = 0, last_acc = 0, last_n = 0;     // the last step's drafts and sequences
+
+    ~mtp_cy_loop() { release(); }
+
+    void release() {
+        for (auto & s : slots) {
+            if (s->smpl) {
+                common_sampler_free(s->smpl);
+                s->smpl = nullptr;
+            }
+            s->dr.release();
+        }
+        tb = common_batch();
+        db = common_batch();
+        ctx = nullptr;
+        ctx_dft = nullptr;
+    }
+
+    void init(llama_context * tgt, llama_context * dft, int32_t n_seq, int32_t kmax, bool is_auto) {
+        ctx = tgt;
+        ctx_dft = dft;
+        vocab = llama_model_get_vocab(llama_get_model(tgt));
+        n_vocab = llama_vocab_n_tokens(vocab);
+        n_batch = (int32_t) llama_n_batch(tgt);
+        k_max = dft ? kmax : 0;
+        auto_k = dft && is_auto;
+        tb = common_batch(tgt);
+        const llama_model * m = llama_get_model(tgt);
+        needs_checkpoints = llama_model_is_recurrent(m) || llama_model_is_hybrid(m) || llama_model_n_swa(m) > 0;
+        serial_verify = llama_model_is_recurrent(m) || llama_model_is_hybrid(m);
+        if (dft) {
+            db = common_batch(dft);
+            n_batch_dft = (int32_t) llama_n_batch(dft);
+            n_embd = llama_model_n_embd_out(llama_get_model(dft));
+        }
+        slots.clear();
+        for (int32_t i = 0; i < n_seq; ++i) {
+            slots.emplace_back(new mtp_cy_slot());
+            slots.back()->seq = i;
+            if (dft) {
+                slots.back()->dr.init(tgt, dft);
+                slots.back()->dr.seq = i;
+            }
+        }
+        policy.configure(std::max(1, kmax));
+    }
+
+    // -- the prompt cache of a slot ------------------------------------------------------
+    int32_t prefix(int32_t i, const llama_token * p, int32_t n) const {
+        const auto & s = *slots[i];
+        if (!s.valid) {
+            return 0;
+        }
+        int32_t L = 0;
+        const int32_t have = (int32_t) s.toks.size();
+        while (L < have && L < n && s.toks[L] == p[L]) ++L;
+        return L;
+    }
+
+    void clear_seq(mtp_cy_slot & s) {
+        llama_memory_seq_rm(llama_get_memory(ctx), s.seq, -1, -1);
+        if (ctx_dft) {
+            llama_memory_seq_rm(llama_get_memory(ctx_dft), s.seq, -1, -1);
+            s.dr.reset();
+        }
+        s.toks.clear();
+        s.valid = true;
+        s.n_cached.store(0);
+    }
+
+    // Prepare slot i for a prompt of n tokens: keep what its memory shares with the prompt
+    // (at most n-1 tokens, the last one is decoded by the first step); returns how many.
+    int32_t reuse(int32_t i, const llama_token * p, int32_t n, bool cache) {
+        auto & s = *slots[i];
+        if (!cache || !s.valid) {
+            clear_seq(s);
+            return 0;
+        }
+        const int32_t have = (int32_t) s.toks.size();
+        int32_t c = std::min(prefix(i, p, n), n - 1);
+        if (c == have) {
+            return c;                   // the prompt extends the memory
+        }
+        if (c <= 0 || needs_checkpoints) {
+            clear_seq(s);               // a recurrent state cannot go back (no checkpoints per slot)
+            return 0;
+        }
+        if (ctx_dft) {
+            // the head needs h(c-1) to continue at c (see MTP._hook_cut)
+            s.dr.truncate(c);
+            if (!s.dr.can_reach(c + 1)) {
+                c = s.dr.m == c ? c - 1 : 0;
+            }
+        }
+        if (c <= 0 || !llama_memory_seq_rm(llama_get_memory(ctx), s.seq, c, -1)) {
+            clear_seq(s);
+            return 0;
+        }
+        s.toks.resize(c);
+        s.n_cached.store(c);
+        return c;
+    }
+
+    // Process prompt tokens p[0..m) at positions [pos0, pos0+m) of slot i (no logits);
+    // the MTP head is fed them too.  Returns llama_process's code.
+    int prefill(int32_t i, const llama_token * p, int32_t pos0, int32_t m) {
+        auto & s = *slots[i];
+        tb.clear();
+        for (int32_t j = 0; j < m; ++j) {
+            tb.add(p[j], pos0 + j, s.seq, false);
+        }
+        int rc = llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, tb.get());
+        if (rc != 0) {
+            s.valid = false;
+            return rc;
+        }
+        s.toks.insert(s.toks.end(), p, p + m);
+        s.n_cached.store((int64_t) s.toks.size());
+        if (ctx_dft) {
+            s.dr.add_rows(pos0, m, llama_get_embeddings_nextn(ctx));
+            if (s.dr.can_reach(pos0 + m)) {
+                rc = s.dr.catch_up(s.toks.data(), pos0 + m);
+                if (rc != 0) {
+                    s.valid = false;
+                }
+            }
+        }
+        return rc;
+    }
+
+    // Accept the verified tokens of one sequence (its rows of the last target decode).
+    void accept(mtp_cy_slot & sr, int & n_gen_all, int & n_acc_all, int & n_done) {
+        mtp_cy_slot * s = &sr;
+        std::vector<int> idxs;
+        const int32_t n_past = (int32_t) s->toks.size();
+        const int32_t nb = 1 + (int32_t) s->draft.size();
+        const int64_t ts0 = ggml_time_us();
+        if (ctx_dft) {
+            rows_tmp.resize((size_t) nb * n_embd);
+            for (int32_t j = 0; j < nb; ++j) {
+                std::memcpy(rows_tmp.data() + (size_t) j * n_embd, llama_get_embeddings_nextn_ith(ctx, s->i0 + j),
+                            (size_t) n_embd * sizeof(float));
+            }
+            s->dr.add_rows(n_past, nb, rows_tmp.data());
+        }
+        idxs.resize(nb);
+        for (int32_t j = 0; j < nb; ++j) idxs[j] = s->i0 + j;
+        const std::vector<llama_token> ids = common_sampler_sample_and_accept_n(s->smpl, ctx, idxs, s->draft, false);
+        if (ids.empty() || s->ab.cancel.load() || s->ab.timed_out || s->ab.interrupted) {
+            s->valid = false;
+            s->end = MTP_CY_END_ABORT;
+            return;
+        }
+        const int32_t n_acc = (int32_t) ids.size() - 1;
+        if (auto_k && s->k_req < 0) {
+            s->acc.observe((int) s->draft.size(), n_acc);
+            policy.batch_acc.observe((int) s->draft.size(), n_acc);
+        } else if (s->draft.size() > 0) {
+            s->acc.observe((int) s->draft.size(), n_acc);
+        }
+        n_gen_all += (int) s->draft.size();
+        n_acc_all += n_acc;
+        n_done += 1;
+        s->toks.push_back(s->last);
+        for (int32_t j = 0; j < n_acc; ++j) s->toks.push_back(ids[j]);
+        const int32_t new_past = n_past + 1 + n_acc;
+        if (new_past < n_past + nb) {
+            llama_memory_seq_rm(llama_get_memory(ctx), s->seq, new_past, -1);
+        }
+        if (ctx_dft) {
+            s->dr.truncate(new_past);
+            if (s->dr.m < new_past - lag_window) s->dr.skip_to(new_past - lag_window);
+        }
+        s->last = ids.back();
+        mtp_cy_group g;
+        g.n_tok = (int32_t) ids.size();
+        g.n_gen = (int32_t) s->draft.size();
+        g.n_acc = n_acc;
+        bool eog = false;
+        for (size_t j = 0; j < ids.size(); ++j) {
+            s->out.push_back(ids[j]);
+            if (llama_vocab_is_eog(vocab, ids[j])) {
+                eog = true;
+            } else {
+                s->generated += 1;
+            }
+            if (s->n_top >= 0) {
+                std::vector<llama_token> ti;
+                std::vector<float> tv;
+                s->lp_vals.push_back(mtp_cy_logprobs(llama_get_logits_ith(ctx, s->i0 + (int32_t) j), n_vocab, ids[j],
+                                                     s->n_top, ti, tv));
+                s->lp_top_ids.insert(s->lp_top_ids.end(), ti.begin(), ti.end());
+                s->lp_top_vals.insert(s->lp_top_vals.end(), tv.begin(), tv.end());
+            }
+        }
+        g.n_lp = s->n_top >= 0 ? g.n_tok : 0;
+        const int64_t ts1 = ggml_time_us();
+        g.t_sample_us = ts1 - ts0;
+        s->groups.push_back(g);
+        s->produced = true;
+        s->c_iters.fetch_add(1, std::memory_order_relaxed);
+        s->c_gen.fetch_add(g.n_gen, std::memory_order_relaxed);
+        s->c_acc.fetch_add(n_acc, std::memory_order_relaxed);
+        s->n_cached.store((int64_t) s->toks.size());
+        if (eog || s->generated >= s->max_new) {
+            s->end = MTP_CY_END_TOKENS;
+        } else if ((int32_t) s->toks.size() >= s->n_ctx) {
+            s->end = MTP_CY_END_CTX;
+        }
+    }
+
+    // Prompts of the calls that joined: the prompt cache first, then chunks of at most
+    // `budget` tokens in all, oldest call first.  A prompt done moves its slot into the steps.
+    void prompts(int32_t budget) {
+        std::vector<mtp_cy_slot *> ps;
+        for (auto & up : slots) {
+            if (up->state.load(std::memory_order_relaxed) == MTP_CY_SLOT_PROMPT && up->end == MTP_CY_END_NONE
+                    && up->ab.cancel.load() == 0) {
+                ps.push_back(up.get());
+            }
+        }
+        std::sort(ps.begin(), ps.end(), [](const mtp_cy_slot * a, const mtp_cy_slot * b) { return a->call_id < b->call_id; });
+        for (auto * s : ps) {
+            const int32_t n = (int32_t) s->prompt.size();
+            const int64_t t0 = ggml_time_us();
+            if (s->need_reuse) {
+                s->n_reused = reuse(s->seq, s->prompt.data(), n, s->cache);
+                s->ppos = s->n_reused;
+                s->need_reuse = false;
+            }
+            while (s->ppos < n - 1 && budget > 0) {
+                const int32_t m = std::min(std::min(budget, n_batch), n - 1 - s->ppos);
+                const int rc = prefill(s->seq, s->prompt.data() + s->ppos, s->ppos, m);
+                if (rc != 0) {
+                    s->end = MTP_CY_END_FAILED;
+                    s->rc = rc;
+                    s->valid = false;
+                    break;
+                }
+                s->ppos += m;
+                budget -= m;
+            }
+            s->t_prefill_us += ggml_time_us() - t0;
+            if (s->end == MTP_CY_END_NONE && s->ppos >= n - 1) {
+                s->last = s->prompt[n - 1];
+                s->state.store(MTP_CY_SLOT_GEN);
+            }
+            if (budget <= 0) {
+                break;
+            }
+        }
+    }
+
+    bool has_prompts() const {
+        for (auto & up : slots) {
+            if (up->state.load(std::memory_order_relaxed) == MTP_CY_SLOT_PROMPT && up->end == MTP_CY_END_NONE
+                    && up->ab.cancel.load() == 0) {
+                return true;
+            }
+        }
+        return false;
+    }
+
+    // One step: prompt work (at most `prompt_budget` tokens, a whole n_batch while nothing
+    // generates), then one draft/verify iteration of every generating sequence.  Returns 0,
+    // or llama_process's code of a decode that failed (the sequences it served end with
+    // MTP_CY_END_FAILED; their memories are cleared on their next call).  Sequences whose
+    // sampler was aborted end with MTP_CY_END_ABORT.
+    int step(int32_t prompt_budget) {
+        {
+            bool gen = false;
+            for (auto & up : slots) gen = gen || up->active();
+            if (has_prompts()) {
+                prompts(gen ? prompt_budget : n_batch);
+            }
+        }
+        std::vector<mtp_cy_slot *> act;
+        for (auto & up : slots) {
+            if (up->active()) act.push_back(up.get());
+        }
+        const int B = (int) act.size();
+        last_gen = last_acc = last_n = 0;
+        if (B == 0) {
+            return 0;
+        }
+        const int64_t t0 = ggml_time_us();
+        int rc = 0;
+        // draft lengths
+        int k_auto = 0;
+        if (auto_k) {
+            std::vector<mtp_cy_seq_view> views;
+            views.reserve(B);
+            for (auto * s : act) {
+                const int32_t n_past = (int32_t) s->toks.size();
+                const int32_t cap = std::max(0, std::min(s->max_new - s->generated - 1, s->n_ctx - n_past - 1));
+                views.push_back({ &s->acc, s->k_req, std::min(cap, k_max) });
+            }
+            k_auto = policy.decide(views).k;
+        }
+        for (auto * s : act) {
+            const int32_t n_past = (int32_t) s->toks.size();
+            int32_t k = ctx_dft ? (s->k_req >= 0 ? s->k_req : k_auto) : 0;
+            k = std::min(k, s->max_new - s->generated - 1);
+            k = std::min(k, s->n_ctx - n_past - 1);
+            s->k = std::max(0, k);
+            s->draft.clear();
+        }
+        int64_t t_head_catch = 0, t_head_draft = 0;
+        int n_catch = 0;
+        if (ctx_dft) {
+            // 1. feed the head what each drafting sequence verified since it last drafted
+            const int64_t tc0 = ggml_time_us();
+            for (auto * s : act) {
+                if (s->k > 0 && s->dr.m < (int32_t) s->toks.size() - lag_window) {
+                    s->dr.skip_to((int32_t) s->toks.size() - lag_window);
+                }
+            }
+            while (rc == 0) {
+                db.clear();
+                std::vector<std::pair<mtp_cy_slot *, int32_t>> fed;
+                for (auto * s : act) {
+                    const int32_t n_past = (int32_t) s->toks.size();
+                    if (s->k <= 0 || s->dr.m >= n_past || db.size() >= n_batch_dft) continue;
+                    const int32_t n = s->dr.add_catch_up(db, s->toks.data(), n_past, n_batch_dft - db.size());
+                    if (n > 0) fed.push_back({ s, n });
+                }
+                if (fed.empty()) break;
+                rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, db.get());
+                if (rc != 0) {
+                    for (auto & f : fed) {
+                        llama_memory_seq_rm(llama_get_memory(ctx_dft), f.first->seq, f.first->dr.m, -1);
+                    }
+                    break;
+                }
+                policy.head.observe(db.size(), (double) (ggml_time_us() - tc0));
+                for (auto & f : fed) {
+                    f.first->dr.commit_catch_up(f.second);
+                    n_catch += f.second;
+                }
+            }
+            t_head_catch = ggml_time_us() - tc0;
+            // 2. draft: one head decode per depth for every sequence still drafting
+            int n_drafting = 0;
+            for (auto * s : act) {
+                s->drafting = rc == 0 && s->k > 0;
+                if (!s->drafting) continue;
+                common_sampler_reset(s->dr.smpl);
+                const int32_t n_past = (int32_t) s->toks.size();
+                const float * h = s->dr.row(n_past - 1);
+                if (!h || s->dr.m != n_past) {
+                    throw std::logic_error("mtp_cy: draft without the MTP context caught up");
+                }
+                std::memcpy(s->dr.cur.data(), h, (size_t) n_embd * sizeof(float));
+                ++n_drafting;
+            }
+            const int64_t td0 = ggml_time_us();
+            for (int depth = 0; n_drafting > 0 && rc == 0; ++depth) {
+                const int64_t tds = ggml_time_us();
+                db.clear();
+                for (auto * s : act) {
+                    if (!s->drafting) continue;
+                    const int32_t n_past = (int32_t) s->toks.size();
+                    const llama_token tok = depth == 0 ? s->last : s->draft.back();
+                    s->di = db.add(tok, n_past + depth, s->seq, true);
+                    db.set_embd(s->di, { s->dr.cur.data(), 1, (size_t) n_embd });
+                }
+                rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, db.get());
+                if (rc != 0) break;
+                policy.head.observe(db.size(), (double) (ggml_time_us() - tds));
+                for (auto * s : act) {
+                    if (!s->drafting) continue;
+                    common_sampler_sample(s->dr.smpl, ctx_dft, s->di, true);
+                    const llama_token_data_array * cand = common_sampler_get_candidates(s->dr.smpl, true);
+                    const llama_token id = cand->data[0].id;
+                    const float p = cand->data[0].p;
+                    if (p < s->p_min) {
+                        s->drafting = false;
+                        --n_drafting;
+                        continue;
+                    }
+                    common_sampler_accept(s->dr.smpl, id, true);
+                    s->draft.push_back(id);
+                    if ((int32_t) s->draft.size() >= s->k) {
+                        s->drafting = false;
+                        --n_drafting;
+                        continue;
+                    }
+                    std::memcpy(s->dr.cur.data(), llama_get_embeddings_nextn_ith(ctx_dft, s->di),
+                                (size_t) n_embd * sizeof(float));
+                }
+            }
+            for (auto * s : act) {
+                if (s->k > 0) {
+                    llama_memory_seq_rm(llama_get_memory(ctx_dft), s->seq, (llama_pos) s->toks.size(), -1);
+                }
+            }
+            t_head_draft = ggml_time_us() - td0;
+        }
+        const int64_t t1 = ggml_time_us();
+        // 3. verify every sequence's tokens in one target decode (one per sequence where
+        //    several sequences cannot share a decode, see serial_verify), 4. accept
+        int T = 0;
+        int n_gen_all = 0, n_acc_all = 0, n_done = 0;
+        int64_t t_dec = 0;
+        std::vector<mtp_cy_slot *> part;
+        for (auto * s : act) s->produced = false;
+        for (size_t a = 0; rc == 0 && a < act.size(); ) {
+            part.clear();
+            if (serial_verify) {
+                part.push_back(act[a++]);
+            } else {
+                part = act;
+                a = act.size();
+            }
+            tb.clear();
+            for (auto * s : part) {
+                const int32_t n_past = (int32_t) s->toks.size();
+                s->i0 = tb.add(s->last, n_past, s->seq, true);
+                for (size_t j = 0; j < s->draft.size(); ++j) {
+                    tb.add(s->draft[j], n_past + 1 + (int32_t) j, s->seq, true);
+                }
+            }
+            T += tb.size();
+            const int64_t tv0 = ggml_time_us();
+            rc = llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, tb.get());
+            t_dec += ggml_time_us() - tv0;
+            if (rc != 0) {
+                break;
+            }
+            for (auto * s : part) {
+                accept(*s, n_gen_all, n_acc_all, n_done);
+            }
+        }
+        const int64_t t2 = t1 + t_dec;
+        if (rc != 0) {
+            for (auto * s : act) {
+                if (s->produced) continue;
+                // the step is abandoned; the memories are cleared on the sequence's next call
+                s->valid = false;
+                s->end = MTP_CY_END_FAILED;
+                s->rc = rc;
+            }
+            return rc;
+        }
+        const int64_t t3 = ggml_time_us();
+        if (auto_k) {
+            policy.target.observe(T, (double) (t2 - t1));
+        }
+        (void) n_catch;
+        (void) t_head_catch;
+        (void) t_head_draft;
+        last_gen = n_gen_all;
+        last_acc = n_acc_all;
+        last_n = n_done;
+        t_draft_us = t1 - t0;
+        t_verify_us = t2 - t1;
+        t_sample_us = t3 - t2;
+        t_total_us = t3 - t0;
+        // the step's time, shared by its sequences' groups (each call's own view of it)
+        for (auto * s : act) {
+            if (s->produced) {
+                auto & g = s->groups.back();
+                g.t_draft_us = t_draft_us;
+                g.t_verify_us = t_verify_us;
+                g.t_total_us = t_total_us;
+                g.t_sample_us = t_sample_us;
+            }
+        }
+        steps.fetch_add(1, std::memory_order_relaxed);
+        seq_steps.fetch_add(B, std::memory_order_relaxed);
+        batch_size.store(B, std::memory_order_relaxed);
+        last_k.store(k_auto, std::memory_order_relaxed);
+        return 0;
+    }
+};

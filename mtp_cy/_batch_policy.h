@@ -1,0 +1,273 @@
+// The draft-length decision of mtp_cy.Batch(n_draft="auto"), in three small parts:
+//
+//   mtp_cy_cost_model   what a decode costs on this hardware, by the number of tokens
+//                       in it (measured: one target decode verifies B*(k+1) tokens of B
+//                       sequences; the MTP head decodes one token per drafting sequence
+//                       and draft depth, and feeds the verified tokens back);
+//   mtp_cy_acceptance   how often a draft at position i survives verification when the
+//                       ones before it did, per sequence, with the batch's experience as
+//                       the prior of a new sequence;
+//   mtp_cy_decide()     the draft length for the batch as it is now: the k that gives
+//                       the most tokens per second, expected tokens of every sequence
+//                       over the predicted cost of the step, 0 (plain steps) where the
+//                       batch is compute-bound; it measures a length it knows too little
+//                       about, now and then.
+//
+// Every quantity is measured in this process; nothing is assumed about the hardware.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+// Cost of a decode by the number of tokens in it (microseconds): a running mean per
+// size (the latest measurements weigh most), interpolated between measured sizes and
+// extrapolated linearly past the largest one.
+struct mtp_cy_cost_model {
+    static constexpr int TMAX = 2048;
+    std::vector<double> us;
+    std::vector<int64_t> n;
+
+    mtp_cy_cost_model() { reset(); }
+
+    void reset() {
+        us.assign(TMAX + 1, 0.0);
+        n.assign(TMAX + 1, 0);
+    }
+
+    void observe(int t, double v) {
+        if (t <= 0 || v <= 0) {
+            return;
+        }
+        t = std::min(t, TMAX);
+        n[t] += 1;
+        const double w = std::max(0.125, 1.0 / (double) n[t]);
+        us[t] += w * (v - us[t]);
+    }
+
+    int64_t count(int t) const { return (t > 0 && t <= TMAX) ? n[t] : 0; }
+    bool known() const {
+        for (int t = 1; t <= TMAX; ++t) {
+            if (n[t] > 0) return true;
+        }
+        return false;
+    }
+
+    // predicted microseconds of a decode of t tokens (0 when nothing was measured yet)
+    double predict(int t) const {
+        if (t <= 0) {
+            return 0.0;
+        }
+        t = std::min(t, TMAX);
+        if (n[t] > 0) {
+            return us[t];
+        }
+        int lo = t - 1, hi = t + 1;
+        while (lo > 0 && n[lo] == 0) --lo;
+        while (hi <= TMAX && n[hi] == 0) ++hi;
+        if (lo > 0 && hi <= TMAX) {
+            const double f = (double) (t - lo) / (double) (hi - lo);
+            return us[lo] + f * (us[hi] - us[lo]);
+        }
+        if (hi <= TMAX) {
+            return us[hi];                     // below every measured size: no cheaper than... the smallest
+        }
+        if (lo <= 0) {
+            return 0.0;
+        }
+        // past the largest measured size: the slope of the two largest ones, or (one
+        // point only) proportional growth, the pessimistic guess for a compute-bound step
+        int lo2 = lo - 1;
+        while (lo2 > 0 && n[lo2] == 0) --lo2;
+        if (lo2 > 0) {
+            const double slope = std::max(0.0, (us[lo] - us[lo2]) / (double) (lo - lo2));
+            return us[lo] + slope * (double) (t - lo);
+        }
+        return us[lo] * (double) t / (double) lo;
+    }
+};
+
+// Acceptance by draft position: reach[i] drafts at position i whose predecessors were
+// accepted, acc[i] of them accepted (decayed counts, so that a change of text is followed).
+struct mtp_cy_acceptance {
+    static constexpr int KMAX = 16;
+    double reach[KMAX + 1];
+    double acc[KMAX + 1];
+    double decay = 0.98;
+
+    mtp_cy_acceptance() { reset(); }
+
+    void reset() {
+        for (int i = 0; i <= KMAX; ++i) {
+            reach[i] = 0.0;
+            acc[i] = 0.0;
+        }
+    }
+
+    // one verification: k tokens drafted, the first n_acc accepted
+    void observe(int k, int n_acc) {
+        if (k <= 0) {
+            return;
+        }
+        for (int i = 1; i <= std::min(k, KMAX); ++i) {
+            if (i > n_acc + 1) {
+                break;                          // not reached: an earlier draft was rejected
+            }
+            reach[i] = reach[i] * decay + 1.0;
+            acc[i] = acc[i] * decay + (i <= n_acc ? 1.0 : 0.0);
+        }
+    }
+
+    // P(position i accepted | 1..i-1 accepted); `prior` (may be null) supplies the
+    // estimate a few observations here cannot, and the position before is the prior
+    // of a position never reached
+    double p(int i, const mtp_cy_acceptance * prior, double w = 4.0) const {
+        if (i < 1 || i > KMAX) {
+            return 0.0;
+        }
+        double pr;
+        if (prior) {
+            pr = prior->p(i, nullptr, 2.0);
+        } else {
+            pr = i > 1 ? p(i - 1, nullptr, w) : 0.5;
+            if (reach[i] <= 0.0) {
+                return pr;
+            }
+            w = 2.0;
+        }
+        return (acc[i] + w * pr) / (reach[i] + w);
+    }
+
+    // expected tokens of a verification that drafts k: the target's own token plus
+    // the accepted run
+    double expected(int k, const mtp_cy_acceptance * prior) const {
+        double e = 1.0, run = 1.0;
+        for (int i = 1; i <= std::min(k, KMAX); ++i) {
+            run *= p(i, prior);
+            e += run;
+        }
+        return e;
+    }
+};
+
+// The choice for one step.
+struct mtp_cy_decision {
+    int k = 0;                  // draft length of the sequences that follow "auto"
+    int n_seq = 0;              // sequences in the step
+    double tokens_per_sec = 0;  // expected, at k
+    double plain_tokens_per_sec = 0;
+    const char * reason = "start";
+};
+
+// What the decision needs about one sequence of the step.
+struct mtp_cy_seq_view {
+    const mtp_cy_acceptance * acc;   // its acceptance
+    int k_fixed;                     // -1: follows the decision; else its own length (0 = plain)
+    int k_cap;                       // the most it may draft now (max_tokens / context left)
+};
+
+struct mtp_cy_batch_policy {
+    int k_max = 4;
+    mtp_cy_cost_model target;        // target decode cost by tokens verified
+    mtp_cy_cost_model head;          // MTP-head decode cost by tokens in it
+    mtp_cy_acceptance batch_acc;     // every sequence's experience: the prior of each one
+    int64_t steps = 0;
+    int64_t chosen[mtp_cy_acceptance::KMAX + 1] = {0};
+    int explore_every = 16;          // steps between re-measurements of a neighbour length
+    mtp_cy_decision last;
+
+    void configure(int kmax) {
+        k_max = std::max(1, std::min(kmax, mtp_cy_acceptance::KMAX));
+        target.reset();
+        head.reset();
+        batch_acc.reset();
+        steps = 0;
+        for (auto & c : chosen) c = 0;
+        last = mtp_cy_decision();
+    }
+
+    // the step's cost drafting k for the "auto" sequences: one target decode of every
+    // sequence's tokens, one head decode per depth of the sequences still drafting, and
+    // the head's catch-up on the tokens accepted (about the expected tokens)
+    double cost(const std::vector<mtp_cy_seq_view> & seqs, int k, double * tokens) const {
+        int t_tgt = 0, depth_n[mtp_cy_acceptance::KMAX + 1] = {0};
+        double tok = 0.0, catch_tok = 0.0;
+        for (const auto & s : seqs) {
+            int kk = s.k_fixed >= 0 ? s.k_fixed : k;
+            kk = std::max(0, std::min(kk, s.k_cap));
+            t_tgt += 1 + kk;
+            for (int d = 1; d <= kk; ++d) depth_n[d] += 1;
+            const double e = s.acc->expected(kk, &batch_acc);
+            tok += e;
+            if (kk > 0) catch_tok += e;
+        }
+        double c = target.predict(t_tgt);
+        for (int d = 1; d <= mtp_cy_acceptance::KMAX; ++d) {
+            if (depth_n[d] > 0) c += head.predict(depth_n[d]);
+        }
+        if (catch_tok > 0) c += head.predict((int) std::lround(catch_tok));
+        if (tokens) *tokens = tok;
+        return c;
+    }
+
+    mtp_cy_decision decide(const std::vector<mtp_cy_seq_view> & seqs) {
+        mtp_cy_decision d;
+        d.n_seq = (int) seqs.size();
+        ++steps;
+        const int B = (int) seqs.size();
+        if (B == 0) {
+            d.reason = "idle";
+            return last = d;
+        }
+        // lengths whose verification was measured less than twice at this batch size
+        // come first (plain, then a short draft, then longer ones), then the best by
+        // expected throughput
+        int cap = k_max;
+        for (const auto & s : seqs) cap = std::min(cap, s.k_fixed >= 0 ? k_max : s.k_cap);
+        d.reason = nullptr;
+        if (target.count(B) < 2) {
+            d.k = 0;
+            d.reason = "measuring";
+        } else {
+            for (int k = 1; k <= cap; ++k) {
+                if (target.count(B * (1 + k)) < 2) {
+                    d.k = k;
+                    d.reason = "measuring";
+                    break;
+                }
+            }
+        }
+        double best = -1.0, plain = 0.0;
+        int kbest = 0;
+        for (int k = 0; k <= k_max; ++k) {
+            double tok = 0.0;
+            const double c = cost(seqs, k, &tok);
+            const double s = c > 0 ? tok / c * 1e6 : 0.0;
+            if (k == 0) plain = s;
+            if (s > best) {
+                best = s;
+                kbest = k;
+            }
+        }
+        d.plain_tokens_per_sec = plain;
+        if (d.reason == nullptr) {
+            d.k = kbest;
+            d.reason = kbest == 0 ? "plain is faster" : "best";
+            // keep the neighbours' costs current: now and then one step at k-1 or k+1
+            if (explore_every > 0 && steps % explore_every == 0) {
+                const int alt = ((steps / explore_every) % 2 == 0) ? kbest + 1 : kbest - 1;
+                if (alt >= 0 && alt <= k_max && alt != kbest) {
+                    d.k = alt;
+                    d.reason = "re-measuring";
+                }
+            }
+        }
+        {
+            double tok = 0.0;
+            const double c = cost(seqs, d.k, &tok);
+            d.tokens_per_sec = c > 0 ? tok / c * 1e6 : 0.0;
+        }
+        chosen[std::max(0, std::min(d.k, mtp_cy_acceptance::KMAX))] += 1;
+        return last = d;
+    }
+};
