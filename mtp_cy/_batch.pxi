@@ -286,7 +286,8 @@ cdef class Batch(_Engine):
         return best
 
     cdef int _take_slot(self, _Stream s) except -1:
-        """Wait (FIFO, bounded by the call's timeout) for a free slot and give it to ``s``."""
+        """Wait (FIFO, bounded by the call's timeout) for a free slot and give it to ``s``;
+        returns the slot, or -2 when the call was cancelled first."""
         ticket = object()
         cdef double deadline = (_time.monotonic() + s.timeout_us / 1e6) if s.timeout_us > 0 else 0
         cdef int epoch = self._cancel_epoch
@@ -295,10 +296,10 @@ cdef class Batch(_Engine):
             self._waiters.append(ticket)
             try:
                 while True:
-                    if self._closed or self._close_pending:
+                    if self._closing():
                         raise ClosedError("the Batch was closed while this call waited for a slot")
                     if s.cancel_req or self._cancel_epoch != epoch:
-                        return -1
+                        return -2         # cancelled while waiting (-1 is the error return)
                     if self._waiters[0] is ticket:
                         i = self._pick_slot(s)
                         if i >= 0:
@@ -398,14 +399,14 @@ cdef class Batch(_Engine):
         batch closed first (then the caller looks at its slot again)."""
         with self._cond:
             while self._stepping:
-                if self._closed or self._close_pending:
+                if self._closing():
                     return 0
                 left = (deadline - _time.monotonic()) if deadline else 0.25
                 if deadline and left <= 0:
                     return 0
                 self._cond.wait(min(left, 0.25))
                 return 0          # something changed: the caller looks at its slot first
-            if self._closed or self._close_pending:
+            if self._closing():
                 return 0
             self._stepping = True
             self._running = 1
@@ -427,8 +428,12 @@ cdef class Batch(_Engine):
         except BaseException:
             pass
 
+    cdef inline bint _closing(self):
+        # close() stops a running step through the contexts' abort flag (only close sets it)
+        return self._closed or self._close_pending or self.ab.cancel.load() != 0
+
     cdef int _check_call(self, _Stream s, double deadline, str what) except -1:
-        if self._closed or self._close_pending:
+        if self._closing():
             raise ClosedError(f"the Batch was closed during the stream")
         if deadline and _time.monotonic() > deadline:
             raise GenerationTimeout(f"no token within the timeout while {what}")
@@ -437,7 +442,7 @@ cdef class Batch(_Engine):
     cdef int _native(self, _Stream s) except -1:
         """One native step's worth of ``s``: its slot and prompt first, then one step's tokens."""
         cdef int r
-        if self._closed or self._close_pending:
+        if self._closing():
             raise ClosedError("the Batch was closed during the stream")
         if not s.started:
             s.started = True
@@ -457,7 +462,7 @@ cdef class Batch(_Engine):
         cdef double deadline
         cdef bint in_prompt = s.b_t_prefill < 0
         while True:
-            if self._closed or self._close_pending:
+            if self._closing():
                 raise ClosedError("the Batch was closed during the stream")
             sl = self.loop.slots[s.slot].get()
             if in_prompt and sl.state.load() != MTP_CY_SLOT_PROMPT:
