@@ -124,11 +124,6 @@ struct mtp_cy_loop {
     int32_t lag_window = 256;
     bool needs_checkpoints = false;         // the memory cannot be cut at any position
     bool auto_k = false;
-    // Verify each sequence in its own target decode: llama.cpp (pinned commit, CPU)
-    // computes the second and later sequences of a multi-sequence ubatch wrongly on the
-    // recurrent (Gated DeltaNet) layers of qwen35 models, so their decodes are never
-    // shared; the MTP head (attention only) still drafts for all of them at once.
-    bool serial_verify = false;
     common_batch tb;                        // target batch
     common_batch db;                        // head batch
     std::vector<std::unique_ptr<mtp_cy_slot>> slots;
@@ -171,7 +166,6 @@ struct mtp_cy_loop {
         tb = common_batch(tgt);
         const llama_model * m = llama_get_model(tgt);
         needs_checkpoints = llama_model_is_recurrent(m) || llama_model_is_hybrid(m) || llama_model_n_swa(m) > 0;
-        serial_verify = llama_model_is_recurrent(m) || llama_model_is_hybrid(m);
         if (dft) {
             db = common_batch(dft);
             n_batch_dft = (int32_t) llama_n_batch(dft);
@@ -541,44 +535,31 @@ struct mtp_cy_loop {
             t_head_draft = ggml_time_us() - td0;
         }
         const int64_t t1 = ggml_time_us();
-        // 3. verify every sequence's tokens in one target decode (one per sequence where
-        //    several sequences cannot share a decode, see serial_verify), 4. accept
+        // 3. verify every sequence's tokens in one target decode, 4. accept
         int T = 0;
         int n_gen_all = 0, n_acc_all = 0, n_done = 0;
-        int64_t t_dec = 0;
-        std::vector<mtp_cy_slot *> part;
         for (auto * s : act) s->produced = false;
-        for (size_t a = 0; rc == 0 && a < act.size(); ) {
-            part.clear();
-            if (serial_verify) {
-                part.push_back(act[a++]);
-            } else {
-                part = act;
-                a = act.size();
+        tb.clear();
+        for (auto * s : act) {
+            const int32_t n_past = (int32_t) s->toks.size();
+            s->i0 = tb.add(s->last, n_past, s->seq, true);
+            for (size_t j = 0; j < s->draft.size(); ++j) {
+                tb.add(s->draft[j], n_past + 1 + (int32_t) j, s->seq, true);
             }
-            tb.clear();
-            for (auto * s : part) {
-                const int32_t n_past = (int32_t) s->toks.size();
-                s->i0 = tb.add(s->last, n_past, s->seq, true);
-                for (size_t j = 0; j < s->draft.size(); ++j) {
-                    tb.add(s->draft[j], n_past + 1 + (int32_t) j, s->seq, true);
-                }
-            }
-            T += tb.size();
-            const int64_t tv0 = ggml_time_us();
+        }
+        T = tb.size();
+        if (rc == 0) {
             rc = llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, tb.get());
-            t_dec += ggml_time_us() - tv0;
-            if (rc != 0) {
-                break;
-            }
-            for (auto * s : part) {
+        }
+        const int64_t t_dec = ggml_time_us() - t1;
+        if (rc == 0) {
+            for (auto * s : act) {
                 accept(*s, n_gen_all, n_acc_all, n_done);
             }
         }
         const int64_t t2 = t1 + t_dec;
         if (rc != 0) {
             for (auto * s : act) {
-                if (s->produced) continue;
                 // the step is abandoned; the memories are cleared on the sequence's next call
                 s->valid = false;
                 s->end = MTP_CY_END_FAILED;

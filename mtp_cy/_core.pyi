@@ -72,13 +72,17 @@ class _StatsBase(TypedDict):
 class CallStats(_StatsBase, total=False):
     """One call's statistics (``Completion.stats``, the ``("done", ...)`` event)."""
     p_min: float                     # MTP only
+    slot: int                        # Batch only: the slot the call ran in
 
 
 class Stats(_StatsBase, total=False):
     """``stats()``: cumulative over every call of the session."""
     cache: CacheStats
     p_min: float                     # MTP only
-    policy: Dict[str, Any]           # MTP(n_draft="auto") only: what the policy measured and chose
+    policy: Dict[str, Any]           # MTP / Batch with n_draft="auto": what the policy measured and chose
+    n_seq: int                       # Batch only
+    batch: Dict[str, Any]            # Batch only: size (last step), steps, mean_size, waiting
+    slots: List[Dict[str, Any]]      # Batch only: slot, state, cached_tokens, call counters
 
 
 class FinalStats(CallStats, total=False):
@@ -273,7 +277,7 @@ class _Engine:
                penalty_repeat: float = 1.0, penalty_freq: float = 0.0, penalty_present: float = 0.0,
                grammar: Optional[str] = None, grammar_root: str = "root", json_schema: JsonSchema = None,
                stop: Stop = None, logprobs: bool = False, top_logprobs: int = 0,
-               emit_stats_every: int = 0) -> _Stream[str]: ...
+               emit_stats_every: int = 0, n_draft: Optional[int] = None) -> _Stream[str]: ...
     def stream_events(self, prompt: Prompt, *, max_tokens: Optional[int] = 256,
                       timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None,
                       temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
@@ -281,21 +285,21 @@ class _Engine:
                       penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
                       grammar_root: str = "root", json_schema: JsonSchema = None, stop: Stop = None,
                       logprobs: bool = False, top_logprobs: int = 0,
-                      emit_stats_every: int = 0) -> _Stream[Event]: ...
+                      emit_stats_every: int = 0, n_draft: Optional[int] = None) -> _Stream[Event]: ...
     def generate(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
                  prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
                  penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                  penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
                  json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                 top_logprobs: int = 0, emit_stats_every: int = 0) -> str: ...
+                 top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> str: ...
     def complete(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
                  prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
                  penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                  penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
                  json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                 top_logprobs: int = 0, emit_stats_every: int = 0) -> Completion: ...
+                 top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> Completion: ...
     def chat(self, messages: Sequence[Message], *, template: Optional[str] = None,
              chat_template_kwargs: Optional[Mapping[str, Any]] = None, enable_thinking: Optional[bool] = None,
              tools: Optional[Sequence[Tool]] = None, max_tokens: Optional[int] = 256,
@@ -304,7 +308,7 @@ class _Engine:
              penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
              penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
              json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False, top_logprobs: int = 0,
-             emit_stats_every: int = 0) -> _Stream[str]: ...
+             emit_stats_every: int = 0, n_draft: Optional[int] = None) -> _Stream[str]: ...
     def chat_events(self, messages: Sequence[Message], *, template: Optional[str] = None,
                     chat_template_kwargs: Optional[Mapping[str, Any]] = None,
                     enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
@@ -314,7 +318,7 @@ class _Engine:
                     penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                     penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
                     json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                    top_logprobs: int = 0, emit_stats_every: int = 0) -> _Stream[Event]: ...
+                    top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> _Stream[Event]: ...
     def complete_chat(self, messages: Sequence[Message], *, template: Optional[str] = None,
                       chat_template_kwargs: Optional[Mapping[str, Any]] = None,
                       enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
@@ -324,14 +328,14 @@ class _Engine:
                       penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                       penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
                       json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                      top_logprobs: int = 0, emit_stats_every: int = 0) -> Completion: ...
+                      top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> Completion: ...
     def astream(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
                 prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
                 top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
                 penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                 penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
                 json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                top_logprobs: int = 0, emit_stats_every: int = 0) -> AsyncStream[str]: ...
+                top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> AsyncStream[str]: ...
     def astream_events(self, prompt: Prompt, *, max_tokens: Optional[int] = 256,
                        timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None,
                        temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
@@ -339,7 +343,7 @@ class _Engine:
                        penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
                        grammar_root: str = "root", json_schema: JsonSchema = None, stop: Stop = None,
                        logprobs: bool = False, top_logprobs: int = 0,
-                       emit_stats_every: int = 0) -> AsyncStream[Event]: ...
+                       emit_stats_every: int = 0, n_draft: Optional[int] = None) -> AsyncStream[Event]: ...
     async def agenerate(self, prompt: Prompt, *, max_tokens: Optional[int] = 256,
                         timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None,
                         temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
@@ -347,7 +351,7 @@ class _Engine:
                         penalty_freq: float = 0.0, penalty_present: float = 0.0,
                         grammar: Optional[str] = None, grammar_root: str = "root",
                         json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                        top_logprobs: int = 0, emit_stats_every: int = 0) -> str: ...
+                        top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> str: ...
     def achat(self, messages: Sequence[Message], *, template: Optional[str] = None,
               chat_template_kwargs: Optional[Mapping[str, Any]] = None,
               enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
@@ -357,7 +361,7 @@ class _Engine:
               penalty_repeat: float = 1.0, penalty_freq: float = 0.0, penalty_present: float = 0.0,
               grammar: Optional[str] = None, grammar_root: str = "root", json_schema: JsonSchema = None,
               stop: Stop = None, logprobs: bool = False, top_logprobs: int = 0,
-              emit_stats_every: int = 0) -> AsyncStream[str]: ...
+              emit_stats_every: int = 0, n_draft: Optional[int] = None) -> AsyncStream[str]: ...
     def achat_events(self, messages: Sequence[Message], *, template: Optional[str] = None,
                      chat_template_kwargs: Optional[Mapping[str, Any]] = None,
                      enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
@@ -367,7 +371,7 @@ class _Engine:
                      penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                      penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
                      json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                     top_logprobs: int = 0, emit_stats_every: int = 0) -> AsyncStream[Event]: ...
+                     top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> AsyncStream[Event]: ...
     # OpenAI-shaped results (mtp_cy.openai_compat): dicts, or iterators of chunk dicts
     @overload
     def create_completion(self, prompt: Union[Prompt, Sequence[Prompt]], *, stream: Literal[False] = False,
@@ -413,6 +417,35 @@ class MTP(_Engine):
     def reset_policy(self) -> None: ...
     def print_stats(self) -> str: ...
     def __enter__(self) -> MTP: ...
+    def __exit__(self, *exc: object) -> bool: ...
+
+
+class Batch(_Engine):
+    """Many calls at once, one sequence each: continuous batching with MTP speculative decoding.
+
+    Every generating method may be called concurrently from many threads and asyncio tasks; a
+    call beyond ``n_seq`` waits (in arrival order, bounded by its ``timeout``) for a free slot.
+    ``n_draft=`` on a call overrides the Batch's draft length for that call (0: plain)."""
+
+    def __init__(self, model: Model, *, n_seq: int = 4, n_draft: Union[int, Literal["auto"]] = "auto",
+                 n_draft_max: Optional[int] = None, p_min: float = 0.0, n_ctx: Optional[int] = None,
+                 n_batch: Optional[int] = None, n_ubatch: Optional[int] = None, n_threads: Optional[int] = None,
+                 n_threads_batch: Optional[int] = None, flash_attn: FlashAttn = "auto",
+                 type_k: KVType = "f16", type_v: KVType = "f16", offload_kqv: bool = True,
+                 cache_prompt: bool = True, cache_checkpoints: int = 8, checkpoint_every: int = 2048) -> None: ...
+    @property
+    def n_seq(self) -> int: ...
+    @property
+    def n_ctx_total(self) -> int: ...
+    @property
+    def n_draft(self) -> Union[int, Literal["auto"]]: ...
+    @property
+    def n_draft_max(self) -> int: ...
+    @property
+    def p_min(self) -> float: ...
+    def reset_policy(self) -> None: ...
+    def print_stats(self) -> str: ...
+    def __enter__(self) -> Batch: ...
     def __exit__(self, *exc: object) -> bool: ...
 
 
