@@ -25,6 +25,7 @@
 #include <cstring>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "common.h"
@@ -84,6 +85,7 @@ struct mtp_cy_slot {
     std::vector<llama_token> prompt;
     int32_t ppos = 0;                   // prompt tokens in memory
     bool need_reuse = false;            // the prompt cache was not consulted yet
+    uint64_t restore_id = 0;            // a host copy (mtp_cy_saved::id) to restore first (0: none)
     bool cache = true;                  // the call may reuse the slot's memory
     int32_t n_reused = 0;
     int64_t t_prefill_us = 0;
@@ -112,6 +114,20 @@ struct mtp_cy_slot {
     }
 };
 
+// A conversation evicted from its slot, kept in host memory (Batch(cache_ram=)): both
+// memories' state of the sequence and the MTP head's rows, restorable into any slot.
+struct mtp_cy_saved {
+    uint64_t id = 0;
+    int64_t used = 0;
+    std::vector<llama_token> toks;
+    std::vector<uint8_t> tgt, dft;
+    llama_pos m = 0, r0 = 0;
+    std::vector<float> rows;
+    size_t bytes() const {
+        return tgt.size() + dft.size() + rows.size() * sizeof(float) + toks.size() * sizeof(llama_token);
+    }
+};
+
 struct mtp_cy_loop {
     llama_context * ctx = nullptr;
     llama_context * ctx_dft = nullptr;      // null: no MTP head (plain steps only)
@@ -129,6 +145,13 @@ struct mtp_cy_loop {
     std::vector<std::unique_ptr<mtp_cy_slot>> slots;
     mtp_cy_batch_policy policy;
     std::vector<float> rows_tmp;
+    // host copies of evicted conversations (bounded by cache_ram bytes; 0: none kept)
+    std::vector<mtp_cy_saved> saved;
+    mutable std::mutex saved_mu;           // saved_prefix() runs beside a step (GIL held, no step lock)
+    size_t cache_ram = 0;
+    uint64_t next_saved = 0;
+    int64_t saved_clock = 0;
+    std::atomic<int64_t> saved_bytes{0}, saved_n{0}, saved_hits{0};
     // statistics (lock-free)
     std::atomic<int64_t> steps{0};
     std::atomic<int64_t> seq_steps{0};      // sum over steps of the sequences in them
@@ -141,7 +164,15 @@ struct mtp_cy_loop {
 
     ~mtp_cy_loop() { release(); }
 
+    void clear_saved() {
+        std::lock_guard<std::mutex> lk(saved_mu);
+        saved.clear();
+        saved_bytes.store(0);
+        saved_n.store(0);
+    }
+
     void release() {
+        clear_saved();
         for (auto & s : slots) {
             if (s->smpl) {
                 common_sampler_free(s->smpl);
@@ -204,6 +235,114 @@ struct mtp_cy_loop {
         s.toks.clear();
         s.valid = true;
         s.n_cached.store(0);
+    }
+
+    // -- host copies of evicted conversations -------------------------------------------
+    // The longest prefix a host copy shares with the prompt that it can give (on memories
+    // that cannot be cut, only a copy the prompt extends); its id in *id (0: none).
+    int32_t saved_prefix(const llama_token * p, int32_t n, uint64_t * id) const {
+        std::lock_guard<std::mutex> lk(saved_mu);
+        int32_t best = 0;
+        *id = 0;
+        for (const auto & e : saved) {
+            int32_t L = 0;
+            const int32_t have = (int32_t) e.toks.size();
+            while (L < have && L < n && e.toks[L] == p[L]) ++L;
+            if (needs_checkpoints && L < have) L = 0;
+            L = std::min(L, n - 1);
+            if (L > best) {
+                best = L;
+                *id = e.id;
+            }
+        }
+        return best;
+    }
+
+    void drop_saved(size_t i) {
+        saved_bytes.fetch_sub((int64_t) saved[i].bytes());
+        saved.erase(saved.begin() + (long) i);
+        saved_n.store((int64_t) saved.size());
+    }
+
+    // Copy slot s's conversation to host memory (evicting the least recently used copies
+    // beyond cache_ram).  False when llama.cpp cannot save it or it does not fit.
+    bool save_slot(const mtp_cy_slot & s) {
+        if (cache_ram == 0 || !s.valid || s.toks.empty()) {
+            return false;
+        }
+        mtp_cy_saved e;
+        const size_t n1 = llama_state_seq_get_size_ext(ctx, s.seq, 0);
+        e.tgt.resize(n1);
+        if (n1 == 0 || llama_state_seq_get_data_ext(ctx, e.tgt.data(), n1, s.seq, 0) != n1) {
+            return false;
+        }
+        if (ctx_dft) {
+            const size_t n2 = llama_state_seq_get_size_ext(ctx_dft, s.seq, 0);
+            e.dft.resize(n2);
+            if (n2 > 0 && llama_state_seq_get_data_ext(ctx_dft, e.dft.data(), n2, s.seq, 0) != n2) {
+                return false;
+            }
+            e.m = s.dr.m;
+            e.r0 = s.dr.r0;
+            e.rows = s.dr.rows;
+        }
+        e.toks = s.toks;
+        if (e.bytes() > cache_ram) {
+            return false;
+        }
+        std::lock_guard<std::mutex> lk(saved_mu);
+        // a copy this one contains (same conversation, shorter) is of no more use
+        for (size_t i = saved.size(); i-- > 0;) {
+            const auto & o = saved[i];
+            if (o.toks.size() <= e.toks.size() && std::equal(o.toks.begin(), o.toks.end(), e.toks.begin())) {
+                drop_saved(i);
+            }
+        }
+        while (!saved.empty() && (size_t) saved_bytes.load() + e.bytes() > cache_ram) {
+            size_t lru = 0;
+            for (size_t i = 1; i < saved.size(); ++i) {
+                if (saved[i].used < saved[lru].used) lru = i;
+            }
+            drop_saved(lru);
+        }
+        e.id = ++next_saved;
+        e.used = ++saved_clock;
+        saved_bytes.fetch_add((int64_t) e.bytes());
+        saved.push_back(std::move(e));
+        saved_n.store((int64_t) saved.size());
+        return true;
+    }
+
+    // Put host copy `id` into slot s (its memories cleared first); the copy leaves the
+    // host cache.  False (the slot then empty) when it is gone or llama.cpp refuses it.
+    bool restore_slot(mtp_cy_slot & s, uint64_t id) {
+        std::lock_guard<std::mutex> lk(saved_mu);
+        size_t i = 0;
+        while (i < saved.size() && saved[i].id != id) ++i;
+        if (i == saved.size()) {
+            return false;
+        }
+        clear_seq(s);
+        mtp_cy_saved & e = saved[i];
+        bool ok = llama_state_seq_set_data_ext(ctx, e.tgt.data(), e.tgt.size(), s.seq, 0) == e.tgt.size();
+        if (ok && ctx_dft && !e.dft.empty()) {
+            ok = llama_state_seq_set_data_ext(ctx_dft, e.dft.data(), e.dft.size(), s.seq, 0) == e.dft.size();
+        }
+        if (ok) {
+            s.toks = e.toks;
+            if (ctx_dft) {
+                s.dr.m = e.m;
+                s.dr.r0 = e.r0;
+                s.dr.rows = e.rows;
+            }
+            s.n_cached.store((int64_t) s.toks.size());
+            saved_hits.fetch_add(1);
+        }
+        drop_saved(i);
+        if (!ok) {
+            clear_seq(s);
+        }
+        return ok;
     }
 
     // Prepare slot i for a prompt of n tokens: keep what its memory shares with the prompt
@@ -362,6 +501,14 @@ struct mtp_cy_loop {
             const int32_t n = (int32_t) s->prompt.size();
             const int64_t t0 = ggml_time_us();
             if (s->need_reuse) {
+                if (s->cache && cache_ram > 0 && s->valid && !s->toks.empty()
+                        && (s->restore_id != 0 || prefix(s->seq, s->prompt.data(), n) < (int32_t) s->toks.size())) {
+                    save_slot(*s);      // the slot's conversation leaves it: keep a host copy
+                }
+                if (s->restore_id != 0) {
+                    restore_slot(*s, s->restore_id);
+                    s->restore_id = 0;
+                }
                 s->n_reused = reuse(s->seq, s->prompt.data(), n, s->cache);
                 s->ppos = s->n_reused;
                 s->need_reuse = false;

@@ -6,6 +6,7 @@ import time as _time
 _BATCH_MAX_SEQ = 64
 _BATCH_CTX_PER_SEQ = 2048
 _SLOT_STATES = ("free", "prompt", "generating", "done")
+_CACHE_RAM_DEFAULT = 1 << 30
 
 
 @cython.no_gc_clear
@@ -38,6 +39,11 @@ cdef class Batch(_Engine):
       override it: ``stream(prompt, n_draft=0)`` (plain for this call) or
       ``n_draft=2``.
     * ``p_min``: a draft ends at the first token whose head probability is below it.
+    * ``cache_ram`` (bytes, default 1 GiB; 0: off): a conversation that leaves its slot
+      (the slot is taken by a call with another prompt) is copied to host memory, up to
+      this bound (least recently used copies go first), and a later call that continues
+      it gets it back in whatever slot is free, instead of processing its history again
+      (``stats()["cache"]``: ``host_states``, ``host_bytes``, ``host_hits``).
 
     Greedy output and each call's own counters (``Completion.stats``) are those
     of the same call in a lone :class:`MTP` session with the same ``n_draft``,
@@ -89,8 +95,10 @@ cdef class Batch(_Engine):
             self.ctx_dft = NULL
 
     def __init__(self, Model model not None, *, n_seq=4, n_draft="auto", n_draft_max=None, p_min=0.0,
-                 n_ctx=None, **options):
+                 n_ctx=None, cache_ram=_CACHE_RAM_DEFAULT, **options):
         self.n_seq = _as_int("n_seq", n_seq, 1, _BATCH_MAX_SEQ)
+        if isinstance(cache_ram, bool) or not isinstance(cache_ram, int) or cache_ram < 0:
+            raise ValueError(f"cache_ram must be an int >= 0 (bytes; 0 keeps no evicted state), got {cache_ram!r}")
         if n_ctx is None:
             n_ctx = _BATCH_CTX_PER_SEQ * self.n_seq
         options["n_ctx"] = n_ctx
@@ -164,6 +172,7 @@ cdef class Batch(_Engine):
             raise
         self.ctx_dft = dft
         self.loop.lag_window = LAG_WINDOW
+        self.loop.cache_ram = cache_ram if o["cache_prompt"] else 0
         self._finish_init(model, ctx, o)
         self.n_ctx = per_seq
         self.n_ctx_total = total
@@ -257,7 +266,8 @@ cdef class Batch(_Engine):
             self._cond.notify_all()
 
     def clear_cache(self):
-        """Drop the state every free slot keeps from earlier calls (slots in use keep theirs)."""
+        """Drop the state every free slot keeps from earlier calls (slots in use keep theirs)
+        and the host copies of evicted conversations."""
         self._check()
         cdef int i
         cdef mtp_cy_slot * sl
@@ -265,15 +275,20 @@ cdef class Batch(_Engine):
             sl = self.loop.slots[i].get()
             if sl.state.load() == MTP_CY_SLOT_FREE:
                 sl.valid = False
+        self.loop.clear_saved()
 
     # -- slots --------------------------------------------------------------------------
     cdef int _pick_slot(self, _Stream s):
         """The free slot whose memory shares the longest usable prefix with the prompt
-        (then the least recently used one); -1 when none is free."""
-        cdef int i, best = -1, L, bestL = -1
-        cdef int64_t bestU = 0
+        (then the least recently used one); -1 when none is free.  When a host copy of an
+        evicted conversation shares more, the least recently used free slot is taken and
+        told to restore that copy first (``cache_ram``)."""
+        cdef int i, best = -1, L, bestL = -1, lru = -1
+        cdef int64_t bestU = 0, lruU = 0
         cdef mtp_cy_slot * sl
         cdef int n = s.prompt.size()
+        cdef uint64_t sid = 0
+        cdef int Lh = 0
         for i in range(self.n_seq):
             sl = self.loop.slots[i].get()
             if sl.state.load() != MTP_CY_SLOT_FREE:
@@ -281,8 +296,18 @@ cdef class Batch(_Engine):
             L = self.loop.prefix(i, s.prompt.data(), n) if self.cache_prompt else 0
             if self.loop.needs_checkpoints and L < <int>sl.toks.size():
                 L = 0
+            L = min(L, n - 1)
             if L > bestL or (L == bestL and sl.last_used < bestU):
                 best, bestL, bestU = i, L, sl.last_used
+            if lru < 0 or sl.last_used < lruU:
+                lru, lruU = i, sl.last_used
+        if best >= 0:
+            self.loop.slots[best].get().restore_id = 0
+            if self.cache_prompt and self.loop.cache_ram > 0:
+                Lh = self.loop.saved_prefix(s.prompt.data(), n, &sid)
+                if sid != 0 and Lh > bestL:
+                    best = lru
+                    self.loop.slots[best].get().restore_id = sid
         return best
 
     cdef int _take_slot(self, _Stream s) except -1:
@@ -605,7 +630,9 @@ cdef class Batch(_Engine):
                                "drafts_accepted": mtp_cy_get(sl.c_acc)}
             slots.append(row)
         d["slots"] = slots
-        d["cache"] = {"tokens": cached, "checkpoints": 0, "checkpoint_bytes": 0}
+        d["cache"] = {"tokens": cached, "checkpoints": 0, "checkpoint_bytes": 0,
+                      "host_states": mtp_cy_get(self.loop.saved_n), "host_bytes": mtp_cy_get(self.loop.saved_bytes),
+                      "host_hits": mtp_cy_get(self.loop.saved_hits), "cache_ram": self.loop.cache_ram}
         if self.auto:
             pol = &self.loop.policy
             B = max(1, pol.last.n_seq)

@@ -429,6 +429,7 @@ class Batch(_Engine):
 
     def __init__(self, model: Model, *, n_seq: int = 4, n_draft: Union[int, Literal["auto"]] = "auto",
                  n_draft_max: Optional[int] = None, p_min: float = 0.0, n_ctx: Optional[int] = None,
+                 cache_ram: int = 1073741824,
                  n_batch: Optional[int] = None, n_ubatch: Optional[int] = None, n_threads: Optional[int] = None,
                  n_threads_batch: Optional[int] = None, flash_attn: FlashAttn = "auto",
                  type_k: KVType = "f16", type_v: KVType = "f16", offload_kqv: bool = True,

@@ -330,3 +330,31 @@ def test_no_leak_across_many_calls(batch, mtp_sm):
     gc.collect()
     assert rss_bytes() - r0 < 20 * 1024 * 1024
     assert all_free(batch)
+
+
+def test_cache_ram_keeps_evicted_conversations(mtp_model, mtp_sm):
+    """Two conversations alternating on one slot: the one that was evicted comes back from
+    host memory (its history not processed again) and its continuation is exact."""
+    a, b = prompt_of(mtp_sm, 6), prompt_of(mtp_sm, 6, start=5)
+    more = prompt_of(mtp_sm, 2, start=9)
+    for cache_ram, reused in ((1 << 30, True), (0, False), (16, False)):
+        with mtp_cy.Batch(mtp_model, n_seq=1, n_draft=3, n_ctx=512, n_threads=1, cache_ram=cache_ram) as bt:
+            ra = bt.complete(a, max_tokens=12, temp=0)
+            rb = bt.complete(b, max_tokens=12, temp=0)         # evicts conversation a from the slot
+            c = bt.complete(list(a) + ra.tokens + more, max_tokens=12, temp=0)
+            st = bt.stats()["cache"]
+            assert (c.usage.cached_tokens == len(a) + len(ra.tokens) - 1) == reused, cache_ram
+            assert st["cache_ram"] == cache_ram
+            if reused:
+                assert st["host_hits"] == 1 and st["host_states"] == 1 and st["host_bytes"] > 0   # b's copy
+                d = bt.complete(list(b) + rb.tokens + more, max_tokens=12, temp=0)
+                assert d.usage.cached_tokens == len(b) + len(rb.tokens) - 1
+                bt.clear_cache()
+                assert bt.stats()["cache"]["host_states"] == 0
+            else:
+                assert st["host_states"] == 0
+        with mtp_cy.MTP(mtp_model, n_draft=3, n_ctx=512, n_threads=1, cache_prompt=False) as lone:
+            ref = lone.complete(list(a) + ra.tokens + more, max_tokens=12, temp=0)
+        assert c.tokens == ref.tokens and counters(c.stats) == counters(ref.stats)
+    with pytest.raises(ValueError, match="cache_ram"):
+        mtp_cy.Batch(mtp_model, cache_ram=-1)

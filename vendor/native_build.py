@@ -151,3 +151,59 @@ def upstream_default_program(name: str, root: Path) -> Optional[Path]:
         subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
     path = _build_program(bdir, name)
     return path if path.is_file() else None
+
+
+def _fetch_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fetch_llama_cpp", Path(__file__).with_name("fetch_llama_cpp.py"))
+    fetch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch)
+    return fetch
+
+
+def upstream_server(root: Path, quiet: bool = True) -> Optional[Path]:
+    """Upstream's ``llama-server`` built from the pinned sdist with mtp_cy's patches, the way
+    upstream builds it (OpenMP threads, ``GGML_NATIVE``), for the benchmarks' peer: the whole
+    llama.cpp tree of the sdist is extracted into ``root/build/upstream-server-src`` (the
+    package build extracts only what it needs), patched (vendor/patches), given a placeholder
+    web-UI page (the UI is not part of any measurement and its assets are not in the sdist),
+    then configured and built in ``root/build/upstream-server`` on first use (some minutes).
+    None when it cannot be built."""
+    import tarfile
+    root = Path(root)
+    src = root / "build" / "upstream-server-src"
+    bdir = root / "build" / "upstream-server"
+    exe = bdir / "bin" / "llama-server"
+    fetch = _fetch_module()
+    stamp = src / ".mtp_cy_fetched"
+    want = fetch.SDIST_SHA256 + ":" + fetch.patches_digest()
+    if not (stamp.is_file() and stamp.read_text() == want):
+        shutil.rmtree(src, ignore_errors=True)
+        with tarfile.open(fetch.fetch_sdist(), "r:gz") as tf:
+            for m in tf.getmembers():
+                if m.isfile() and m.name.startswith(fetch.INNER) and "/.git" not in m.name:
+                    out = src / m.name[len(fetch.INNER):]
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(tf.extractfile(m).read())
+        for patch in fetch.patch_files():
+            fetch.apply_patch(src, patch)
+        ui = src / "tools" / "ui" / "dist"
+        ui.mkdir(parents=True, exist_ok=True)
+        (ui / "index.html").write_text("<!doctype html><title>llama-server</title>"
+                                       "<p>web UI not built (mtp_cy benchmark peer)</p>\n")
+        stamp.write_text(want)
+        shutil.rmtree(bdir, ignore_errors=True)
+    cmake, ninja = stable_tool("cmake") or "cmake", stable_tool("ninja")
+    if not (bdir / "CMakeCache.txt").is_file():
+        args = [cmake, "-S", str(src), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+                "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+        if shutil.which("ccache"):
+            args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+        if ninja:
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        subprocess.run(args, check=True, stdout=subprocess.DEVNULL if quiet else None)
+    jobs = os.environ.get("MTP_CY_JOBS") or str(os.cpu_count() or 2)
+    subprocess.run([cmake, "--build", str(bdir), "--target", "llama-server", "-j", jobs], check=True,
+                   stdout=subprocess.DEVNULL if quiet else None)
+    return exe if exe.is_file() else None

@@ -238,6 +238,7 @@ cdef extern from "_batch.h" nogil:
         vector[llama_token] prompt
         int32_t ppos
         cbool need_reuse
+        uint64_t restore_id
         cbool cache
         int32_t n_reused
         int64_t t_prefill_us
@@ -274,6 +275,12 @@ cdef extern from "_batch.h" nogil:
         int64_t t_verify_us
         int64_t t_sample_us
         int64_t t_total_us
+        size_t cache_ram
+        atomic_i64 saved_bytes
+        atomic_i64 saved_n
+        atomic_i64 saved_hits
+        int32_t saved_prefix(const llama_token * p, int32_t n, uint64_t * id)
+        void clear_saved()
         int32_t last_gen
         int32_t last_acc
         int32_t last_n
