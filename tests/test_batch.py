@@ -358,3 +358,36 @@ def test_cache_ram_keeps_evicted_conversations(mtp_model, mtp_sm):
         assert c.tokens == ref.tokens and counters(c.stats) == counters(ref.stats)
     with pytest.raises(ValueError, match="cache_ram"):
         mtp_cy.Batch(mtp_model, cache_ram=-1)
+
+
+def test_one_call_timing_out_does_not_disturb_the_others(batch, mtp_model, mtp_sm):
+    prompts = [prompt_of(mtp_sm, 3, start=i) for i in range(4)]
+    with mtp_cy.MTP(mtp_model, n_draft=3, n_ctx=256, n_threads=1) as lone:
+        ref = [lone.complete(p, max_tokens=60, temp=0).tokens for p in prompts]
+
+    def call(i):
+        if i == 0:
+            try:
+                batch.generate(prompts[0], max_tokens=200, temp=0, timeout=1e-6)
+            except mtp_cy.GenerationTimeout:
+                return "timeout"
+            return "no timeout"
+        return batch.complete(prompts[i], max_tokens=60, temp=0).tokens
+    out = run_threads(call, 4)
+    assert out[0] == "timeout"
+    assert out[1:] == ref[1:]
+    assert all_free(batch)
+
+
+def test_chat_and_openai_shapes_concurrently(mtp_model):
+    msgs = [[{"role": "user", "content": f"hello {i}"}] for i in range(4)]
+    with mtp_cy.Batch(mtp_model, n_seq=2, n_draft=2, n_ctx=2 * 512, n_threads=1) as b, \
+            mtp_cy.MTP(mtp_model, n_draft=2, n_ctx=512, n_threads=1) as lone:
+        ref = [lone.complete_chat(m, template="chatml", max_tokens=12, temp=0).text for m in msgs]
+        out = run_threads(lambda i: b.complete_chat(msgs[i], template="chatml", max_tokens=12, temp=0).text, 4)
+        assert out == ref
+        oa = run_threads(lambda i: b.create_completion("the sea", max_tokens=5, temperature=0), 3)
+        assert all(o["object"] == "text_completion" and o["usage"]["completion_tokens"] == 5 for o in oa)
+        chunks = list(b.create_chat_completion(msgs[0], max_tokens=4, temperature=0, stream=True,
+                                               template="chatml", n_draft=0))
+        assert chunks[-1]["choices"][0]["finish_reason"] is not None

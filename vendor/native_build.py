@@ -165,9 +165,9 @@ def upstream_server(root: Path, quiet: bool = True) -> Optional[Path]:
     """Upstream's ``llama-server`` built from the pinned sdist with mtp_cy's patches, the way
     upstream builds it (OpenMP threads, ``GGML_NATIVE``), for the benchmarks' peer: the whole
     llama.cpp tree of the sdist is extracted into ``root/build/upstream-server-src`` (the
-    package build extracts only what it needs), patched (vendor/patches), given a placeholder
-    web-UI page (the UI is not part of any measurement and its assets are not in the sdist),
-    then configured and built in ``root/build/upstream-server`` on first use (some minutes).
+    package build extracts only what it needs) and patched (vendor/patches), then configured and
+    built in ``root/build/upstream-server`` on first use (some minutes); it has no web UI (its
+    assets are not in the sdist; no measurement uses it).
     None when it cannot be built."""
     import tarfile
     root = Path(root)
@@ -187,10 +187,6 @@ def upstream_server(root: Path, quiet: bool = True) -> Optional[Path]:
                     out.write_bytes(tf.extractfile(m).read())
         for patch in fetch.patch_files():
             fetch.apply_patch(src, patch)
-        ui = src / "tools" / "ui" / "dist"
-        ui.mkdir(parents=True, exist_ok=True)
-        (ui / "index.html").write_text("<!doctype html><title>llama-server</title>"
-                                       "<p>web UI not built (mtp_cy benchmark peer)</p>\n")
         stamp.write_text(want)
         shutil.rmtree(bdir, ignore_errors=True)
     cmake, ninja = stable_tool("cmake") or "cmake", stable_tool("ninja")
