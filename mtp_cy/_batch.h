@@ -716,7 +716,7 @@ struct mtp_cy_loop {
         }
         const int64_t t3 = ggml_time_us();
         if (auto_k) {
-            policy.target.observe(T, (double) (t2 - t1));
+            policy.observe_target(T, (double) (t2 - t1));
         }
         (void) n_catch;
         (void) t_head_catch;

@@ -173,8 +173,25 @@ struct mtp_cy_batch_policy {
     mtp_cy_acceptance batch_acc;     // every sequence's experience: the prior of each one
     int64_t steps = 0;
     int64_t chosen[mtp_cy_acceptance::KMAX + 1] = {0};
-    int explore_every = 16;          // steps between re-measurements of a neighbour length
+    int explore_every = 64;          // steps between re-measurements of a neighbour length
+    int run = 4;                     // a choice holds this many steps (same batch size): a decode of
+                                     // a new shape rebuilds its graph, the runs after it reuse it
+    int hold_left = 0;
+    int hold_b = 0;
+    int64_t n_dec = 0;               // fresh decisions (not holds)
+    int last_t = 0;                  // tokens of the previous target decode
     mtp_cy_decision last;
+
+    // A target decode of t tokens took us microseconds.  Only a decode of the same shape as
+    // the one before counts: it reuses the graph, as the steps of a run do (the first step of
+    // a run pays for a new graph, which the runs amortise; measured here it would make the
+    // length a run leaves look dearer than it is).
+    void observe_target(int t, double us) {
+        if (t == last_t) {
+            target.observe(t, us);
+        }
+        last_t = t;
+    }
 
     void configure(int kmax) {
         k_max = std::max(1, std::min(kmax, mtp_cy_acceptance::KMAX));
@@ -184,6 +201,10 @@ struct mtp_cy_batch_policy {
         steps = 0;
         for (auto & c : chosen) c = 0;
         last = mtp_cy_decision();
+        hold_left = 0;
+        hold_b = 0;
+        last_t = 0;
+        n_dec = 0;
     }
 
     // the step's cost drafting k for the "auto" sequences: one target decode of every
@@ -219,6 +240,13 @@ struct mtp_cy_batch_policy {
             d.reason = "idle";
             return last = d;
         }
+        if (hold_left > 0 && B == hold_b) {
+            --hold_left;
+            d = last;
+            chosen[std::max(0, std::min(d.k, mtp_cy_acceptance::KMAX))] += 1;
+            return d;
+        }
+        ++n_dec;
         // lengths whose verification was measured less than twice at this batch size
         // come first (plain, then a short draft, then longer ones), then the best by
         // expected throughput
@@ -238,11 +266,13 @@ struct mtp_cy_batch_policy {
             }
         }
         double best = -1.0, plain = 0.0;
+        double score[mtp_cy_acceptance::KMAX + 1] = {0};
         int kbest = 0;
         for (int k = 0; k <= k_max; ++k) {
             double tok = 0.0;
             const double c = cost(seqs, k, &tok);
             const double s = c > 0 ? tok / c * 1e6 : 0.0;
+            score[k] = s;
             if (k == 0) plain = s;
             if (s > best) {
                 best = s;
@@ -254,9 +284,12 @@ struct mtp_cy_batch_policy {
             d.k = kbest;
             d.reason = kbest == 0 ? "plain is faster" : "best";
             // keep the neighbours' costs current: now and then one step at k-1 or k+1
-            if (explore_every > 0 && steps % explore_every == 0) {
-                const int alt = ((steps / explore_every) % 2 == 0) ? kbest + 1 : kbest - 1;
-                if (alt >= 0 && alt <= k_max && alt != kbest) {
+            const int64_t every = std::max(1, explore_every / std::max(1, run));   // in decisions
+            if (explore_every > 0 && n_dec % every == 0) {
+                const int alt = ((n_dec / every) % 2 == 0) ? kbest + 1 : kbest - 1;
+                // a neighbour far behind (< 0.8 of the best) is re-measured 4x less often
+                const bool far = alt >= 0 && alt <= k_max && score[alt] < 0.8 * best;
+                if (alt >= 0 && alt <= k_max && alt != kbest && (!far || n_dec % (4 * every) == 0)) {
                     d.k = alt;
                     d.reason = "re-measuring";
                 }
@@ -268,6 +301,8 @@ struct mtp_cy_batch_policy {
             d.tokens_per_sec = c > 0 ? tok / c * 1e6 : 0.0;
         }
         chosen[std::max(0, std::min(d.k, mtp_cy_acceptance::KMAX))] += 1;
+        hold_left = run - 1;
+        hold_b = B;
         return last = d;
     }
 };
