@@ -35,6 +35,7 @@
 #include "_native.h"
 #include "_mtp.h"
 #include "_batch_policy.h"
+#include "_cache.h"
 
 // the tokens one step produced for one sequence (a lone MTP iteration)
 struct mtp_cy_group {
@@ -89,6 +90,10 @@ struct mtp_cy_slot {
     bool cache = true;                  // the call may reuse the slot's memory
     int32_t n_reused = 0;
     int64_t t_prefill_us = 0;
+    int32_t ckpt_hint = 0;              // chat(): a position worth a state checkpoint (0: none)
+    int32_t last_ckpt = 0;
+    // state checkpoints of this slot (memories that cannot be cut at any position)
+    mtp_cy_checkpoints ckpts;
     // output not taken yet
     std::deque<llama_token> out;
     std::deque<mtp_cy_group> groups;
@@ -139,6 +144,8 @@ struct mtp_cy_loop {
     int32_t k_max = 0;                      // the longest draft of any sequence
     int32_t lag_window = 256;
     bool needs_checkpoints = false;         // the memory cannot be cut at any position
+    int32_t max_checkpoints = 8;            // per slot (cache_checkpoints)
+    int32_t checkpoint_every = 2048;
     bool auto_k = false;
     common_batch tb;                        // target batch
     common_batch db;                        // head batch
@@ -206,6 +213,7 @@ struct mtp_cy_loop {
         for (int32_t i = 0; i < n_seq; ++i) {
             slots.emplace_back(new mtp_cy_slot());
             slots.back()->seq = i;
+            slots.back()->ckpts.seq = i;
             if (dft) {
                 slots.back()->dr.init(tgt, dft);
                 slots.back()->dr.seq = i;
@@ -226,6 +234,18 @@ struct mtp_cy_loop {
         return L;
     }
 
+    // The part of the prompt's shared prefix that slot i can give: all of it on memories that
+    // can be cut, else the prompt must extend the memory or go back to a checkpoint.
+    int32_t usable_prefix(int32_t i, const llama_token * p, int32_t n) const {
+        const auto & s = *slots[i];
+        const int32_t L = std::min(prefix(i, p, n), n - 1);
+        if (!needs_checkpoints || L >= (int32_t) s.toks.size()) {
+            return std::max(0, L);
+        }
+        const int k = s.ckpts.find(L);
+        return k >= 0 ? s.ckpts.list[k].pos : 0;
+    }
+
     void clear_seq(mtp_cy_slot & s) {
         llama_memory_seq_rm(llama_get_memory(ctx), s.seq, -1, -1);
         if (ctx_dft) {
@@ -233,8 +253,18 @@ struct mtp_cy_loop {
             s.dr.reset();
         }
         s.toks.clear();
+        s.ckpts.clear();
         s.valid = true;
         s.n_cached.store(0);
+    }
+
+    // A state checkpoint of slot s at `pos` (memories that cannot be cut only).
+    void checkpoint(mtp_cy_slot & s, int32_t pos) {
+        if (pos <= 0 || !needs_checkpoints || max_checkpoints <= 0 || !s.valid || s.ckpts.has(pos)) {
+            return;
+        }
+        const float * h = ctx_dft ? s.dr.row(pos - 1) : nullptr;
+        s.ckpts.save(ctx, pos, h, ctx_dft ? n_embd : 0, max_checkpoints);
     }
 
     // -- host copies of evicted conversations -------------------------------------------
@@ -358,9 +388,33 @@ struct mtp_cy_loop {
         if (c == have) {
             return c;                   // the prompt extends the memory
         }
-        if (c <= 0 || needs_checkpoints) {
-            clear_seq(s);               // a recurrent state cannot go back (no checkpoints per slot)
+        if (c <= 0) {
+            clear_seq(s);
             return 0;
+        }
+        if (needs_checkpoints) {
+            // a recurrent state only goes back to a checkpoint (see _Engine._reuse)
+            const int k = s.ckpts.find(c);
+            if (k < 0 || !s.ckpts.restore(ctx, k)) {
+                clear_seq(s);
+                return 0;
+            }
+            c = s.ckpts.list[k].pos;
+            if (ctx_dft) {
+                s.dr.truncate(c);
+                if (!s.dr.can_reach(c + 1)) {
+                    if (s.dr.m == c && !s.ckpts.list[k].h.empty()) {
+                        s.dr.set_row(c - 1, s.ckpts.list[k].h.data());
+                    } else {
+                        clear_seq(s);
+                        return 0;
+                    }
+                }
+            }
+            s.ckpts.drop_after(c);
+            s.toks.resize(c);
+            s.n_cached.store(c);
+            return c;
         }
         if (ctx_dft) {
             // the head needs h(c-1) to continue at c (see MTP._hook_cut)
@@ -511,10 +565,17 @@ struct mtp_cy_loop {
                 }
                 s->n_reused = reuse(s->seq, s->prompt.data(), n, s->cache);
                 s->ppos = s->n_reused;
+                s->last_ckpt = s->ppos;
                 s->need_reuse = false;
             }
             while (s->ppos < n - 1 && budget > 0) {
-                const int32_t m = std::min(std::min(budget, n_batch), n - 1 - s->ppos);
+                int32_t m = std::min(std::min(budget, n_batch), n - 1 - s->ppos);
+                // a long prompt leaves a checkpoint every checkpoint_every tokens, and one where
+                // the next turn of a chat will leave this prompt (chat())
+                if (needs_checkpoints && s->cache) {
+                    m = std::min(m, std::max(1, s->last_ckpt + checkpoint_every - s->ppos));
+                    if (s->ppos < s->ckpt_hint) m = std::min(m, s->ckpt_hint - s->ppos);
+                }
                 const int rc = prefill(s->seq, s->prompt.data() + s->ppos, s->ppos, m);
                 if (rc != 0) {
                     s->end = MTP_CY_END_FAILED;
@@ -524,6 +585,14 @@ struct mtp_cy_loop {
                 }
                 s->ppos += m;
                 budget -= m;
+                if (s->cache && (s->ppos - s->last_ckpt >= checkpoint_every || s->ppos == s->ckpt_hint)
+                        && s->ppos < n - 1) {
+                    checkpoint(*s, s->ppos);
+                    s->last_ckpt = s->ppos;
+                }
+            }
+            if (s->cache && s->end == MTP_CY_END_NONE && s->ppos >= n - 1) {
+                checkpoint(*s, n - 1);      // where the next call most often resumes
             }
             s->t_prefill_us += ggml_time_us() - t0;
             if (s->end == MTP_CY_END_NONE && s->ppos >= n - 1) {

@@ -173,6 +173,8 @@ cdef class Batch(_Engine):
         self.ctx_dft = dft
         self.loop.lag_window = LAG_WINDOW
         self.loop.cache_ram = cache_ram if o["cache_prompt"] else 0
+        self.loop.max_checkpoints = o["cache_checkpoints"]
+        self.loop.checkpoint_every = o["checkpoint_every"]
         self._finish_init(model, ctx, o)
         self.n_ctx = per_seq
         self.n_ctx_total = total
@@ -275,6 +277,7 @@ cdef class Batch(_Engine):
             sl = self.loop.slots[i].get()
             if sl.state.load() == MTP_CY_SLOT_FREE:
                 sl.valid = False
+                sl.ckpts.clear()
         self.loop.clear_saved()
 
     # -- slots --------------------------------------------------------------------------
@@ -293,10 +296,7 @@ cdef class Batch(_Engine):
             sl = self.loop.slots[i].get()
             if sl.state.load() != MTP_CY_SLOT_FREE:
                 continue
-            L = self.loop.prefix(i, s.prompt.data(), n) if self.cache_prompt else 0
-            if self.loop.needs_checkpoints and L < <int>sl.toks.size():
-                L = 0
-            L = min(L, n - 1)
+            L = self.loop.usable_prefix(i, s.prompt.data(), n) if self.cache_prompt else 0
             if L > bestL or (L == bestL and sl.last_used < bestU):
                 best, bestL, bestU = i, L, sl.last_used
             if lru < 0 or sl.last_used < lruU:
@@ -370,6 +370,7 @@ cdef class Batch(_Engine):
         s.call_id = sl.call_id
         sl.prompt = s.prompt
         sl.ppos = 0
+        sl.ckpt_hint = s.ckpt_hint
         sl.need_reuse = True
         sl.cache = self.cache_prompt
         sl.n_reused = 0
@@ -619,18 +620,24 @@ cdef class Batch(_Engine):
                       "waiting": len(self._waiters)}
         slots = []
         cached = 0
+        n_ck = 0
+        ck_bytes = 0
         for i in range(self.n_seq):
             sl = self.loop.slots[i].get()
             st = sl.state.load()
             c = mtp_cy_get(sl.n_cached) if sl.valid else 0
             cached += c
             row = {"slot": i, "state": _SLOT_STATES[st], "cached_tokens": c}
+            if st == MTP_CY_SLOT_FREE:       # (a running call may change them under us)
+                row["checkpoints"] = sl.ckpts.size()
+                n_ck += sl.ckpts.size()
+                ck_bytes += sl.ckpts.bytes()
             if st != MTP_CY_SLOT_FREE:
                 row["call"] = {"iters": mtp_cy_get(sl.c_iters), "drafts_generated": mtp_cy_get(sl.c_gen),
                                "drafts_accepted": mtp_cy_get(sl.c_acc)}
             slots.append(row)
         d["slots"] = slots
-        d["cache"] = {"tokens": cached, "checkpoints": 0, "checkpoint_bytes": 0,
+        d["cache"] = {"tokens": cached, "checkpoints": n_ck, "checkpoint_bytes": ck_bytes,
                       "host_states": mtp_cy_get(self.loop.saved_n), "host_bytes": mtp_cy_get(self.loop.saved_bytes),
                       "host_hits": mtp_cy_get(self.loop.saved_hits), "cache_ram": self.loop.cache_ram}
         if self.auto:

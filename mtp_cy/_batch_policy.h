@@ -247,23 +247,19 @@ struct mtp_cy_batch_policy {
             return d;
         }
         ++n_dec;
-        // lengths whose verification was measured less than twice at this batch size
-        // come first (plain, then a short draft, then longer ones), then the best by
-        // expected throughput
+        // what is measured first at a batch size: plain steps, then drafts of 1 (two points of
+        // the verification cost, V(B) and V(2B)); every other length is predicted from the
+        // measured sizes (interpolated, extrapolated with the slope of the two largest) and
+        // measured when it is the choice (its runs) or a neighbour of it (re-measuring)
         int cap = k_max;
         for (const auto & s : seqs) cap = std::min(cap, s.k_fixed >= 0 ? k_max : s.k_cap);
         d.reason = nullptr;
         if (target.count(B) < 2) {
             d.k = 0;
             d.reason = "measuring";
-        } else {
-            for (int k = 1; k <= cap; ++k) {
-                if (target.count(B * (1 + k)) < 2) {
-                    d.k = k;
-                    d.reason = "measuring";
-                    break;
-                }
-            }
+        } else if (cap >= 1 && target.count(2 * B) < 2) {
+            d.k = 1;
+            d.reason = "measuring";
         }
         double best = -1.0, plain = 0.0;
         double score[mtp_cy_acceptance::KMAX + 1] = {0};
@@ -283,6 +279,9 @@ struct mtp_cy_batch_policy {
         if (d.reason == nullptr) {
             d.k = kbest;
             d.reason = kbest == 0 ? "plain is faster" : "best";
+            if (target.count(B * (1 + kbest)) < 2) {
+                d.reason = "measuring";      // the choice, on a prediction: its runs measure it
+            }
             // keep the neighbours' costs current: now and then one step at k-1 or k+1
             const int64_t every = std::max(1, explore_every / std::max(1, run));   // in decisions
             if (explore_every > 0 && n_dec % every == 0) {

@@ -22,6 +22,7 @@ struct mtp_cy_checkpoint {
 
 struct mtp_cy_checkpoints {
     std::vector<mtp_cy_checkpoint> list;   // sorted by pos
+    llama_seq_id seq = 0;                  // the sequence they belong to (mtp_cy.Batch: a slot's)
 
     size_t bytes() const {
         size_t n = 0;
@@ -35,21 +36,21 @@ struct mtp_cy_checkpoints {
 
     void clear() { list.clear(); }
 
-    // Save the partial state of sequence 0 as the checkpoint at `pos`
+    // Save the partial state of sequence `seq` as the checkpoint at `pos`
     // (replacing one at the same position); keep at most max_n, dropping the
     // oldest.  Returns false when llama.cpp cannot save the state.
     bool save(llama_context * ctx, llama_pos pos, const float * h, int32_t n_embd, int max_n) {
         if (max_n <= 0) {
             return false;
         }
-        const size_t n = llama_state_seq_get_size_ext(ctx, 0, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);
+        const size_t n = llama_state_seq_get_size_ext(ctx, seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);
         if (n == 0) {
             return false;
         }
         mtp_cy_checkpoint c;
         c.pos = pos;
         c.state.resize(n);
-        if (llama_state_seq_get_data_ext(ctx, c.state.data(), n, 0, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) != n) {
+        if (llama_state_seq_get_data_ext(ctx, c.state.data(), n, seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) != n) {
             return false;
         }
         if (h && n_embd > 0) {
@@ -78,15 +79,15 @@ struct mtp_cy_checkpoints {
         return i >= 0 && list[i].pos == pos;
     }
 
-    // Restore checkpoint i into sequence 0 and cut the rest of the memory at its
+    // Restore checkpoint i into sequence `seq` and cut the rest of the memory at its
     // position.  Returns false when llama.cpp refuses (the caller clears the memory).
     bool restore(llama_context * ctx, int i) {
         const mtp_cy_checkpoint & c = list[i];
-        if (llama_state_seq_set_data_ext(ctx, c.state.data(), c.state.size(), 0,
+        if (llama_state_seq_set_data_ext(ctx, c.state.data(), c.state.size(), seq,
                                          LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) != c.state.size()) {
             return false;
         }
-        return llama_memory_seq_rm(llama_get_memory(ctx), 0, c.pos, -1);
+        return llama_memory_seq_rm(llama_get_memory(ctx), seq, c.pos, -1);
     }
 
     // forget the checkpoints after `pos` (they describe a history that is gone)

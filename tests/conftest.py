@@ -48,11 +48,14 @@ def mtp_model(mtp_sm):
 
 
 def make_engine(kind, model, n_draft=3, **kw):
-    """A ``Session`` (``kind="session"``) or an ``MTP`` drafting ``n_draft`` (``kind="mtp"``)
-    on ``model`` with the context options ``kw``."""
+    """A ``Session`` (``kind="session"``), an ``MTP`` drafting ``n_draft`` (``kind="mtp"``) or a
+    one-slot ``Batch`` drafting ``n_draft`` (``kind="batch"``) on ``model`` with the context
+    options ``kw``."""
     import mtp_cy
     if kind == "mtp":
         return mtp_cy.MTP(model, n_draft=n_draft, **kw)
+    if kind == "batch":
+        return mtp_cy.Batch(model, n_seq=1, n_draft=n_draft, **kw)
     return mtp_cy.Session(model, **kw)
 
 

@@ -242,6 +242,8 @@ cdef extern from "_batch.h" nogil:
         cbool cache
         int32_t n_reused
         int64_t t_prefill_us
+        int32_t ckpt_hint
+        mtp_cy_checkpoints ckpts
         deque[llama_token] out
         deque[mtp_cy_group] groups
         deque[float] lp_vals
@@ -263,6 +265,8 @@ cdef extern from "_batch.h" nogil:
         int32_t k_max
         int32_t lag_window
         cbool needs_checkpoints
+        int32_t max_checkpoints
+        int32_t checkpoint_every
         cbool auto_k
         vector[mtp_cy_slot_ptr] slots
         mtp_cy_batch_policy policy
@@ -287,6 +291,7 @@ cdef extern from "_batch.h" nogil:
         void release()
         void init(llama_context * tgt, llama_context * dft, int32_t n_seq, int32_t kmax, cbool is_auto) except +
         int32_t prefix(int32_t i, const llama_token * p, int32_t n)
+        int32_t usable_prefix(int32_t i, const llama_token * p, int32_t n)
         void clear_seq(mtp_cy_slot & s)
         int32_t reuse(int32_t i, const llama_token * p, int32_t n, cbool cache) except +
         int prefill(int32_t i, const llama_token * p, int32_t pos0, int32_t m) except +
