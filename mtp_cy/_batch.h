@@ -786,6 +786,9 @@ struct mtp_cy_loop {
         const int64_t t3 = ggml_time_us();
         if (auto_k) {
             policy.observe_target(T, (double) (t2 - t1));
+            bool uniform = n_done == B;
+            for (auto * s : act) uniform = uniform && s->k_req < 0 && (int32_t) s->draft.size() == k_auto;
+            policy.observe_step(B, k_auto, (double) (t3 - t0), uniform);
         }
         (void) n_catch;
         (void) t_head_catch;

@@ -7,6 +7,7 @@ _BATCH_MAX_SEQ = 64
 _BATCH_CTX_PER_SEQ = 2048
 _SLOT_STATES = ("free", "prompt", "generating", "done")
 _CACHE_RAM_DEFAULT = 1 << 30
+_BATCH_LAG_WINDOW = 32
 
 
 @cython.no_gc_clear
@@ -171,7 +172,9 @@ cdef class Batch(_Engine):
                 self._pool_threads = 0
             raise
         self.ctx_dft = dft
-        self.loop.lag_window = LAG_WINDOW
+        # the head catches up on at most this many positions when drafting resumes after plain
+        # steps (a deep catch-up costs more than the few drafts it improves; output unchanged)
+        self.loop.lag_window = _BATCH_LAG_WINDOW
         self.loop.cache_ram = cache_ram if o["cache_prompt"] else 0
         self.loop.max_checkpoints = o["cache_checkpoints"]
         self.loop.checkpoint_every = o["checkpoint_every"]

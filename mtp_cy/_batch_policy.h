@@ -173,12 +173,21 @@ struct mtp_cy_batch_policy {
     mtp_cy_acceptance batch_acc;     // every sequence's experience: the prior of each one
     int64_t steps = 0;
     int64_t chosen[mtp_cy_acceptance::KMAX + 1] = {0};
-    int explore_every = 64;          // steps between re-measurements of a neighbour length
     int run = 4;                     // a choice holds this many steps (same batch size): a decode of
                                      // a new shape rebuilds its graph, the runs after it reuse it
     int hold_left = 0;
     int hold_b = 0;
     int64_t n_dec = 0;               // fresh decisions (not holds)
+    // whole-step time by (batch size, k) where every sequence followed the decision: what a
+    // step really costs (the parts' model misses sampling, graph rebuilds, the head's shapes);
+    // used in place of the parts' sum once measured twice
+    static constexpr int BMAX = 64;
+    std::vector<double> step_us;
+    std::vector<int64_t> step_n;
+    int last_step_b = 0, last_step_k = -1;
+    int64_t since_probe = 0;         // steps since the last re-measuring run
+    int64_t n_probe = 0;
+    double probe_budget = 0.004;     // (the switches cost more than the run's loss alone: graphs are rebuilt)
     int last_t = 0;                  // tokens of the previous target decode
     mtp_cy_decision last;
 
@@ -193,6 +202,20 @@ struct mtp_cy_batch_policy {
         last_t = t;
     }
 
+    // A whole step of b sequences that all drafted the decision's k took us microseconds.
+    void observe_step(int b, int k, double us, bool uniform) {
+        const bool steady = uniform && b == last_step_b && k == last_step_k;
+        last_step_b = uniform ? b : 0;
+        last_step_k = uniform ? k : -1;
+        if (!steady || b < 1 || b > BMAX || k < 0 || k > mtp_cy_acceptance::KMAX || us <= 0) {
+            return;
+        }
+        const size_t i = (size_t) b * (mtp_cy_acceptance::KMAX + 1) + k;
+        step_n[i] += 1;
+        const double w = std::max(0.125, 1.0 / (double) step_n[i]);
+        step_us[i] += w * (us - step_us[i]);
+    }
+
     void configure(int kmax) {
         k_max = std::max(1, std::min(kmax, mtp_cy_acceptance::KMAX));
         target.reset();
@@ -205,6 +228,12 @@ struct mtp_cy_batch_policy {
         hold_b = 0;
         last_t = 0;
         n_dec = 0;
+        step_us.assign((BMAX + 1) * (mtp_cy_acceptance::KMAX + 1), 0.0);
+        step_n.assign((BMAX + 1) * (mtp_cy_acceptance::KMAX + 1), 0);
+        last_step_b = 0;
+        last_step_k = -1;
+        since_probe = 0;
+        n_probe = 0;
     }
 
     // the step's cost drafting k for the "auto" sequences: one target decode of every
@@ -222,12 +251,21 @@ struct mtp_cy_batch_policy {
             tok += e;
             if (kk > 0) catch_tok += e;
         }
+        if (tokens) *tokens = tok;
+        const int B = (int) seqs.size();
+        bool uniform = B >= 1 && B <= BMAX && k >= 0 && k <= mtp_cy_acceptance::KMAX && !step_n.empty();
+        for (const auto & s : seqs) uniform = uniform && s.k_fixed < 0 && s.k_cap >= k;
+        if (uniform) {
+            const size_t i = (size_t) B * (mtp_cy_acceptance::KMAX + 1) + k;
+            if (step_n[i] >= 2) {
+                return step_us[i];
+            }
+        }
         double c = target.predict(t_tgt);
         for (int d = 1; d <= mtp_cy_acceptance::KMAX; ++d) {
             if (depth_n[d] > 0) c += head.predict(depth_n[d]);
         }
         if (catch_tok > 0) c += head.predict((int) std::lround(catch_tok));
-        if (tokens) *tokens = tok;
         return c;
     }
 
@@ -240,6 +278,7 @@ struct mtp_cy_batch_policy {
             d.reason = "idle";
             return last = d;
         }
+        ++since_probe;
         if (hold_left > 0 && B == hold_b) {
             --hold_left;
             d = last;
@@ -282,16 +321,20 @@ struct mtp_cy_batch_policy {
             if (target.count(B * (1 + kbest)) < 2) {
                 d.reason = "measuring";      // the choice, on a prediction: its runs measure it
             }
-            // keep the neighbours' costs current: now and then one step at k-1 or k+1
-            const int64_t every = std::max(1, explore_every / std::max(1, run));   // in decisions
-            if (explore_every > 0 && n_dec % every == 0) {
-                const int alt = ((n_dec / every) % 2 == 0) ? kbest + 1 : kbest - 1;
-                // a neighbour far behind (< 0.8 of the best) is re-measured 4x less often
-                const bool far = alt >= 0 && alt <= k_max && score[alt] < 0.8 * best;
-                if (alt >= 0 && alt <= k_max && alt != kbest && (!far || n_dec % (4 * every) == 0)) {
+            // keep the neighbours' costs current: now and then a run at k-1 or k+1, priced by
+            // what it loses against the choice: at most `probe_budget` of the steps' value
+            // (a close neighbour is re-measured often, a far one rarely)
+            const int alt = (n_probe % 2 == 0) ? kbest + 1 : kbest - 1;
+            if (alt >= 0 && alt <= k_max && best > 0) {
+                const double loss = std::max(0.05, 1.0 - score[alt] / best);
+                if ((double) since_probe * probe_budget >= (double) run * loss) {
                     d.k = alt;
                     d.reason = "re-measuring";
+                    since_probe = 0;
+                    ++n_probe;
                 }
+            } else {
+                ++n_probe;
             }
         }
         {

@@ -190,7 +190,6 @@ cdef extern from "_batch_policy.h" nogil:
         mtp_cy_acceptance batch_acc
         int64_t steps
         int64_t chosen[17]
-        int explore_every
         mtp_cy_decision last
         void configure(int kmax)
 
