@@ -49,6 +49,26 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
         return _executor
 
 
+def _submit_open(fn) -> "concurrent.futures.Future[Any]":
+    """Run ``fn`` (a stream's first step: it opens the stream) in a thread of its own.
+
+    Opening may wait: an :class:`mtp_cy.Batch` call waits for a free slot.  Waiting in the
+    shared pool would let calls that wait occupy every worker while the calls holding the
+    slots need a worker for their next step (they would never free their slots): the
+    opening step never takes a pool worker."""
+    fut: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+
+    def run():
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:      # noqa: BLE001 - handed to the awaiting task
+            fut.set_exception(exc)
+    threading.Thread(target=run, name="mtp_cy-async-open", daemon=True).start()
+    return fut
+
+
 class _Once:
     """A callable for the pool that drops its target before the result is handed over.
 
@@ -151,7 +171,8 @@ class AsyncStream(Generic[T]):
             raise StopAsyncIteration
         if self._future is not None:
             raise RuntimeError("another task is already waiting for the next item of this stream")
-        cf = _pool().submit(_Once(self._step))
+        step = _Once(self._step)
+        cf = _submit_open(step) if self._stream is None else _pool().submit(step)
         self._future = cf
         try:
             items = await asyncio.wrap_future(cf)

@@ -391,3 +391,23 @@ def test_chat_and_openai_shapes_concurrently(mtp_model):
         chunks = list(b.create_chat_completion(msgs[0], max_tokens=4, temperature=0, stream=True,
                                                template="chatml", n_draft=0))
         assert chunks[-1]["choices"][0]["finish_reason"] is not None
+
+
+def test_many_more_async_calls_than_slots_and_workers(mtp_model, mtp_sm):
+    """More waiting async calls than the async worker pool has threads: the calls that hold the
+    slots still get workers for their next steps (an opening step, which may wait for a slot,
+    runs in a thread of its own)."""
+    from mtp_cy import _aio
+    n = _aio._pool()._max_workers + 8
+    prompts = [prompt_of(mtp_sm, 3, start=i % 7) for i in range(n)]
+    with mtp_cy.Batch(mtp_model, n_seq=2, n_draft=2, n_ctx=2 * 128, n_threads=1) as b:
+        want = {tuple(p): b.generate(p, max_tokens=4, temp=0) for p in prompts[:7]}
+
+        async def one(p):
+            return "".join([x async for x in b.astream(p, max_tokens=4, temp=0, timeout=30)])
+
+        async def main():
+            return await asyncio.wait_for(asyncio.gather(*(one(p) for p in prompts)), 120)
+        out = asyncio.run(main())
+        assert out == [want[tuple(p)] for p in prompts]
+        assert all_free(b)
