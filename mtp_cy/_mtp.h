@@ -181,17 +181,8 @@ struct mtp_cy_drafter {
         int rc = 0;
         int32_t done = 0;
         while (m < upto) {
-            const int32_t n = std::min<int32_t>(n_batch, upto - m);
             batch.clear();
-            for (int32_t j = 0; j < n; ++j) {
-                const llama_pos p = m + j;
-                const float * h = row(p - 1);
-                if (!h) {
-                    throw std::logic_error("mtp_cy: MTP catch-up without the target row it needs");
-                }
-                const int32_t idx = batch.add(toks[p], p, seq, false);
-                batch.set_embd(idx, { h, 1, (size_t) n_embd });
-            }
+            const int32_t n = add_catch_up(batch, toks, upto, n_batch);
             rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, batch.get());
             if (rc != 0) {
                 // an interrupted decode may have left some of the chunk behind
