@@ -186,8 +186,10 @@ def test_calls_wait_for_a_slot_in_order_and_time_out(mtp_model, mtp_sm):
 
         def later(i):
             time.sleep(0.05 * i)
-            b.generate(prompt_of(mtp_sm, 3, start=i), max_tokens=3, temp=0)
+            s = b.stream(prompt_of(mtp_sm, 3, start=i), max_tokens=3, temp=0)
+            next(s)                 # it holds the only slot now: the next waiter cannot start
             order.append(i)
+            list(s)
         ts = [threading.Thread(target=later, args=(i,)) for i in range(3)]
         for t in ts:
             t.start()
