@@ -49,8 +49,7 @@ struct mtp_cy_group {
 enum {
     MTP_CY_SLOT_FREE = 0,
     MTP_CY_SLOT_PROMPT = 1,     // its call processes the prompt
-    MTP_CY_SLOT_GEN = 2,        // in the steps
-    MTP_CY_SLOT_DONE = 3,       // no more steps (see end)
+    MTP_CY_SLOT_GEN = 2,        // in the steps (until `end` says why not)
 };
 
 enum {
@@ -163,8 +162,6 @@ struct mtp_cy_loop {
     std::atomic<int64_t> steps{0};
     std::atomic<int64_t> seq_steps{0};      // sum over steps of the sequences in them
     std::atomic<int> batch_size{0};         // sequences in the last step
-    std::atomic<int> last_k{0};
-    int64_t clock = 0;
     // the last step's costs
     int64_t t_draft_us = 0, t_verify_us = 0, t_sample_us = 0, t_total_us = 0;
     int32_t last_gen = 0, last_acc = 0, last_n = 0;     // the last step's drafts and sequences
@@ -659,11 +656,8 @@ struct mtp_cy_loop {
             s->k = std::max(0, k);
             s->draft.clear();
         }
-        int64_t t_head_catch = 0, t_head_draft = 0;
-        int n_catch = 0;
         if (ctx_dft) {
             // 1. feed the head what each drafting sequence verified since it last drafted
-            const int64_t tc0 = ggml_time_us();
             for (auto * s : act) {
                 if (s->k > 0 && s->dr.m < (int32_t) s->toks.size() - lag_window) {
                     s->dr.skip_to((int32_t) s->toks.size() - lag_window);
@@ -679,6 +673,7 @@ struct mtp_cy_loop {
                     if (n > 0) fed.push_back({ s, n });
                 }
                 if (fed.empty()) break;
+                const int64_t tc0 = ggml_time_us();
                 rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, db.get());
                 if (rc != 0) {
                     for (auto & f : fed) {
@@ -689,10 +684,8 @@ struct mtp_cy_loop {
                 policy.head.observe(db.size(), (double) (ggml_time_us() - tc0));
                 for (auto & f : fed) {
                     f.first->dr.commit_catch_up(f.second);
-                    n_catch += f.second;
                 }
             }
-            t_head_catch = ggml_time_us() - tc0;
             // 2. draft: one head decode per depth for every sequence still drafting
             int n_drafting = 0;
             for (auto * s : act) {
@@ -707,7 +700,6 @@ struct mtp_cy_loop {
                 std::memcpy(s->dr.cur.data(), h, (size_t) n_embd * sizeof(float));
                 ++n_drafting;
             }
-            const int64_t td0 = ggml_time_us();
             for (int depth = 0; n_drafting > 0 && rc == 0; ++depth) {
                 const int64_t tds = ggml_time_us();
                 db.clear();
@@ -748,7 +740,6 @@ struct mtp_cy_loop {
                     llama_memory_seq_rm(llama_get_memory(ctx_dft), s->seq, (llama_pos) s->toks.size(), -1);
                 }
             }
-            t_head_draft = ggml_time_us() - td0;
         }
         const int64_t t1 = ggml_time_us();
         // 3. verify every sequence's tokens in one target decode, 4. accept
@@ -790,9 +781,6 @@ struct mtp_cy_loop {
             for (auto * s : act) uniform = uniform && s->k_req < 0 && (int32_t) s->draft.size() == k_auto;
             policy.observe_step(B, k_auto, (double) (t3 - t0), uniform);
         }
-        (void) n_catch;
-        (void) t_head_catch;
-        (void) t_head_draft;
         last_gen = n_gen_all;
         last_acc = n_acc_all;
         last_n = n_done;
@@ -813,7 +801,6 @@ struct mtp_cy_loop {
         steps.fetch_add(1, std::memory_order_relaxed);
         seq_steps.fetch_add(B, std::memory_order_relaxed);
         batch_size.store(B, std::memory_order_relaxed);
-        last_k.store(k_auto, std::memory_order_relaxed);
         return 0;
     }
 };

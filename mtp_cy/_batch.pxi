@@ -5,7 +5,7 @@ import time as _time
 
 _BATCH_MAX_SEQ = 64
 _BATCH_CTX_PER_SEQ = 2048
-_SLOT_STATES = ("free", "prompt", "generating", "done")
+_SLOT_STATES = ("free", "prompt", "generating")
 _CACHE_RAM_DEFAULT = 1 << 30
 _BATCH_LAG_WINDOW = 32
 
@@ -205,7 +205,6 @@ cdef class Batch(_Engine):
             llama_set_n_threads(self.ctx_dft, n, n)
 
     cdef void _free_native(self) noexcept:
-        cdef int i
         if self.loop != NULL:
             self.loop.release()
         if self.ctx_dft != NULL:
@@ -460,13 +459,6 @@ cdef class Batch(_Engine):
     cdef inline bint _closing(self):
         # close() stops a running step through the contexts' abort flag (only close sets it)
         return self._closed or self._close_pending or self.ab.cancel.load() != 0
-
-    cdef int _check_call(self, _Stream s, double deadline, str what) except -1:
-        if self._closing():
-            raise ClosedError(f"the Batch was closed during the stream")
-        if deadline and _time.monotonic() > deadline:
-            raise GenerationTimeout(f"no token within the timeout while {what}")
-        return 0
 
     cdef int _native(self, _Stream s) except -1:
         """One native step's worth of ``s``: its slot and prompt first, then one step's tokens."""

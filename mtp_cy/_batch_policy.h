@@ -46,12 +46,6 @@ struct mtp_cy_cost_model {
     }
 
     int64_t count(int t) const { return (t > 0 && t <= TMAX) ? n[t] : 0; }
-    bool known() const {
-        for (int t = 1; t <= TMAX; ++t) {
-            if (n[t] > 0) return true;
-        }
-        return false;
-    }
 
     // predicted microseconds of a decode of t tokens (0 when nothing was measured yet)
     double predict(int t) const {
@@ -177,7 +171,6 @@ struct mtp_cy_batch_policy {
                                      // a new shape rebuilds its graph, the runs after it reuse it
     int hold_left = 0;
     int hold_b = 0;
-    int64_t n_dec = 0;               // fresh decisions (not holds)
     // whole-step time by (batch size, k) where every sequence followed the decision: what a
     // step really costs (the parts' model misses sampling, graph rebuilds, the head's shapes);
     // used in place of the parts' sum once measured twice
@@ -227,7 +220,6 @@ struct mtp_cy_batch_policy {
         hold_left = 0;
         hold_b = 0;
         last_t = 0;
-        n_dec = 0;
         step_us.assign((BMAX + 1) * (mtp_cy_acceptance::KMAX + 1), 0.0);
         step_n.assign((BMAX + 1) * (mtp_cy_acceptance::KMAX + 1), 0);
         last_step_b = 0;
@@ -285,7 +277,6 @@ struct mtp_cy_batch_policy {
             chosen[std::max(0, std::min(d.k, mtp_cy_acceptance::KMAX))] += 1;
             return d;
         }
-        ++n_dec;
         // what is measured first at a batch size: plain steps, then drafts of 1 (two points of
         // the verification cost, V(B) and V(2B)); every other length is predicted from the
         // measured sizes (interpolated, extrapolated with the slope of the two largest) and

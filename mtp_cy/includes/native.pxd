@@ -208,7 +208,6 @@ cdef extern from "_batch.h" nogil:
     int MTP_CY_SLOT_FREE
     int MTP_CY_SLOT_PROMPT
     int MTP_CY_SLOT_GEN
-    int MTP_CY_SLOT_DONE
     int MTP_CY_END_NONE
     int MTP_CY_END_TOKENS
     int MTP_CY_END_CTX
@@ -272,8 +271,6 @@ cdef extern from "_batch.h" nogil:
         atomic_i64 steps
         atomic_i64 seq_steps
         atomic_int batch_size
-        atomic_int last_k
-        int64_t clock
         int64_t t_draft_us
         int64_t t_verify_us
         int64_t t_sample_us
