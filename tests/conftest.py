@@ -68,6 +68,21 @@ def engine(request, mtp_model):
     e.close()
 
 
+#: the exact counters of a call (the oracle predicts them)
+COUNTERS = ("iters", "drafts_generated", "drafts_accepted", "tokens_emitted")
+
+
+def counters(st):
+    """The exact counters of a statistics dict (``stats()``, ``Completion.stats``)."""
+    return {k: st[k] for k in COUNTERS}
+
+
+def expected(pred):
+    """The same counters as the synthetic oracle predicts them (``SyntheticModel.predict``)."""
+    return {"iters": pred.iters, "drafts_generated": pred.drafts_generated,
+            "drafts_accepted": pred.drafts_accepted, "tokens_emitted": pred.tokens_emitted}
+
+
 def prompt_of(sm, n=3, start=0):
     """A prompt of n words of the synthetic model's word set."""
     return [sm.token_ids[(start + i) % len(sm.token_ids)] for i in range(n)]

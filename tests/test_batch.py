@@ -12,19 +12,7 @@ import time
 import pytest
 
 import mtp_cy
-from conftest import prompt_of, rss_bytes
-
-COUNTERS = ("iters", "drafts_generated", "drafts_accepted", "tokens_emitted")
-
-
-def counters(st):
-    return {k: st[k] for k in COUNTERS}
-
-
-def expected(pred):
-    return {"iters": pred.iters, "drafts_generated": pred.drafts_generated,
-            "drafts_accepted": pred.drafts_accepted, "tokens_emitted": pred.tokens_emitted}
-
+from conftest import counters, expected, prompt_of, rss_bytes
 
 def run_threads(fn, n):
     out, errs = [None] * n, []

@@ -13,24 +13,12 @@ import time
 import pytest
 
 import mtp_cy
-from conftest import check_interrupt_stops_prefill, prompt_of, rss_bytes
+from conftest import COUNTERS, check_interrupt_stops_prefill, counters, expected, prompt_of, rss_bytes
 
 STAT_KEYS = {"iters", "drafts_generated", "drafts_accepted", "acceptance_rate", "tokens_emitted",
              "tokens_per_sec", "timing_us", "n_draft"}
-COUNTERS = ("iters", "drafts_generated", "drafts_accepted", "tokens_emitted")
-
-
-def counters(st):
-    return {k: st[k] for k in COUNTERS}
-
-
 def delta(after, before):
     return {k: after[k] - before[k] for k in COUNTERS}
-
-
-def expected(pred):
-    return {"iters": pred.iters, "drafts_generated": pred.drafts_generated,
-            "drafts_accepted": pred.drafts_accepted, "tokens_emitted": pred.tokens_emitted}
 
 
 @pytest.fixture(scope="module")
