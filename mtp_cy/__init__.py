@@ -11,8 +11,8 @@ Quick start::
 """
 from mtp_cy._version import __version__, LLAMA_CPP_COMMIT as llama_cpp_commit
 from mtp_cy.errors import (MTPError, ModelLoadError, DecodeError, MTPUnsupportedError, NativeError,
-                           SessionBusyError, ClosedError, GenerationTimeout, ChatTemplateError, RPCError,
-                           GrammarError)
+                           SessionBusyError, ClosedError, GenerationTimeout, QueueTimeout, ChatTemplateError,
+                           RPCError, GrammarError)
 from mtp_cy._core import (Model, Session, MTP, Batch, DraftPolicy, ChatParser, init, system_info, build_info, devices,
                           cpu_pools, rpc_server, json_schema_to_grammar)
 from mtp_cy.completion import Completion, Usage, TokenLogprob
@@ -22,6 +22,6 @@ __all__ = [
     "Model", "Session", "MTP", "Batch", "DraftPolicy", "ChatParser", "json_schema_to_grammar",
     "Completion", "Usage", "TokenLogprob",
     "MTPError", "ModelLoadError", "DecodeError", "MTPUnsupportedError", "NativeError",
-    "SessionBusyError", "ClosedError", "GenerationTimeout", "ChatTemplateError", "RPCError",
+    "SessionBusyError", "ClosedError", "GenerationTimeout", "QueueTimeout", "ChatTemplateError", "RPCError",
     "GrammarError",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m mtp_cy {demo,run,bench,info,rpc-server}`` (also installed as ``mtp-cy``).
+"""Command line: ``python -m mtp_cy {demo,run,serve,bench,info,rpc-server}`` (also installed as ``mtp-cy``).
 
 * ``demo``: generate (once, then cached) a small synthetic MTP model, stream an
   MTP generation (``--n-draft auto`` by default) with a live statistics line,
@@ -8,6 +8,8 @@
 * ``run MODEL.gguf "prompt"``: stream from any GGUF (MTP when the model has an
   MTP head -- its own, or a sidecar given with ``--mtp-head`` -- plain decoding
   otherwise or with ``--plain``).
+* ``serve MODEL.gguf``: an OpenAI-compatible HTTP server on :class:`mtp_cy.Batch`
+  (see :mod:`mtp_cy.server`; needs ``pip install "mtp_cy[server]"``).
 * ``bench MODEL.gguf``: plain vs MTP (``--n-draft 1,2,3,4,auto``) side by side.
 * ``info``: versions, CPU features and backend devices.
 * ``rpc-server``: serve this machine's devices to other hosts with llama.cpp's
@@ -306,6 +308,57 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _byte_size(s):
+    """``1073741824``, ``512M``, ``2G``, ``0`` (bytes; K/M/G/T are powers of 1024)."""
+    t = s.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = 1
+    if t and t[-1] in "KMGT":
+        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
+        t = t[:-1]
+    try:
+        v = float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a size in bytes (e.g. 512M, 2G), got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s!r}")
+    return int(v * mult)
+
+
+def _n_draft0(s):
+    """``auto`` or an int >= 0 (0: plain decoding)."""
+    if s == "auto":
+        return s
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an int >= 0, got {s!r}")
+    return v
+
+
+def cmd_serve(args) -> int:
+    import logging
+    try:
+        from mtp_cy import server
+        server._need_server_extra()
+    except ImportError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                            format="%(asctime)s %(name)s: %(levelname)s: %(message)s")
+    opts = {"n_seq": args.n_seq, "n_draft": args.n_draft, "n_ctx": args.n_ctx, "mtp_head": args.mtp_head,
+            "api_key": args.api_key, "model_alias": args.model_alias, "max_queue": args.max_queue,
+            "max_body_bytes": args.max_body_bytes, "timeout": args.timeout, "n_gpu_layers": args.n_gpu_layers}
+    if args.cache_ram is not None:
+        opts["cache_ram"] = args.cache_ram
+    if args.threads is not None:
+        opts["n_threads"] = args.threads
+    return server.serve(args.model, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+                        log_level=args.log_level, **opts)
+
+
 def cmd_bench(args) -> int:
     from mtp_cy.bench import format_table, measure
     model = _load(args.model, args)
@@ -447,7 +500,7 @@ def _n_draft(s):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mtp_cy",
                                 description="MTP speculative decoding over llama.cpp (mtp_cy).")
-    sub = p.add_subparsers(dest="command", metavar="{demo,run,bench,info,rpc-server}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,run,serve,bench,info,rpc-server}")
     sub.required = True
     rpc_help = "comma-separated RPC servers host:port (python -m mtp_cy rpc-server) to place layers on"
 
@@ -487,6 +540,38 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stats-every", type=_positive_int, default=4)
     common(r)
     r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the batch engine (mtp_cy[server])",
+                       description="Serve a GGUF model over HTTP with OpenAI's API (/v1/completions, "
+                                   "/v1/chat/completions, /v1/models, /health, /metrics) on one mtp_cy.Batch: up "
+                                   "to --n-seq requests generate together in one batched MTP loop.")
+    v.add_argument("model", help="path to a .gguf file")
+    v.add_argument("--mtp-head", default=None, metavar="GGUF", help="an MTP sidecar for a model without MTP layers")
+    v.add_argument("--n-seq", type=_positive_int, default=4, help="requests generating at once (default %(default)s)")
+    v.add_argument("--n-draft", type=_n_draft0, default="auto",
+                   help="draft length: 'auto', 0 (plain) or an int (default %(default)s); a request's body "
+                        "field n_draft overrides it")
+    v.add_argument("--n-ctx", type=_positive_int, default=None,
+                   help="total context, shared by the --n-seq sequences (default: 2048 per sequence)")
+    v.add_argument("--cache-ram", type=_byte_size, default=None, metavar="BYTES",
+                   help="host memory for the states of evicted conversations (e.g. 2G; 0: none; default 1G)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    v.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
+    v.add_argument("--api-key", default=None, help="ask clients for 'Authorization: Bearer KEY' "
+                   "(default: the MTP_CY_API_KEY environment variable; none when unset)")
+    v.add_argument("--model-alias", default=None, metavar="NAME", help="the model id clients see (default: the file's stem)")
+    v.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 503 "
+                   "(default %(default)s)")
+    v.add_argument("--max-body-bytes", type=_byte_size, default=8 << 20, metavar="BYTES",
+                   help="largest request body (default 8M)")
+    v.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take, its wait for a "
+                   "slot included (default %(default)s)")
+    v.add_argument("--shutdown-timeout", type=float, default=10.0, help="on SIGTERM/SIGINT, seconds that requests "
+                   "in flight may take to finish before they are cancelled (default %(default)s)")
+    v.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: every CPU this process may use)")
+    v.add_argument("--n-gpu-layers", type=int, default=None, help="layers to offload (-1 = all, default)")
+    v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    v.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="plain vs MTP decoding speed on a GGUF model")
     b.add_argument("model")

@@ -27,7 +27,7 @@ import os
 import threading
 from typing import Any, Callable, Generic, Optional, TypeVar
 
-__all__ = ["AsyncStream"]
+__all__ = ["AsyncStream", "collect", "collect_events"]
 
 T = TypeVar("T")
 
@@ -233,26 +233,29 @@ class AsyncStream(Generic[T]):
         return None if self._stream is None else self._stream.stop_string
 
     @property
+    def chat_parser(self):
+        """The chat parser of a chat stream once it is open (see the sync stream), else ``None``."""
+        return None if self._stream is None else self._stream.chat_parser
+
+    @property
     def completion(self):
         """This call's :class:`mtp_cy.Completion` once the stream has ended, else ``None``."""
         return None if self._stream is None else self._stream.completion
 
 
-async def collect(stream: "AsyncStream[str]") -> str:
-    """Join the pieces of an :class:`AsyncStream` (``agenerate``).
-
-    The whole generation runs in one worker job (no hop through the event loop per
-    token: nobody consumes the pieces one by one), with the same cancellation
-    guarantee as ``__anext__``: when a cancelled ``agenerate`` has returned, the
-    native loop has stopped and the session is free."""
+async def _run_all(stream: "AsyncStream[Any]") -> list:
+    """Every item of an :class:`AsyncStream`, the whole generation in one worker job (no hop
+    through the event loop per token: nobody consumes the items one by one), with the same
+    cancellation guarantee as ``__anext__``: when the cancelled await has returned, the native
+    loop has stopped and the session is free."""
     if stream._done or stream._future is not None or stream._items:
-        parts = []
+        items = []
         try:
-            async for piece in stream:
-                parts.append(piece)
+            async for x in stream:
+                items.append(x)
         finally:
             await stream.aclose()
-        return "".join(parts)
+        return items
     cf = _pool().submit(_Once(stream._step_all))
     stream._future = cf
     try:
@@ -266,4 +269,15 @@ async def collect(stream: "AsyncStream[str]") -> str:
         raise
     stream._future = None
     stream._finish()
-    return "".join(items)
+    return items
+
+
+async def collect(stream: "AsyncStream[str]") -> str:
+    """Join the pieces of an :class:`AsyncStream` (``agenerate``); see :func:`_run_all`."""
+    return "".join(await _run_all(stream))
+
+
+async def collect_events(stream: "AsyncStream[Any]") -> Any:
+    """Run an event stream to its end (see :func:`_run_all`); its :class:`mtp_cy.Completion`."""
+    await _run_all(stream)
+    return stream.completion

@@ -333,7 +333,7 @@ cdef class Batch(_Engine):
                             break
                     left = (deadline - _time.monotonic()) if deadline else 0.25
                     if deadline and left <= 0:
-                        raise GenerationTimeout(f"no free slot within the timeout ({s.timeout_us / 1e6:g} s): "
+                        raise QueueTimeout(f"no free slot within the timeout ({s.timeout_us / 1e6:g} s): "
                                                 f"all {self.n_seq} sequences are busy")
                     self._cond.wait(min(left, 0.25))
             finally:
@@ -632,6 +632,9 @@ cdef class Batch(_Engine):
                                "drafts_accepted": mtp_cy_get(sl.c_acc)}
             slots.append(row)
         d["slots"] = slots
+        npos = min(self.k_max, 64)
+        d["drafts_generated_by_pos"] = [self.loop.gen_at(k) for k in range(npos)]
+        d["drafts_accepted_by_pos"] = [self.loop.acc_at(k) for k in range(npos)]
         d["cache"] = {"tokens": cached, "checkpoints": n_ck, "checkpoint_bytes": ck_bytes,
                       "host_states": mtp_cy_get(self.loop.saved_n), "host_bytes": mtp_cy_get(self.loop.saved_bytes),
                       "host_hits": mtp_cy_get(self.loop.saved_hits), "cache_ram": self.loop.cache_ram}

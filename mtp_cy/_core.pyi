@@ -20,7 +20,8 @@ from mtp_cy.errors import (ChatTemplateError as ChatTemplateError, ClosedError a
                            GrammarError as GrammarError,
                            ModelLoadError as ModelLoadError, MTPError as MTPError,
                            MTPUnsupportedError as MTPUnsupportedError, NativeError as NativeError,
-                           RPCError as RPCError, SessionBusyError as SessionBusyError)
+                           RPCError as RPCError, SessionBusyError as SessionBusyError,
+                           QueueTimeout as QueueTimeout)
 
 Prompt = Union[str, Sequence[int]]
 FlashAttn = Literal["auto", "on", "off", True, False]

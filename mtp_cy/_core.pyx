@@ -40,7 +40,7 @@ from mtp_cy import _template_guard
 
 from mtp_cy.errors import (MTPError, ModelLoadError, DecodeError, MTPUnsupportedError, NativeError,
                            SessionBusyError, ClosedError, GenerationTimeout, ChatTemplateError, RPCError,
-                           GrammarError)
+                           GrammarError, QueueTimeout)
 from mtp_cy import _grammar_check
 
 include "_logging.pxi"

@@ -48,6 +48,11 @@ class GenerationTimeout(MTPError, TimeoutError):
     """No token arrived within the ``timeout`` of a stream (also a builtin ``TimeoutError``)."""
 
 
+class QueueTimeout(GenerationTimeout):
+    """A :class:`mtp_cy.Batch` call waited its whole ``timeout`` for a free sequence slot (every
+    slot stayed busy); nothing was generated.  A :class:`GenerationTimeout` (and ``TimeoutError``)."""
+
+
 class GrammarError(MTPError, ValueError):
     """A GBNF grammar or JSON schema that mtp_cy refuses (also a builtin :class:`ValueError`):
     malformed, or beyond the bounds that keep llama.cpp's recursive parser and sampler safe

@@ -89,7 +89,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
-__all__ = ["create_completion", "create_chat_completion", "IGNORED_PARAMETERS", "NEUTRAL_ONLY_PARAMETERS"]
+__all__ = ["create_completion", "create_chat_completion", "acreate_completion", "acreate_chat_completion", "IGNORED_PARAMETERS", "NEUTRAL_ONLY_PARAMETERS"]
 
 #: OpenAI parameters accepted and ignored (they do not affect generation)
 IGNORED_PARAMETERS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
@@ -305,8 +305,98 @@ def _prompt_text_len(engine, prompt) -> int:
         return 0
 
 
+class _CompletionPlan:
+    """One ``/v1/completions`` request, validated: its stream options and how to shape the result."""
+
+    def __init__(self, engine, prompt, stream, kwargs, where):
+        if not isinstance(stream, bool):
+            raise TypeError(f"stream must be True or False, got {stream!r}")
+        _check_params(kwargs, _COMPLETION_PARAMS, _NEUTRAL_COMPLETION, where)
+        model = _model_name(engine, kwargs.get("model"))
+        self.opts, self.include_usage = _options(kwargs, stream=stream, max_default=16)
+        n_lp = kwargs.get("logprobs")
+        if n_lp is not None:
+            if isinstance(n_lp, bool) or not isinstance(n_lp, int):
+                raise TypeError(f"logprobs must be an int (the number of alternatives per token, 0..20) or None "
+                                f"for completions, got {n_lp!r}")
+            if not 0 <= n_lp <= 20:
+                raise ValueError(f"logprobs must be in [0, 20], got {n_lp}")
+            self.opts["logprobs"] = True
+            self.opts["top_logprobs"] = n_lp
+        self.n_lp = n_lp
+        self.prompt = _prompt_arg(prompt)
+        self.engine = engine
+        self.head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
+                     "model": model, "system_fingerprint": _fingerprint()}
+        self.pieces = _Pieces(engine.model)
+
+    def _builder(self):
+        return _CompletionLogprobs(self.pieces, self.n_lp, _prompt_text_len(self.engine, self.prompt))
+
+    def result(self, c) -> Dict[str, Any]:
+        """The ``text_completion`` dict of a finished call."""
+        logprobs = None
+        if self.n_lp is not None:
+            logprobs = _CompletionLogprobs.empty()
+            b = self._builder()
+            for t in c.logprobs or ():
+                b.add(logprobs, t.token, t.logprob, t.top_logprobs)
+        return dict(self.head, choices=[{"text": c.text, "index": 0, "logprobs": logprobs,
+                                         "finish_reason": _FINISH[c.finish_reason]}], usage=_usage(c))
+
+    def chunker(self, events) -> "_CompletionChunker":
+        return _CompletionChunker(self, events)
+
+
+class _CompletionChunker:
+    """Turns the events of one call into ``text_completion`` chunks (sync and async streams alike)."""
+
+    def __init__(self, plan: _CompletionPlan, events):
+        self.head = plan.head
+        self.include_usage = plan.include_usage
+        self.extra = {"usage": None} if plan.include_usage else {}
+        self.builder = plan._builder() if plan.n_lp is not None else None
+        self.pending = _CompletionLogprobs.empty()
+
+    def start(self) -> List[Dict[str, Any]]:
+        return []
+
+    def feed(self, ev) -> List[Dict[str, Any]]:
+        if ev[0] != "token":
+            return []
+        if self.builder is not None:
+            lp = ev[3]
+            self.builder.add(self.pending, ev[1], lp["logprob"], lp["top_logprobs"])
+        if not ev[2]:
+            return []                 # the first bytes of a character: its text comes with the next token
+        logprobs = None
+        if self.builder is not None:
+            logprobs, self.pending = self.pending, _CompletionLogprobs.empty()
+        return [dict(self.head, choices=[{"text": ev[2], "index": 0, "logprobs": logprobs, "finish_reason": None}],
+                     **self.extra)]
+
+    def end(self, c) -> List[Dict[str, Any]]:
+        logprobs = self.pending if self.builder is not None and self.pending["tokens"] else None
+        out = [dict(self.head, choices=[{"text": "", "index": 0, "logprobs": logprobs,
+                                         "finish_reason": _FINISH[c.finish_reason]}], **self.extra)]
+        if self.include_usage:
+            out.append(dict(self.head, choices=[], usage=_usage(c)))
+        return out
+
+
+def _chunks(events, ch) -> Iterator[Dict[str, Any]]:
+    try:
+        yield from ch.start()
+        for ev in events:
+            yield from ch.feed(ev)
+        yield from ch.end(events.completion)
+    finally:
+        events.close()
+
+
 def create_completion(engine, prompt: Union[str, Sequence[int]], *, stream: bool = False, **kwargs):
-    """OpenAI's ``/v1/completions`` on ``engine`` (a :class:`mtp_cy.Session` or :class:`mtp_cy.MTP`).
+    """OpenAI's ``/v1/completions`` on ``engine`` (a :class:`mtp_cy.Session`, :class:`mtp_cy.MTP`
+    or :class:`mtp_cy.Batch`).
 
     ``prompt`` is a str or a list of token ids (or a list holding one of them).
     Returns a ``text_completion`` dict, or with ``stream=True`` an iterator of
@@ -316,67 +406,11 @@ def create_completion(engine, prompt: Union[str, Sequence[int]], *, stream: bool
     The stream is opened before this returns (argument errors and
     :class:`mtp_cy.SessionBusyError` are raised here); closing the iterator
     stops generation.  See the module documentation for the parameters."""
-    if not isinstance(stream, bool):
-        raise TypeError(f"stream must be True or False, got {stream!r}")
-    _check_params(kwargs, _COMPLETION_PARAMS, _NEUTRAL_COMPLETION, "create_completion")
-    model = _model_name(engine, kwargs.get("model"))
-    opts, include_usage = _options(kwargs, stream=stream, max_default=16)
-    n_lp = kwargs.get("logprobs")
-    if n_lp is not None:
-        if isinstance(n_lp, bool) or not isinstance(n_lp, int):
-            raise TypeError(f"logprobs must be an int (the number of alternatives per token, 0..20) or None "
-                            f"for completions, got {n_lp!r}")
-        if not 0 <= n_lp <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {n_lp}")
-        opts["logprobs"] = True
-        opts["top_logprobs"] = n_lp
-    prompt = _prompt_arg(prompt)
-    cid = "cmpl-" + uuid.uuid4().hex
-    created = int(time.time())
-    fp = _fingerprint()
-    head = {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "system_fingerprint": fp}
-    pieces = _Pieces(engine.model)
+    plan = _CompletionPlan(engine, prompt, stream, kwargs, "create_completion")
     if not stream:
-        c = engine.complete(prompt, **opts)
-        logprobs = None
-        if n_lp is not None:
-            logprobs = _CompletionLogprobs.empty()
-            b = _CompletionLogprobs(pieces, n_lp, _prompt_text_len(engine, prompt))
-            for t in c.logprobs or ():
-                b.add(logprobs, t.token, t.logprob, t.top_logprobs)
-        return dict(head, choices=[{"text": c.text, "index": 0, "logprobs": logprobs,
-                                    "finish_reason": _FINISH[c.finish_reason]}], usage=_usage(c))
-    events = engine.stream_events(prompt, **opts)
-    builder = _CompletionLogprobs(pieces, n_lp, _prompt_text_len(engine, prompt)) if n_lp is not None else None
-    return _completion_chunks(events, head, builder, include_usage)
-
-
-def _completion_chunks(events, head, builder, include_usage) -> Iterator[Dict[str, Any]]:
-    extra = {"usage": None} if include_usage else {}
-    pending = _CompletionLogprobs.empty()
-    try:
-        for ev in events:
-            if ev[0] != "token":
-                continue
-            if builder is not None:
-                lp = ev[3]
-                builder.add(pending, ev[1], lp["logprob"], lp["top_logprobs"])
-            if not ev[2]:
-                continue              # the first bytes of a character: its text comes with the next token
-            logprobs = None
-            if builder is not None:
-                logprobs, pending = pending, _CompletionLogprobs.empty()
-            yield dict(head, choices=[{"text": ev[2], "index": 0, "logprobs": logprobs, "finish_reason": None}],
-                       **extra)
-        c = events.completion
-        logprobs = pending if builder is not None and pending["tokens"] else None
-        yield dict(head, choices=[{"text": "", "index": 0, "logprobs": logprobs,
-                                   "finish_reason": _FINISH[c.finish_reason]}], **extra)
-        if include_usage:
-            yield dict(head, choices=[], usage=_usage(c))
-    finally:
-        events.close()
+        return plan.result(engine.complete(plan.prompt, **plan.opts))
+    events = engine.stream_events(plan.prompt, **plan.opts)
+    return _chunks(events, plan.chunker(events))
 
 
 # ------------------------------------------------------------------ chat completions
@@ -438,8 +472,56 @@ def _chat_args(kwargs, where):
     return chat_kw, schema is not None
 
 
+class _ChatPlan:
+    """One ``/v1/chat/completions`` request, validated."""
+
+    def __init__(self, engine, messages, stream, kwargs, where):
+        if not isinstance(stream, bool):
+            raise TypeError(f"stream must be True or False, got {stream!r}")
+        self.chat_kw, self.raw = _chat_args(kwargs, where)
+        model = _model_name(engine, kwargs.get("model"))
+        self.opts, self.include_usage = _options(kwargs, stream=stream, max_default=None)
+        lp_flag = kwargs.get("logprobs")
+        n_top = kwargs.get("top_logprobs")
+        if lp_flag is not None and not isinstance(lp_flag, bool):
+            raise TypeError(f"logprobs must be True or False for chat completions, got {lp_flag!r}")
+        if n_top is not None:
+            if isinstance(n_top, bool) or not isinstance(n_top, int):
+                raise TypeError(f"top_logprobs must be an int in [0, 20], got {n_top!r}")
+            if not 0 <= n_top <= 20:
+                raise ValueError(f"top_logprobs must be in [0, 20], got {n_top}")
+            if n_top and not lp_flag:
+                raise ValueError("top_logprobs needs logprobs=True")
+        if lp_flag:
+            self.opts["logprobs"] = True
+            self.opts["top_logprobs"] = n_top or 0
+        self.lp_flag = bool(lp_flag)
+        self.n_top = n_top or 0
+        self.messages = messages
+        self.head = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
+                     "model": model, "system_fingerprint": _fingerprint()}
+        self.pieces = _Pieces(engine.model)
+
+    def result(self, c) -> Dict[str, Any]:
+        """The ``chat.completion`` dict of a finished call."""
+        msg = {"role": "assistant", "content": c.text} if self.raw else _openai_message(c.message, c.text)
+        logprobs = None
+        if self.lp_flag:
+            logprobs = {"content": [_chat_logprob(self.pieces, t.token, t.logprob, t.top_logprobs, self.n_top)
+                                    for t in c.logprobs or ()], "refusal": None}
+        finish = c.finish_reason
+        if self.raw and finish == "tool_calls":
+            finish = "stop"
+        return dict(self.head, choices=[{"index": 0, "message": msg, "logprobs": logprobs,
+                                         "finish_reason": _FINISH[finish]}], usage=_usage(c))
+
+    def chunker(self, events) -> "_ChatChunker":
+        return _ChatChunker(self, events)
+
+
 def create_chat_completion(engine, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **kwargs):
-    """OpenAI's ``/v1/chat/completions`` on ``engine`` (a :class:`mtp_cy.Session` or :class:`mtp_cy.MTP`).
+    """OpenAI's ``/v1/chat/completions`` on ``engine`` (a :class:`mtp_cy.Session`,
+    :class:`mtp_cy.MTP` or :class:`mtp_cy.Batch`).
 
     ``messages`` are OpenAI chat messages, rendered with the model's chat template
     (see :meth:`mtp_cy.Session.chat`).  Returns a ``chat.completion`` dict whose
@@ -451,45 +533,11 @@ def create_chat_completion(engine, messages: Sequence[Mapping[str, Any]], *, str
     ``stream_options={"include_usage": True}``) a chunk with no choices and the
     usage.  The stream is opened before this returns; closing the iterator stops
     generation.  See the module documentation for the parameters."""
-    if not isinstance(stream, bool):
-        raise TypeError(f"stream must be True or False, got {stream!r}")
-    chat_kw, raw = _chat_args(kwargs, "create_chat_completion")
-    model = _model_name(engine, kwargs.get("model"))
-    opts, include_usage = _options(kwargs, stream=stream, max_default=None)
-    lp_flag = kwargs.get("logprobs")
-    n_top = kwargs.get("top_logprobs")
-    if lp_flag is not None and not isinstance(lp_flag, bool):
-        raise TypeError(f"logprobs must be True or False for chat completions, got {lp_flag!r}")
-    if n_top is not None:
-        if isinstance(n_top, bool) or not isinstance(n_top, int):
-            raise TypeError(f"top_logprobs must be an int in [0, 20], got {n_top!r}")
-        if not 0 <= n_top <= 20:
-            raise ValueError(f"top_logprobs must be in [0, 20], got {n_top}")
-        if n_top and not lp_flag:
-            raise ValueError("top_logprobs needs logprobs=True")
-    if lp_flag:
-        opts["logprobs"] = True
-        opts["top_logprobs"] = n_top or 0
-    n_top = n_top or 0
-    cid = "chatcmpl-" + uuid.uuid4().hex
-    head = {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "system_fingerprint": _fingerprint()}
-    pieces = _Pieces(engine.model)
+    plan = _ChatPlan(engine, messages, stream, kwargs, "create_chat_completion")
     if not stream:
-        c = engine.complete_chat(messages, **chat_kw, **opts)
-        msg = {"role": "assistant", "content": c.text} if raw else _openai_message(c.message, c.text)
-        logprobs = None
-        if lp_flag:
-            logprobs = {"content": [_chat_logprob(pieces, t.token, t.logprob, t.top_logprobs, n_top)
-                                    for t in c.logprobs or ()], "refusal": None}
-        finish = c.finish_reason
-        if raw and finish == "tool_calls":
-            finish = "stop"
-        return dict(head, choices=[{"index": 0, "message": msg, "logprobs": logprobs,
-                                    "finish_reason": _FINISH[finish]}], usage=_usage(c))
-    events = engine.chat_events(messages, **chat_kw, **opts)
-    head["object"] = "chat.completion.chunk"
-    return _chat_chunks(events, head, pieces, lp_flag, n_top, raw, include_usage)
+        return plan.result(engine.complete_chat(messages, **plan.chat_kw, **plan.opts))
+    events = engine.chat_events(messages, **plan.chat_kw, **plan.opts)
+    return _chunks(events, plan.chunker(events))
 
 
 class _DeltaState:
@@ -528,44 +576,54 @@ class _DeltaState:
         return out
 
 
-def _chat_chunks(events, head, pieces, lp_flag, n_top, raw, include_usage) -> Iterator[Dict[str, Any]]:
-    extra = {"usage": None} if include_usage else {}
-    parser = None if raw else events.chat_parser
-    state = _DeltaState()
-    text = ""
-    pending: List[Dict[str, Any]] = []
+class _ChatChunker:
+    """Turns the events of one chat call into ``chat.completion.chunk`` dicts (sync and async)."""
 
-    def chunk(delta, finish=None):
-        nonlocal pending
+    def __init__(self, plan: _ChatPlan, events):
+        self.head = dict(plan.head, object="chat.completion.chunk")
+        self.include_usage = plan.include_usage
+        self.extra = {"usage": None} if plan.include_usage else {}
+        self.events = events
+        self.raw = plan.raw
+        self.pieces = plan.pieces
+        self.lp_flag = plan.lp_flag
+        self.n_top = plan.n_top
+        self.state = _DeltaState()
+        self.text = ""
+        self.pending: List[Dict[str, Any]] = []
+
+    def _chunk(self, delta, finish=None):
         logprobs = None
-        if lp_flag and (pending or finish is not None):
-            logprobs, pending = {"content": pending, "refusal": None}, []
-        return dict(head, choices=[{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-                    **extra)
+        if self.lp_flag and (self.pending or finish is not None):
+            logprobs, self.pending = {"content": self.pending, "refusal": None}, []
+        return dict(self.head, choices=[{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                    **self.extra)
 
-    try:
-        yield dict(head, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                   "finish_reason": None}], **extra)
-        for ev in events:
-            if ev[0] != "token":
-                continue
-            if lp_flag:
-                lp = ev[3]
-                pending.append(_chat_logprob(pieces, ev[1], lp["logprob"], lp["top_logprobs"], n_top))
-            if not ev[2]:
-                continue
-            text += ev[2]
-            if parser is None:
-                deltas = state.deltas({"content": text})
-            else:
-                try:
-                    deltas = state.deltas(parser.parse(text, partial=True))
-                except Exception:
-                    deltas = []       # not parseable yet: wait for more text
-            for d in deltas:
-                yield chunk(d)
-        c = events.completion
+    def start(self) -> List[Dict[str, Any]]:
+        return [dict(self.head, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}], **self.extra)]
+
+    def feed(self, ev) -> List[Dict[str, Any]]:
+        if ev[0] != "token":
+            return []
+        if self.lp_flag:
+            lp = ev[3]
+            self.pending.append(_chat_logprob(self.pieces, ev[1], lp["logprob"], lp["top_logprobs"], self.n_top))
+        if not ev[2]:
+            return []
+        self.text += ev[2]
+        parser = None if self.raw else self.events.chat_parser
         if parser is None:
+            deltas = self.state.deltas({"content": self.text})
+        else:
+            try:
+                deltas = self.state.deltas(parser.parse(self.text, partial=True))
+            except Exception:
+                deltas = []       # not parseable yet: wait for more text
+        return [self._chunk(d) for d in deltas]
+
+    def end(self, c) -> List[Dict[str, Any]]:
+        if self.raw or self.events.chat_parser is None:
             final = {"content": c.text}
             finish = "stop" if c.finish_reason == "tool_calls" else c.finish_reason
         else:
@@ -573,12 +631,72 @@ def _chat_chunks(events, head, pieces, lp_flag, n_top, raw, include_usage) -> It
             finish = c.finish_reason
             # the tool calls streamed so far keep their ids
             for i, tc in enumerate(final.get("tool_calls") or ()):
-                if i < len(state.calls):
-                    tc["id"] = state.calls[i][0]
-        for d in state.deltas(final):
-            yield chunk(d)
-        yield chunk({}, _FINISH[finish])
-        if include_usage:
-            yield dict(head, choices=[], usage=_usage(c))
+                if i < len(self.state.calls):
+                    tc["id"] = self.state.calls[i][0]
+        out = [self._chunk(d) for d in self.state.deltas(final)]
+        out.append(self._chunk({}, _FINISH[finish]))
+        if self.include_usage:
+            out.append(dict(self.head, choices=[], usage=_usage(c)))
+        return out
+
+
+# ------------------------------------------------------------------ asyncio
+
+async def _drain(events):
+    """Run an :class:`mtp_cy._aio.AsyncStream` to its end in one worker job; its Completion."""
+    from mtp_cy._aio import collect_events
+    return await collect_events(events)
+
+
+async def _achunks(events, ch, first):
+    try:
+        for x in ch.start():
+            yield x
+        if first is not None:
+            for x in ch.feed(first):
+                yield x
+            async for ev in events:
+                for x in ch.feed(ev):
+                    yield x
+        for x in ch.end(events.completion):
+            yield x
     finally:
-        events.close()
+        await events.aclose()
+
+
+async def _aopen(events, ch):
+    """Open an async stream (its first step: a slot, the prompt) before handing out its chunks, so that
+    opening errors are raised by the awaited call and not by the first chunk."""
+    try:
+        first = await events.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await events.aclose()
+        raise
+    return _achunks(events, ch, first)
+
+
+async def acreate_completion(engine, prompt: Union[str, Sequence[int]], *, stream: bool = False, **kwargs):
+    """Async :func:`create_completion`: ``await acreate_completion(engine, prompt, ...)``.
+
+    Returns the ``text_completion`` dict, or with ``stream=True`` an async iterator of
+    chunk dicts; in both cases the call has been opened (slot taken, prompt processed, the first
+    token sampled) when the await returns, so argument and opening errors are raised by the
+    await.  The native steps run in worker threads (see :meth:`mtp_cy.Session.astream`);
+    cancelling the awaiting task stops the call, and so does ``aclose()`` on the iterator."""
+    plan = _CompletionPlan(engine, prompt, stream, kwargs, "acreate_completion")
+    events = engine.astream_events(plan.prompt, **plan.opts)
+    if not stream:
+        return plan.result(await _drain(events))
+    return await _aopen(events, plan.chunker(events))
+
+
+async def acreate_chat_completion(engine, messages: Sequence[Mapping[str, Any]], *, stream: bool = False,
+                                  **kwargs):
+    """Async :func:`create_chat_completion` (see :func:`acreate_completion`)."""
+    plan = _ChatPlan(engine, messages, stream, kwargs, "acreate_chat_completion")
+    events = engine.achat_events(messages, **plan.chat_kw, **plan.opts)
+    if not stream:
+        return plan.result(await _drain(events))
+    return await _aopen(events, plan.chunker(events))

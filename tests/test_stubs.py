@@ -213,9 +213,14 @@ def test_public_names_have_docstrings():
         obj = getattr(mtp_cy, name)
         if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj):
             assert inspect.getdoc(obj), name
-    from mtp_cy import openai_compat
-    assert inspect.getdoc(openai_compat)
-    for name in openai_compat.__all__:
-        obj = getattr(openai_compat, name)
-        if callable(obj):
-            assert inspect.getdoc(obj), name
+    from mtp_cy import openai_compat, server
+    for mod in (openai_compat, server):
+        assert inspect.getdoc(mod)
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if callable(obj):
+                assert inspect.getdoc(obj), (mod.__name__, name)
+            if inspect.isclass(obj):
+                for k, v in vars(obj).items():
+                    if not k.startswith("_") and (callable(v) or isinstance(v, property)):
+                        assert inspect.getdoc(getattr(obj, k)), (mod.__name__, name, k)

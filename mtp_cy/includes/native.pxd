@@ -271,6 +271,8 @@ cdef extern from "_batch.h" nogil:
         atomic_i64 steps
         atomic_i64 seq_steps
         atomic_int batch_size
+        int64_t gen_at(int i)
+        int64_t acc_at(int i)
         int64_t t_draft_us
         int64_t t_verify_us
         int64_t t_sample_us
