@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import mtp_cy
-from mtp_cy import _core, openai_compat
+from mtp_cy import _core, openai_compat, server  # noqa: F401 - mtp_cy.server is named in the doc
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "coming_from_llama_cpp_python.md"
 
@@ -40,3 +40,18 @@ def test_named_options_exist(doc):
         assert f"`{opt}" in doc and opt in _core.STREAM_OPTIONS, opt
     for p in openai_compat.IGNORED_PARAMETERS:
         assert f"`{p}`" in doc, p
+
+
+def test_server_options_exist(doc):
+    """The right column of the llama_cpp.server table names options that ``serve`` has."""
+    from mtp_cy.__main__ import build_parser
+    p = build_parser()
+    sub = next(a for a in p._actions if a.__class__.__name__ == "_SubParsersAction").choices["serve"]
+    known = {o for a in sub._actions for o in a.option_strings}
+    sec = doc[doc.index("## A server"):]
+    rows = [ln for ln in sec.splitlines() if ln.startswith("| `")]
+    assert len(rows) > 10
+    named = [o for ln in rows for o in re.findall(r"`(--[a-z]+(?:-[a-z]+)*)(?=[ `])", ln.rsplit(" | ", 1)[1])]
+    assert "--model-alias" in named and "--api-key" in named
+    for o in named:
+        assert o in known, o

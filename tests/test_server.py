@@ -477,41 +477,103 @@ def test_load_many_clients_random_disconnects(live, lone, mtp_sm):
 
 # ---------------------------------------------------------------------------- the command line
 
-def test_cli_serve_and_graceful_sigterm(mtp_sm, tmp_path):
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("MTP_CY_API_KEY", None)
-    log = open(tmp_path / "server.log", "w+")
-    p = subprocess.Popen([sys.executable, "-m", "mtp_cy", "serve", mtp_sm.path, "--port", str(port), "--n-seq", "2",
-                          "--n-draft", "2", "--threads", "1", "--model-alias", "tiny", "--shutdown-timeout", "20",
-                          "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        cl = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+class ServeProcess:
+    """``python -m mtp_cy serve`` in a subprocess on a free port (its output in a log file)."""
+
+    def __init__(self, sm, tmp_path, *args, host="127.0.0.1"):
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            self.port = sk.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("MTP_CY_API_KEY", None)
+        self.log_path = tmp_path / f"server-{self.port}.log"
+        self.log = open(self.log_path, "w")
+        self.p = subprocess.Popen([sys.executable, "-m", "mtp_cy", "serve", sm.path, "--host", host,
+                                   "--port", str(self.port), "--threads", "1", "--log-level", "warning", *args],
+                                  stdout=self.log, stderr=subprocess.STDOUT, env=env)
         t0 = time.monotonic()
         while True:
             try:
-                if http.client.HTTPConnection("127.0.0.1", port, timeout=5).request("GET", "/health") is None:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
                     break
             except OSError:
-                assert p.poll() is None, open(tmp_path / "server.log").read()
-                assert time.monotonic() - t0 < 60
-                time.sleep(0.1)
+                pass
+            assert self.p.poll() is None, self.output()
+            assert time.monotonic() - t0 < 90, "the server did not start"
+            time.sleep(0.1)
+
+    def output(self):
+        return self.log_path.read_text()
+
+    def stream(self, body):
+        """A streaming request: the open response, its first event already read."""
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        c.request("POST", "/v1/completions", body=json.dumps(dict(body, stream=True)),
+                  headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200
+        while not r.readline().startswith(b"data: "):
+            pass
+        return c, r
+
+    def close(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+        self.log.close()
+
+
+def read_events(r):
+    """The rest of an SSE response: (text chunks, whether it ended with data: [DONE])."""
+    n = 0
+    try:
+        while True:
+            line = r.readline()
+            if not line:
+                return n, False
+            if line.strip() == b"data: [DONE]":
+                return n, True
+            if line.startswith(b"data: "):
+                assert b'"error"' not in line, line
+                n += 1
+    except (http.client.IncompleteRead, ConnectionError):
+        return n, False
+
+
+def test_cli_serve_sigterm_lets_requests_finish(mtp_sm, tmp_path):
+    # one long request (thousands of tokens) is in flight when SIGTERM arrives: it finishes
+    # (the deadline is long), /health says so meanwhile, new connections are refused, exit 0
+    sp = ServeProcess(mtp_sm, tmp_path, "--n-seq", "1", "--n-ctx", "2048", "--n-draft", "2", "--model-alias", "tiny",
+                      "--shutdown-timeout", "60", host="0.0.0.0")
+    try:
+        assert "WARNING" in sp.output() and "API key" in sp.output()    # bound beyond loopback, no key
+        cl = openai.OpenAI(base_url=f"http://127.0.0.1:{sp.port}/v1", api_key="x", max_retries=0, timeout=60)
         assert cl.models.list().data[0].id == "tiny"
-        # a streaming request in flight when SIGTERM arrives finishes, then the process exits 0
-        s = cl.completions.create(model="tiny", prompt="the sea", max_tokens=200, temperature=0, stream=True)
-        first = next(iter(s))
-        p.send_signal(signal.SIGTERM)
-        rest = [ch for ch in s]
-        assert rest and rest[-1].choices[0].finish_reason in ("length", "stop")
-        assert first.choices[0].text is not None
-        assert p.wait(60) == 0, open(tmp_path / "server.log").read()
+        c, r = sp.stream({"model": "tiny", "prompt": "the sea", "max_tokens": 1500, "temperature": 0})
+        sp.p.send_signal(signal.SIGTERM)
+        n, done = read_events(r)
+        c.close()
+        assert done and n > 100
+        assert sp.p.wait(60) == 0, sp.output()
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        log.close()
+        sp.close()
+
+
+def test_cli_serve_shutdown_deadline_cancels(mtp_sm, tmp_path):
+    sp = ServeProcess(mtp_sm, tmp_path, "--n-seq", "1", "--n-ctx", "4096", "--shutdown-timeout", "0.5")
+    try:
+        c, r = sp.stream({"prompt": "the sea", "max_tokens": 4000, "temperature": 0})
+        t0 = time.monotonic()
+        sp.p.send_signal(signal.SIGTERM)
+        n, done = read_events(r)
+        c.close()
+        assert not done                                   # cut at the deadline
+        assert sp.p.wait(30) == 0, sp.output()
+        assert time.monotonic() - t0 < 15
+    finally:
+        sp.close()
 
 
 def test_cli_serve_warns_beyond_loopback_and_bad_args(mtp_sm, capsys):
