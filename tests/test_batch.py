@@ -166,7 +166,7 @@ def test_calls_wait_for_a_slot_in_order_and_time_out(mtp_model, mtp_sm):
         it = b.stream(prompt_of(mtp_sm, 3), max_tokens=50, temp=0)
         next(it)                                        # holds the only slot
         t0 = time.monotonic()
-        with pytest.raises(mtp_cy.GenerationTimeout, match="slot"):
+        with pytest.raises(mtp_cy.QueueTimeout, match="slot"):
             b.generate(prompt_of(mtp_sm, 3, start=2), max_tokens=5, temp=0, timeout=0.3)
         assert 0.25 < time.monotonic() - t0 < 5
         assert b.stats()["batch"]["waiting"] == 0
