@@ -162,12 +162,7 @@ struct mtp_cy_loop {
     std::atomic<int64_t> steps{0};
     std::atomic<int64_t> seq_steps{0};      // sum over steps of the sequences in them
     std::atomic<int> batch_size{0};         // sequences in the last step
-    // drafts by position (1-based position i at [i-1]): drafted, and accepted (exact counts)
-    static constexpr int POS_MAX = 64;
-    std::atomic<int64_t> gen_pos[POS_MAX] = {};
-    std::atomic<int64_t> acc_pos[POS_MAX] = {};
-    int64_t gen_at(int i) const { return i >= 0 && i < POS_MAX ? gen_pos[i].load(std::memory_order_relaxed) : 0; }
-    int64_t acc_at(int i) const { return i >= 0 && i < POS_MAX ? acc_pos[i].load(std::memory_order_relaxed) : 0; }
+    mtp_cy_stats * st = nullptr;            // the engine's statistics (drafts counted per verification)
     // the last step's costs
     int64_t t_draft_us = 0, t_verify_us = 0, t_sample_us = 0, t_total_us = 0;
     int32_t last_gen = 0, last_acc = 0, last_n = 0;     // the last step's drafts and sequences
@@ -535,10 +530,7 @@ struct mtp_cy_loop {
         s->c_iters.fetch_add(1, std::memory_order_relaxed);
         s->c_gen.fetch_add(g.n_gen, std::memory_order_relaxed);
         s->c_acc.fetch_add(n_acc, std::memory_order_relaxed);
-        for (int32_t i = 0; i < g.n_gen && i < POS_MAX; ++i) {
-            gen_pos[i].fetch_add(1, std::memory_order_relaxed);
-            if (i < n_acc) acc_pos[i].fetch_add(1, std::memory_order_relaxed);
-        }
+        if (st) st->add_draft(g.n_gen, n_acc);
         s->n_cached.store((int64_t) s->toks.size());
         if (eog || s->generated >= s->max_new) {
             s->end = MTP_CY_END_TOKENS;

@@ -159,6 +159,7 @@ cdef class Batch(_Engine):
                     raise MTPUnsupportedError("MTP head width does not match the target's hidden width")
             try:
                 self.loop.init(ctx, dft, self.n_seq, self.k_max, self.auto)
+                self.loop.st = self.st
             except Exception as exc:
                 raise MTPUnsupportedError(f"cannot drive the MTP head: {exc}") from None
         except BaseException:
@@ -514,6 +515,7 @@ cdef class Batch(_Engine):
                 s.b_iters += 1
                 s.b_gen += g.n_gen
                 s.b_acc += g.n_acc
+                _add_by_pos(s, g.n_gen, g.n_acc)
                 s.b_t_draft += g.t_draft_us
                 s.b_t_verify += g.t_verify_us
                 s.b_t_sample += g.t_sample_us
@@ -565,8 +567,6 @@ cdef class Batch(_Engine):
             self._cpu_leave(nt)
         if self.loop.last_n > 0:
             mtp_cy_add(self.st.iters, self.loop.last_n)
-            mtp_cy_add(self.st.drafts_generated, self.loop.last_gen)
-            mtp_cy_add(self.st.drafts_accepted, self.loop.last_acc)
             mtp_cy_add(self.st.t_draft_us, self.loop.t_draft_us)
             mtp_cy_add(self.st.t_verify_us, self.loop.t_verify_us)
             mtp_cy_add(self.st.t_sample_us, self.loop.t_sample_us)
@@ -588,8 +588,13 @@ cdef class Batch(_Engine):
 
     # -- statistics -----------------------------------------------------------------------
     cdef dict _stream_stats(self, _Stream s):
+        npos = self._n_pos()
+        gp = s.b_gen_pos or []
+        ap = s.b_acc_pos or []
         d = {"iters": s.b_iters, "drafts_generated": s.b_gen, "drafts_accepted": s.b_acc,
              "acceptance_rate": (s.b_acc / s.b_gen) if s.b_gen else 0.0,
+             "drafts_generated_by_pos": [gp[i] if i < len(gp) else 0 for i in range(npos)],
+             "drafts_accepted_by_pos": [ap[i] if i < len(ap) else 0 for i in range(npos)],
              "tokens_emitted": s.delivered, "calls": 1,
              "timing_us": {"draft": s.b_t_draft, "verify": s.b_t_verify, "sample": s.b_t_sample,
                            "total": s.b_t_total, "prefill": s.b_t_prefill},
@@ -597,6 +602,9 @@ cdef class Batch(_Engine):
              "prompt_tokens": <int>s.prompt.size(), "prompt_tokens_cached": s.n_cached,
              "n_draft": self._n_draft if s.k_req < 0 else s.k_req, "p_min": self.p_min, "slot": s.slot}
         return d
+
+    cdef int _n_pos(self):
+        return min(self.k_max, 64)
 
     cdef void _more_stats(self, dict d) except *:
         cdef int i, k
@@ -632,9 +640,6 @@ cdef class Batch(_Engine):
                                "drafts_accepted": mtp_cy_get(sl.c_acc)}
             slots.append(row)
         d["slots"] = slots
-        npos = min(self.k_max, 64)
-        d["drafts_generated_by_pos"] = [self.loop.gen_at(k) for k in range(npos)]
-        d["drafts_accepted_by_pos"] = [self.loop.acc_at(k) for k in range(npos)]
         d["cache"] = {"tokens": cached, "checkpoints": n_ck, "checkpoint_bytes": ck_bytes,
                       "host_states": mtp_cy_get(self.loop.saved_n), "host_bytes": mtp_cy_get(self.loop.saved_bytes),
                       "host_hits": mtp_cy_get(self.loop.saved_hits), "cache_ram": self.loop.cache_ram}
@@ -671,6 +676,6 @@ cdef class Batch(_Engine):
                 f"acceptance = {100.0 * st['acceptance_rate']:.3f}%, dur(draft,verify,sample) = "
                 f"{st['timing_us']['draft'] / 1000.0:.3f}, {st['timing_us']['verify'] / 1000.0:.3f}, "
                 f"{st['timing_us']['sample'] / 1000.0:.3f} ms, batch steps = {b.get('steps', 0)}, "
-                f"mean batch = {b.get('mean_size', 0.0):.2f}")
+                f"mean batch = {b.get('mean_size', 0.0):.2f}" + _by_pos_text(st))
         logger.info("%s", line)
         return line + "\n"

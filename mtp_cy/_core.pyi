@@ -68,6 +68,8 @@ class _StatsBase(TypedDict):
     prompt_tokens_cached: int
     calls: int
     n_draft: Union[int, Literal["auto"]]
+    drafts_generated_by_pos: List[int]   # [i]: tokens drafted at draft position i + 1 ([] for a Session)
+    drafts_accepted_by_pos: List[int]    # [i]: of those, accepted
 
 
 class CallStats(_StatsBase, total=False):

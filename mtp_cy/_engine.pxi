@@ -355,7 +355,13 @@ cdef class _Engine:
             "prompt_tokens": mtp_cy_get(self.st.prompt_tokens),
             "prompt_tokens_cached": mtp_cy_get(self.st.prompt_tokens_cached),
             "calls": mtp_cy_get(self.st.calls),
+            "drafts_generated_by_pos": [self.st.gen_at(i) for i in range(self._n_pos())],
+            "drafts_accepted_by_pos": [self.st.acc_at(i) for i in range(self._n_pos())],
         }
+
+    cdef int _n_pos(self):
+        """How many draft positions the statistics list (the longest draft; 0: no drafts)."""
+        return 0
 
     def stats(self):
         """A snapshot of the cumulative statistics (lock-free; safe from any thread, any time).
@@ -375,6 +381,9 @@ cdef class _Engine:
           how many of them were not processed again because the session's state
           already held them (the prompt cache);
         * ``calls``: streams started;
+        * ``drafts_generated_by_pos`` / ``drafts_accepted_by_pos``: lists, item ``i`` for draft
+          position ``i + 1`` (one per position up to the longest draft; empty for a Session):
+          tokens drafted there, and of those accepted (acceptance by position: their ratio);
         * ``cache``: the prompt cache now (``tokens`` held, state ``checkpoints``
           and their ``checkpoint_bytes``);
         * ``n_draft``: the configured draft length (``0`` for a Session, ``"auto"``
@@ -397,6 +406,7 @@ cdef class _Engine:
         mtp_cy_reset(self.st.drafts_accepted); mtp_cy_reset(self.st.tokens_emitted)
         mtp_cy_reset(self.st.prompt_tokens); mtp_cy_reset(self.st.prompt_tokens_cached)
         mtp_cy_reset(self.st.calls)
+        self.st.reset_pos()
         mtp_cy_reset(self.st.t_draft_us); mtp_cy_reset(self.st.t_verify_us)
         mtp_cy_reset(self.st.t_sample_us); mtp_cy_reset(self.st.t_total_us)
         mtp_cy_reset(self.st.t_prefill_us)

@@ -188,6 +188,9 @@ cdef class MTP(_Engine):
         return (f"<mtp_cy.MTP n_draft={self._n_draft!r} n_ctx={self.n_ctx}"
                 f"{' closed' if self.closed else ''}>")
 
+    cdef int _n_pos(self):
+        return min(self.k_max, 64)
+
     cdef void _more_stats(self, dict d) except *:
         cdef int k
         cdef double cf = 0, cp = 0
@@ -241,7 +244,7 @@ cdef class MTP(_Engine):
                 f"#gen tokens = {gen:6d}, #acc tokens = {acc:5d}, #mean acc len = {mean:.2f}, "
                 f"acceptance = {100.0 * st['acceptance_rate']:.3f}%, dur(draft,verify,sample) = "
                 f"{st['timing_us']['draft'] / 1000.0:.3f}, {st['timing_us']['verify'] / 1000.0:.3f}, "
-                f"{st['timing_us']['sample'] / 1000.0:.3f} ms")
+                f"{st['timing_us']['sample'] / 1000.0:.3f} ms" + _by_pos_text(st))
         logger.info("%s", line)
         return line + "\n"
 
@@ -364,8 +367,7 @@ cdef class MTP(_Engine):
                             s.lp_vals.push_back(mtp_cy_logprobs(llama_get_logits_ith(self.ctx, i), n_vocab, ids[i],
                                                                 s.n_top, s.lp_top_ids, s.lp_top_vals))
                     mtp_cy_add(self.st.iters, 1)
-                    mtp_cy_add(self.st.drafts_generated, nb - 1)
-                    mtp_cy_add(self.st.drafts_accepted, n_acc)
+                    self.st.add_draft(nb - 1, n_acc)
                     # the head may lag behind plain steps only so far
                     if self.drafter.m < new_past - LAG_WINDOW:
                         self.drafter.skip_to(new_past - LAG_WINDOW)

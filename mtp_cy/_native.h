@@ -40,6 +40,28 @@ struct mtp_cy_stats {
     std::atomic<int64_t> t_sample_us{0};
     std::atomic<int64_t> t_total_us{0};
     std::atomic<int64_t> t_prefill_us{0};
+    // drafts by position (1-based position i at [i-1]): drafted, and accepted (exact counts)
+    static constexpr int POS_MAX = 64;
+    std::atomic<int64_t> gen_pos[POS_MAX] = {};
+    std::atomic<int64_t> acc_pos[POS_MAX] = {};
+
+    // one verification: n_gen tokens drafted, the first n_acc of them accepted
+    void add_draft(int32_t n_gen, int32_t n_acc) {
+        drafts_generated.fetch_add(n_gen, std::memory_order_relaxed);
+        drafts_accepted.fetch_add(n_acc, std::memory_order_relaxed);
+        for (int32_t i = 0; i < n_gen && i < POS_MAX; ++i) {
+            gen_pos[i].fetch_add(1, std::memory_order_relaxed);
+            if (i < n_acc) acc_pos[i].fetch_add(1, std::memory_order_relaxed);
+        }
+    }
+    int64_t gen_at(int i) const { return i >= 0 && i < POS_MAX ? gen_pos[i].load(std::memory_order_relaxed) : 0; }
+    int64_t acc_at(int i) const { return i >= 0 && i < POS_MAX ? acc_pos[i].load(std::memory_order_relaxed) : 0; }
+    void reset_pos() {
+        for (int i = 0; i < POS_MAX; ++i) {
+            gen_pos[i].store(0, std::memory_order_relaxed);
+            acc_pos[i].store(0, std::memory_order_relaxed);
+        }
+    }
 };
 
 static inline void mtp_cy_add(std::atomic<int64_t> & a, int64_t v) {

@@ -111,6 +111,7 @@ cdef class _Stream:
     cdef int k_req                # a per-call n_draft (-1: the Batch's)
     cdef bint cancel_req
     cdef int64_t b_iters, b_gen, b_acc, b_t_draft, b_t_verify, b_t_sample, b_t_total, b_t_prefill
+    cdef list b_gen_pos, b_acc_pos   # mtp_cy.Batch: this call's drafts by position
 
     def __cinit__(self):
         self.smpl = NULL
@@ -253,6 +254,8 @@ cdef class _Stream:
         for k in ("iters", "drafts_generated", "drafts_accepted", "tokens_emitted", "calls"):
             d[k] = now[k] - self.stats0[k]
         d["acceptance_rate"] = (d["drafts_accepted"] / d["drafts_generated"]) if d["drafts_generated"] else 0.0
+        for k in ("drafts_generated_by_pos", "drafts_accepted_by_pos"):
+            d[k] = [a - b for a, b in zip(now[k], self.stats0[k])]
         t = {k: now["timing_us"][k] - self.stats0["timing_us"][k] for k in now["timing_us"]}
         d["timing_us"] = t
         d["tokens_per_sec"] = (d["tokens_emitted"] * 1e6 / t["total"]) if t["total"] > 0 else 0.0
@@ -510,3 +513,27 @@ cdef class _Stream:
             return out
         finally:
             self.executing = False
+
+
+cdef inline void _add_by_pos(_Stream s, int n_gen, int n_acc) except *:
+    """mtp_cy.Batch: count one verification of the call of ``s`` by draft position."""
+    cdef int i
+    if n_gen <= 0:
+        return
+    if s.b_gen_pos is None:
+        s.b_gen_pos = []
+        s.b_acc_pos = []
+    while len(s.b_gen_pos) < n_gen:
+        s.b_gen_pos.append(0)
+        s.b_acc_pos.append(0)
+    for i in range(n_gen):
+        s.b_gen_pos[i] += 1
+        if i < n_acc:
+            s.b_acc_pos[i] += 1
+
+
+def _by_pos_text(st):
+    """``, acceptance by position = 0.950 0.800 ...`` for print_stats() (positions drafted so far)."""
+    gen, acc = st.get("drafts_generated_by_pos") or [], st.get("drafts_accepted_by_pos") or []
+    parts = [f"{a / g:.3f}" for g, a in zip(gen, acc) if g]
+    return (", acceptance by position = " + " ".join(parts)) if parts else ""

@@ -31,6 +31,10 @@ cdef extern from "_native.h" nogil:
         atomic_i64 t_sample_us
         atomic_i64 t_total_us
         atomic_i64 t_prefill_us
+        void add_draft(int32_t n_gen, int32_t n_acc)
+        int64_t gen_at(int i)
+        int64_t acc_at(int i)
+        void reset_pos()
 
     void mtp_cy_add(atomic_i64 & a, int64_t v)
     int64_t mtp_cy_get(const atomic_i64 & a)
@@ -271,8 +275,7 @@ cdef extern from "_batch.h" nogil:
         atomic_i64 steps
         atomic_i64 seq_steps
         atomic_int batch_size
-        int64_t gen_at(int i)
-        int64_t acc_at(int i)
+        mtp_cy_stats * st
         int64_t t_draft_us
         int64_t t_verify_us
         int64_t t_sample_us
