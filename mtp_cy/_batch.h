@@ -72,6 +72,7 @@ struct mtp_cy_slot {
     int rc = 0;
     uint64_t call_id = 0;
     common_sampler * smpl = nullptr;    // owned while a call holds the slot
+    mtp_cy_spec * spec = nullptr;       // spec_sampling="rejection": the call's speculative sampler (owned)
     mtp_cy_abort ab;                    // this call's cancel flag and deadline (grammar work)
     llama_token last = -1;
     int32_t max_new = 0;                // tokens the call may generate
@@ -179,6 +180,8 @@ struct mtp_cy_loop {
     void release() {
         clear_saved();
         for (auto & s : slots) {
+            delete s->spec;
+            s->spec = nullptr;
             if (s->smpl) {
                 common_sampler_free(s->smpl);
                 s->smpl = nullptr;
@@ -474,7 +477,8 @@ struct mtp_cy_loop {
         }
         idxs.resize(nb);
         for (int32_t j = 0; j < nb; ++j) idxs[j] = s->i0 + j;
-        const std::vector<llama_token> ids = common_sampler_sample_and_accept_n(s->smpl, ctx, idxs, s->draft, false);
+        const std::vector<llama_token> ids = s->spec ? s->spec->verify(ctx, idxs, s->draft)
+                                                     : common_sampler_sample_and_accept_n(s->smpl, ctx, idxs, s->draft, false);
         if (ids.empty() || s->ab.cancel.load() || s->ab.timed_out || s->ab.interrupted) {
             s->valid = false;
             s->end = MTP_CY_END_ABORT;
@@ -693,7 +697,11 @@ struct mtp_cy_loop {
             for (auto * s : act) {
                 s->drafting = rc == 0 && s->k > 0;
                 if (!s->drafting) continue;
-                common_sampler_reset(s->dr.smpl);
+                if (s->spec) {
+                    s->spec->begin_draft();
+                } else {
+                    common_sampler_reset(s->dr.smpl);
+                }
                 const int32_t n_past = (int32_t) s->toks.size();
                 const float * h = s->dr.row(n_past - 1);
                 if (!h || s->dr.m != n_past) {
@@ -717,16 +725,36 @@ struct mtp_cy_loop {
                 policy.head.observe(db.size(), (double) (ggml_time_us() - tds));
                 for (auto * s : act) {
                     if (!s->drafting) continue;
-                    common_sampler_sample(s->dr.smpl, ctx_dft, s->di, true);
-                    const llama_token_data_array * cand = common_sampler_get_candidates(s->dr.smpl, true);
-                    const llama_token id = cand->data[0].id;
-                    const float p = cand->data[0].p;
+                    llama_token id;
+                    float p;
+                    if (s->spec) {
+                        // spec_sampling="rejection": drawn from the head's distribution under the
+                        // call's sampler (an aborted grammar ends the draft; the verification
+                        // then reports the abort)
+                        bool aborted = false;
+                        id = s->spec->draft_next(llama_get_logits_ith(ctx_dft, s->di), &p, &aborted);
+                        if (id < 0) {
+                            s->drafting = false;
+                            --n_drafting;
+                            continue;
+                        }
+                    } else {
+                        common_sampler_sample(s->dr.smpl, ctx_dft, s->di, true);
+                        const llama_token_data_array * cand = common_sampler_get_candidates(s->dr.smpl, true);
+                        id = cand->data[0].id;
+                        p = cand->data[0].p;
+                    }
                     if (p < s->p_min) {
+                        if (s->spec) s->spec->drop_last();
                         s->drafting = false;
                         --n_drafting;
                         continue;
                     }
-                    common_sampler_accept(s->dr.smpl, id, true);
+                    if (s->spec) {
+                        s->spec->keep_draft(id);
+                    } else {
+                        common_sampler_accept(s->dr.smpl, id, true);
+                    }
                     s->draft.push_back(id);
                     if ((int32_t) s->draft.size() >= s->k) {
                         s->drafting = false;

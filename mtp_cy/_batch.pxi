@@ -40,6 +40,8 @@ cdef class Batch(_Engine):
       override it: ``stream(prompt, n_draft=0)`` (plain for this call) or
       ``n_draft=2``.
     * ``p_min``: a draft ends at the first token whose head probability is below it.
+    * ``spec_sampling``: the default rule of sampled calls (``None``: rejection sampling
+      whenever a call samples; ``"match"``: upstream's rule), see :meth:`MTP.stream`.
     * ``cache_ram`` (bytes, default 1 GiB; 0: off): a conversation that leaves its slot
       (the slot is taken by a call with another prompt) is copied to host memory, up to
       this bound (least recently used copies go first), and a later call that continues
@@ -96,8 +98,9 @@ cdef class Batch(_Engine):
             self.ctx_dft = NULL
 
     def __init__(self, Model model not None, *, n_seq=4, n_draft="auto", n_draft_max=None, p_min=0.0,
-                 n_ctx=None, cache_ram=_CACHE_RAM_DEFAULT, **options):
+                 n_ctx=None, cache_ram=_CACHE_RAM_DEFAULT, spec_sampling=None, **options):
         self.n_seq = _as_int("n_seq", n_seq, 1, _BATCH_MAX_SEQ)
+        self._spec_default = _spec_rule(spec_sampling)
         if isinstance(cache_ram, bool) or not isinstance(cache_ram, int) or cache_ram < 0:
             raise ValueError(f"cache_ram must be an int >= 0 (bytes; 0 keeps no evicted state), got {cache_ram!r}")
         if n_ctx is None:
@@ -356,6 +359,10 @@ cdef class Batch(_Engine):
         sl.smpl = s.smpl
         s.smpl = NULL
         common_sampler_set_abort_callback(sl.smpl, _abort_cb, <void *>&sl.ab)
+        sl.spec = s.spec
+        s.spec = NULL
+        if sl.spec != NULL:
+            common_sampler_set_abort_callback(sl.spec.ds, _abort_cb, <void *>&sl.ab)
         sl.max_new = s.max_tokens
         sl.generated = 0
         sl.n_ctx = self.n_ctx
@@ -394,6 +401,9 @@ cdef class Batch(_Engine):
         sl = self.loop.slots[i].get()
         if sl.call_id != call_id or sl.state.load() == MTP_CY_SLOT_FREE:
             return
+        if sl.spec != NULL:
+            del sl.spec
+            sl.spec = NULL
         if sl.smpl != NULL:
             common_sampler_free(sl.smpl)
             sl.smpl = NULL
@@ -600,8 +610,12 @@ cdef class Batch(_Engine):
                            "total": s.b_t_total, "prefill": s.b_t_prefill},
              "tokens_per_sec": (s.delivered * 1e6 / s.b_t_total) if s.b_t_total > 0 else 0.0,
              "prompt_tokens": <int>s.prompt.size(), "prompt_tokens_cached": s.n_cached,
-             "n_draft": self._n_draft if s.k_req < 0 else s.k_req, "p_min": self.p_min, "slot": s.slot}
+             "n_draft": self._n_draft if s.k_req < 0 else s.k_req, "p_min": self.p_min, "slot": s.slot,
+             "spec_sampling": s.spec_rule}
         return d
+
+    cdef bint _drafts(self):
+        return self.k_max > 0
 
     cdef int _n_pos(self):
         return min(self.k_max, 64)

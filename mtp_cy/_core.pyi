@@ -32,6 +32,8 @@ JsonSchema = Union[None, str, Mapping[str, Any]]
 KVType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 StopReason = Literal["eog", "stop_string", "max_tokens", "ctx_full", "cancelled", "error"]
+#: how drafts are verified when sampling: "rejection" (speculative sampling) or "match" (upstream's)
+SpecSampling = Literal["rejection", "match"]
 
 CONTEXT_DEFAULTS: Dict[str, Any]
 CONTEXT_OPTIONS: Tuple[str, ...]
@@ -76,11 +78,13 @@ class CallStats(_StatsBase, total=False):
     """One call's statistics (``Completion.stats``, the ``("done", ...)`` event)."""
     p_min: float                     # MTP only
     slot: int                        # Batch only: the slot the call ran in
+    spec_sampling: SpecSampling      # the rule the call verified drafts with (greedy calls: "match")
 
 
 class Stats(_StatsBase, total=False):
     """``stats()``: cumulative over every call of the session."""
     cache: CacheStats
+    spec_sampling: Optional[SpecSampling]  # the engine's default (None: "rejection" whenever a call samples)
     p_min: float                     # MTP only
     policy: Dict[str, Any]           # MTP / Batch with n_draft="auto": what the policy measured and chose
     n_seq: int                       # Batch only
@@ -280,7 +284,8 @@ class _Engine:
                penalty_repeat: float = 1.0, penalty_freq: float = 0.0, penalty_present: float = 0.0,
                grammar: Optional[str] = None, grammar_root: str = "root", json_schema: JsonSchema = None,
                stop: Stop = None, logprobs: bool = False, top_logprobs: int = 0,
-               emit_stats_every: int = 0, n_draft: Optional[int] = None) -> _Stream[str]: ...
+               emit_stats_every: int = 0, n_draft: Optional[int] = None,
+        spec_sampling: Optional[SpecSampling] = None) -> _Stream[str]: ...
     def stream_events(self, prompt: Prompt, *, max_tokens: Optional[int] = 256,
                       timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None,
                       temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
@@ -288,21 +293,24 @@ class _Engine:
                       penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
                       grammar_root: str = "root", json_schema: JsonSchema = None, stop: Stop = None,
                       logprobs: bool = False, top_logprobs: int = 0,
-                      emit_stats_every: int = 0, n_draft: Optional[int] = None) -> _Stream[Event]: ...
+                      emit_stats_every: int = 0, n_draft: Optional[int] = None,
+        spec_sampling: Optional[SpecSampling] = None) -> _Stream[Event]: ...
     def generate(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
                  prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
                  penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                  penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
                  json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                 top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> str: ...
+                 top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
+        spec_sampling: Optional[SpecSampling] = None) -> str: ...
     def complete(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
                  prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
                  penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                  penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
                  json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                 top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> Completion: ...
+                 top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
+        spec_sampling: Optional[SpecSampling] = None) -> Completion: ...
     def chat(self, messages: Sequence[Message], *, template: Optional[str] = None,
              chat_template_kwargs: Optional[Mapping[str, Any]] = None, enable_thinking: Optional[bool] = None,
              tools: Optional[Sequence[Tool]] = None, max_tokens: Optional[int] = 256,
@@ -311,7 +319,8 @@ class _Engine:
              penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
              penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
              json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False, top_logprobs: int = 0,
-             emit_stats_every: int = 0, n_draft: Optional[int] = None) -> _Stream[str]: ...
+             emit_stats_every: int = 0, n_draft: Optional[int] = None,
+        spec_sampling: Optional[SpecSampling] = None) -> _Stream[str]: ...
     def chat_events(self, messages: Sequence[Message], *, template: Optional[str] = None,
                     chat_template_kwargs: Optional[Mapping[str, Any]] = None,
                     enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
@@ -321,7 +330,8 @@ class _Engine:
                     penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                     penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
                     json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                    top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> _Stream[Event]: ...
+                    top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
+        spec_sampling: Optional[SpecSampling] = None) -> _Stream[Event]: ...
     def complete_chat(self, messages: Sequence[Message], *, template: Optional[str] = None,
                       chat_template_kwargs: Optional[Mapping[str, Any]] = None,
                       enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
@@ -331,14 +341,16 @@ class _Engine:
                       penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                       penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
                       json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                      top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> Completion: ...
+                      top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
+        spec_sampling: Optional[SpecSampling] = None) -> Completion: ...
     def astream(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
                 prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
                 top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
                 penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                 penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
                 json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> AsyncStream[str]: ...
+                top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
+        spec_sampling: Optional[SpecSampling] = None) -> AsyncStream[str]: ...
     def astream_events(self, prompt: Prompt, *, max_tokens: Optional[int] = 256,
                        timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None,
                        temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
@@ -346,7 +358,8 @@ class _Engine:
                        penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
                        grammar_root: str = "root", json_schema: JsonSchema = None, stop: Stop = None,
                        logprobs: bool = False, top_logprobs: int = 0,
-                       emit_stats_every: int = 0, n_draft: Optional[int] = None) -> AsyncStream[Event]: ...
+                       emit_stats_every: int = 0, n_draft: Optional[int] = None,
+        spec_sampling: Optional[SpecSampling] = None) -> AsyncStream[Event]: ...
     async def agenerate(self, prompt: Prompt, *, max_tokens: Optional[int] = 256,
                         timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None,
                         temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
@@ -354,7 +367,8 @@ class _Engine:
                         penalty_freq: float = 0.0, penalty_present: float = 0.0,
                         grammar: Optional[str] = None, grammar_root: str = "root",
                         json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                        top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> str: ...
+                        top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
+        spec_sampling: Optional[SpecSampling] = None) -> str: ...
     def achat(self, messages: Sequence[Message], *, template: Optional[str] = None,
               chat_template_kwargs: Optional[Mapping[str, Any]] = None,
               enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
@@ -364,7 +378,8 @@ class _Engine:
               penalty_repeat: float = 1.0, penalty_freq: float = 0.0, penalty_present: float = 0.0,
               grammar: Optional[str] = None, grammar_root: str = "root", json_schema: JsonSchema = None,
               stop: Stop = None, logprobs: bool = False, top_logprobs: int = 0,
-              emit_stats_every: int = 0, n_draft: Optional[int] = None) -> AsyncStream[str]: ...
+              emit_stats_every: int = 0, n_draft: Optional[int] = None,
+        spec_sampling: Optional[SpecSampling] = None) -> AsyncStream[str]: ...
     def achat_events(self, messages: Sequence[Message], *, template: Optional[str] = None,
                      chat_template_kwargs: Optional[Mapping[str, Any]] = None,
                      enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
@@ -374,7 +389,8 @@ class _Engine:
                      penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
                      penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
                      json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                     top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None) -> AsyncStream[Event]: ...
+                     top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
+        spec_sampling: Optional[SpecSampling] = None) -> AsyncStream[Event]: ...
     # OpenAI-shaped results (mtp_cy.openai_compat): dicts, or iterators of chunk dicts
     @overload
     def create_completion(self, prompt: Union[Prompt, Sequence[Prompt]], *, stream: Literal[False] = False,
@@ -406,7 +422,7 @@ class MTP(_Engine):
     """Multi-Token Prediction speculative decoding with the model's own MTP head."""
 
     def __init__(self, model: Model, *, n_draft: Union[int, Literal["auto"]] = 3, p_min: float = 0.0,
-                 n_draft_max: Optional[int] = None, n_ctx: int = 2048, n_batch: Optional[int] = None,
+                 n_draft_max: Optional[int] = None, spec_sampling: Optional[SpecSampling] = None, n_ctx: int = 2048, n_batch: Optional[int] = None,
                  n_ubatch: Optional[int] = None, n_threads: Optional[int] = None,
                  n_threads_batch: Optional[int] = None, flash_attn: FlashAttn = "auto",
                  type_k: KVType = "f16", type_v: KVType = "f16", offload_kqv: bool = True,
@@ -432,7 +448,7 @@ class Batch(_Engine):
 
     def __init__(self, model: Model, *, n_seq: int = 4, n_draft: Union[int, Literal["auto"]] = "auto",
                  n_draft_max: Optional[int] = None, p_min: float = 0.0, n_ctx: Optional[int] = None,
-                 cache_ram: int = 1073741824,
+                 cache_ram: int = 1073741824, spec_sampling: Optional[SpecSampling] = None,
                  n_batch: Optional[int] = None, n_ubatch: Optional[int] = None, n_threads: Optional[int] = None,
                  n_threads_batch: Optional[int] = None, flash_attn: FlashAttn = "auto",
                  type_k: KVType = "f16", type_v: KVType = "f16", offload_kqv: bool = True,

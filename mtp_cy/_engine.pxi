@@ -160,6 +160,7 @@ cdef class _Engine:
     cdef long _running_tid       # the thread running it
     cdef bint _close_pending     # close() was called from inside that step (a signal handler)
     cdef bint _multi             # many calls at once, one sequence each (mtp_cy.Batch)
+    cdef object _spec_default    # spec_sampling of a call that does not say (None: rejection unless greedy)
     cdef readonly int n_ctx
     cdef int n_batch
     cdef int n_threads
@@ -357,6 +358,7 @@ cdef class _Engine:
             "calls": mtp_cy_get(self.st.calls),
             "drafts_generated_by_pos": [self.st.gen_at(i) for i in range(self._n_pos())],
             "drafts_accepted_by_pos": [self.st.acc_at(i) for i in range(self._n_pos())],
+            "spec_sampling": self._spec_default,
         }
 
     cdef int _n_pos(self):
@@ -384,6 +386,8 @@ cdef class _Engine:
         * ``drafts_generated_by_pos`` / ``drafts_accepted_by_pos``: lists, item ``i`` for draft
           position ``i + 1`` (one per position up to the longest draft; empty for a Session):
           tokens drafted there, and of those accepted (acceptance by position: their ratio);
+        * ``spec_sampling``: the default rule of this engine's calls (``None``: ``"rejection"``
+          whenever a call samples; a call's own statistics say which rule it used);
         * ``cache``: the prompt cache now (``tokens`` held, state ``checkpoints``
           and their ``checkpoint_bytes``);
         * ``n_draft``: the configured draft length (``0`` for a Session, ``"auto"``
@@ -676,6 +680,15 @@ cdef class _Engine:
     cdef int _call_n_draft(self, value) except -2:
         raise TypeError("a per-call n_draft is an option of mtp_cy.Batch")
 
+    cdef bint _drafts(self):
+        """Whether this engine drafts (a call's spec_sampling then matters)."""
+        return False
+
+    cdef void _sampler_opened(self, _Stream s) except *:
+        """A call with sampler settings ``s.sp`` / ``s.spec_rule`` opens (MTP's auto policy
+        forgets the acceptance it learned under other settings)."""
+        pass
+
     cdef void _finish(self, _Stream s) noexcept:
         """The stream ``s`` let go of the session (it ended, or was closed or collected)."""
         self._end_call()
@@ -756,9 +769,26 @@ cdef class _Engine:
             raise ValueError(f"prompt is {s.prompt.size()} tokens but n_ctx is {self.n_ctx}; "
                              f"it must be shorter than n_ctx (raise n_ctx or shorten the prompt)")
         _fill_sampling(&s.sp, self.model._vocab, o, self.n_ctx)
+        rule = _spec_rule(o["spec_sampling"])
+        if rule is None:
+            rule = self._spec_default
+        # greedy: the two rules are the same (the target's argmax is kept iff drafted)
+        s.spec_rule = "match" if (rule == "match" or s.sp.temp <= 0.0) else "rejection"
         s.smpl = _make_sampler(self.model._model, &s.sp)
         # timeout, cancel() and Ctrl-C reach into the grammar's work too (vendor/patches/0002)
         common_sampler_set_abort_callback(s.smpl, _abort_cb, <void *>self.ab)
+        self._sampler_opened(s)
+        if s.spec_rule == "rejection" and self._drafts():
+            s.spec = new mtp_cy_spec()
+            try:
+                s.spec.init(self.model._model, s.smpl, s.sp, common_sampler_get_seed(s.smpl))
+            except Exception as exc:
+                del s.spec
+                s.spec = NULL
+                common_sampler_free(s.smpl)
+                s.smpl = NULL
+                raise ValueError(f"invalid sampler settings: {exc}") from None
+            common_sampler_set_abort_callback(s.spec.ds, _abort_cb, <void *>self.ab)
         if o["n_draft"] is not None:
             if not self._multi:
                 common_sampler_free(s.smpl)
@@ -819,6 +849,15 @@ cdef class _Engine:
           ``penalty_last_n=64`` (``-1``: the whole context), ``penalty_repeat=1.0``,
           ``penalty_freq=0.0``, ``penalty_present=0.0``, ``grammar=None`` (GBNF)
           and ``grammar_root="root"``;
+        * ``spec_sampling=None`` (MTP / Batch, when sampling): how drafts are verified.
+          ``"rejection"`` (the default for any ``temp > 0``) is speculative sampling: the
+          head draws each draft token from its distribution under this call's sampler
+          settings and the target keeps it with probability ``min(1, p/q)``, drawing from
+          the residual on a rejection -- every token is distributed exactly as in plain
+          sampling, and far more drafts are kept; ``"match"`` is upstream's rule (a draft
+          token is kept when the target's own draw equals it), with which a seeded call
+          gives the very text plain decoding gives with that seed.  Greedy calls are exact
+          either way.  ``None`` takes the engine's ``spec_sampling``;
         * ``emit_stats_every``: accepted for parity with the seed API; statistics
           events only appear in :meth:`stream_events`.
 
@@ -1042,5 +1081,6 @@ cdef class _Engine:
 
 
 STREAM_DEFAULTS = dict(SAMPLER_DEFAULTS, max_tokens=256, timeout=60.0, prompt_timeout=None, stop=None,
-                       emit_stats_every=0, logprobs=False, top_logprobs=0, json_schema=None, n_draft=None)
+                       emit_stats_every=0, logprobs=False, top_logprobs=0, json_schema=None, n_draft=None,
+                       spec_sampling=None)
 STREAM_OPTIONS = tuple(STREAM_DEFAULTS)

@@ -34,6 +34,7 @@
 #include "llama-ext.h"
 #include "sampling.h"
 #include "_policy.h"
+#include "_spec.h"
 
 struct mtp_cy_drafter {
     llama_context * ctx_tgt = nullptr;
@@ -241,8 +242,14 @@ struct mtp_cy_drafter {
     // keep also ends the draft.  The token that ended a draft this way (or by
     // p_min) is kept in cut_id / cut_p (cut_id -1: none), so that the loop can
     // tell the policy whether the target would have accepted it.
+    //
+    // With `spec` (spec_sampling="rejection"), each token is drawn from the head's
+    // distribution under the call's sampler transforms (spec->draft_next) instead of taken
+    // as the head's top candidate, and its probability there is what p_min and the policy
+    // compare; spec keeps the distributions for the verification.  Returns 2 when the
+    // grammar's work was aborted (timeout / cancel).
     int draft(llama_token last, llama_pos pos0, int32_t n_max, float p_min, std::vector<llama_token> & out,
-              const mtp_cy_policy * policy = nullptr) {
+              const mtp_cy_policy * policy = nullptr, mtp_cy_spec * spec = nullptr) {
         const int64_t t0 = ggml_time_us();
         out.clear();
         probs.clear();
@@ -254,7 +261,11 @@ struct mtp_cy_drafter {
         if (!h || m != pos0) {
             throw std::logic_error("mtp_cy: draft without the MTP context caught up");
         }
-        common_sampler_reset(smpl);
+        if (spec) {
+            spec->begin_draft();
+        } else {
+            common_sampler_reset(smpl);
+        }
         batch.clear();
         int32_t idx = batch.add(last, pos0, seq, true);
         batch.set_embd(idx, { h, 1, (size_t) n_embd });
@@ -264,17 +275,38 @@ struct mtp_cy_drafter {
                 break;
             }
             ++n_draft_steps;
-            common_sampler_sample(smpl, ctx_dft, 0, true);
             const float * h_out = llama_get_embeddings_nextn_ith(ctx_dft, 0);
-            const llama_token_data_array * cand = common_sampler_get_candidates(smpl, true);
-            const llama_token id = cand->data[0].id;
-            const float p = cand->data[0].p;
+            llama_token id;
+            float p;
+            if (spec) {
+                bool aborted = false;
+                id = spec->draft_next(llama_get_logits_ith(ctx_dft, 0), &p, &aborted);
+                if (aborted) {
+                    rc = 2;
+                    break;
+                }
+                if (id < 0) {
+                    break;
+                }
+            } else {
+                common_sampler_sample(smpl, ctx_dft, 0, true);
+                const llama_token_data_array * cand = common_sampler_get_candidates(smpl, true);
+                id = cand->data[0].id;
+                p = cand->data[0].p;
+            }
             if (p < p_min || (policy && !policy->keeps(p, (int32_t) out.size() + 1 >= n_max))) {
                 cut_id = id;
                 cut_p = p;
+                if (spec) {
+                    spec->drop_last();
+                }
                 break;
             }
-            common_sampler_accept(smpl, id, true);
+            if (spec) {
+                spec->keep_draft(id);
+            } else {
+                common_sampler_accept(smpl, id, true);
+            }
             out.push_back(id);
             probs.push_back(p);
             if ((int32_t) out.size() >= n_max) {

@@ -27,7 +27,12 @@ cdef class MTP(_Engine):
       output is the same for every setting: only the speed changes.
     * ``p_min``: drafting stops at the first draft token whose probability
       (as the MTP head's top-10 sampler computes it, upstream's
-      ``--spec-draft-p-min``) is below it; 0.0 (default) never stops early.
+      ``--spec-draft-p-min``; with rejection sampling, the drawn token's
+      probability under the head's sampled distribution) is below it; 0.0
+      (default) never stops early.
+    * ``spec_sampling``: the default rule of sampled calls, ``None`` (rejection
+      sampling whenever a call samples), ``"rejection"`` or ``"match"`` (see
+      :meth:`stream`); a call's ``spec_sampling=`` overrides it.
 
     Raises :class:`MTPUnsupportedError` when the model has no MTP layers or was
     loaded with ``load_mtp=False``, ``ValueError`` for bad options.
@@ -61,6 +66,7 @@ cdef class MTP(_Engine):
     cdef int k_max               # the longest draft (n_draft, or n_draft_max with "auto")
     cdef readonly float p_min
     cdef object _n_draft
+    cdef object _acc_key         # the sampler settings the auto policy's acceptance was learned under
 
     def __cinit__(self, *args, **kwargs):
         self.ctx_dft = NULL
@@ -77,7 +83,9 @@ cdef class MTP(_Engine):
             llama_free(self.ctx_dft)
             self.ctx_dft = NULL
 
-    def __init__(self, Model model not None, *, n_draft=3, p_min=0.0, n_draft_max=None, **options):
+    def __init__(self, Model model not None, *, n_draft=3, p_min=0.0, n_draft_max=None, spec_sampling=None,
+                 **options):
+        self._spec_default = _spec_rule(spec_sampling)
         o = self._begin_init(model, options, "MTP")
         if isinstance(n_draft, str):
             if n_draft != "auto":
@@ -190,6 +198,17 @@ cdef class MTP(_Engine):
 
     cdef int _n_pos(self):
         return min(self.k_max, 64)
+
+    cdef bint _drafts(self):
+        return True
+
+    cdef void _sampler_opened(self, _Stream s) except *:
+        # acceptance depends on the sampler: what auto learned under other settings is stale
+        key = (s.spec_rule, s.sp.temp, s.sp.top_k, s.sp.top_p, s.sp.min_p, s.sp.penalty_last_n,
+               s.sp.penalty_repeat, s.sp.penalty_freq, s.sp.penalty_present, not s.sp.grammar.grammar.empty())
+        if self.auto and self._acc_key is not None and key != self._acc_key:
+            self.policy.reset_acceptance()
+        self._acc_key = key
 
     cdef void _more_stats(self, dict d) except *:
         cdef int k
@@ -304,6 +323,9 @@ cdef class MTP(_Engine):
         cdef int64_t t_catch = 0, t_draft = 0
         cdef int n_catch = 0, n_steps = 0
         cdef vector[llama_token] ids
+        cdef vector[int] idxs
+        cdef mtp_cy_spec * spec = s.spec
+        cdef llama_token probe = -1
         cdef rpc.watch * w = self.model._rpcw
         cdef bint rpc_bad = False
         cdef float p_min = self.p_min
@@ -323,7 +345,7 @@ cdef class MTP(_Engine):
                         n_catch = self.drafter.n_catch_up
                     if rc == 0:
                         rc = self.drafter.draft(s.last, n_past, k, p_min, s.draft,
-                                                self.policy if self.auto else NULL)
+                                                self.policy if self.auto else NULL, spec)
                         t_draft = self.drafter.t_draft_us
                         n_steps = self.drafter.n_draft_steps
                 t1 = ggml_time_us()
@@ -338,7 +360,14 @@ cdef class MTP(_Engine):
                 t2 = ggml_time_us()
                 if rc == 0 and not rpc_bad:
                     self.drafter.add_rows(n_past, nb, llama_get_embeddings_nextn(self.ctx))
-                    ids = common_sampler_sample_and_accept_n(s.smpl, self.ctx, s.draft, False)
+                    if spec != NULL:
+                        idxs.resize(nb)
+                        for i in range(nb):
+                            idxs[i] = i
+                        probe = self.drafter.cut_id if (self.auto and k > 0) else -1
+                        ids = spec.verify(self.ctx, idxs, s.draft, probe)
+                    else:
+                        ids = common_sampler_sample_and_accept_n(s.smpl, self.ctx, s.draft, False)
                     if ids.size() == 0 or self.ab.cancel.load() or self.ab.timed_out or self.ab.interrupted:
                         # the abort callback stopped the grammar's work (timeout / cancel / Ctrl-C):
                         # this step is abandoned, as a decode stopped between graph nodes is
@@ -352,7 +381,13 @@ cdef class MTP(_Engine):
                         for i in range(min(n_acc + 1, nb - 1)):
                             self.policy.observe_confidence(self.drafter.probs[i], i < n_acc, i + 1)
                         if n_acc == nb - 1 and self.drafter.cut_id >= 0:
-                            self.policy.observe_confidence(self.drafter.cut_p, ids.back() == self.drafter.cut_id, nb)
+                            if spec != NULL:
+                                # rejection: the cut token would have been kept with probability
+                                # min(1, p/q); one draw of that (the call's generator)
+                                self.policy.observe_confidence(
+                                    self.drafter.cut_p, spec.uniform() * self.drafter.cut_p < spec.probe_p, nb)
+                            else:
+                                self.policy.observe_confidence(self.drafter.cut_p, ids.back() == self.drafter.cut_id, nb)
                     self.toks.push_back(s.last)
                     for i in range(n_acc):
                         self.toks.push_back(ids[i])

@@ -242,6 +242,27 @@ struct mtp_cy_policy {
         std::fill(last_seen, last_seen + KMAX + 1, (int64_t) -1);
     }
 
+    // Forget the acceptance (by position, and the confidence calibration), keep the costs:
+    // a call whose sampler differs from the last one's (greedy vs sampled, another
+    // temperature, the other spec_sampling rule) accepts drafts at other rates.
+    void reset_acceptance() {
+        for (auto & row : pos_hist) {
+            std::fill(row, row + NB, 0.0);
+        }
+        for (auto & row : pos_acc) {
+            std::fill(row, row + NB, 0.0);
+        }
+        std::fill(pos_tot, pos_tot + KMAX + 1, 0.0);
+        std::fill(cal_hits, cal_hits + NB, 0.0);
+        std::fill(cal_tries, cal_tries + NB, 0.0);
+        for (int k = 0; k <= KMAX; ++k) {
+            std::fill(k_mid[k], k_mid[k] + NB, true);
+            std::fill(k_last[k], k_last[k] + NB, true);
+        }
+        cut_row = 0;
+        conf_fed = false;
+    }
+
     // -- estimates ---------------------------------------------------------------
     static void sample(mtp_cy_low_quantile & q25, double & est, int64_t & n, double x) {
         q25.add(x);

@@ -114,6 +114,21 @@ cdef void _fill_sampling(common_params_sampling * sp, const llama_vocab * vocab,
         sp.grammar = common_grammar(COMMON_GRAMMAR_TYPE_USER, (<str>g).encode("utf-8"))
 
 
+SPEC_SAMPLING_RULES = ("rejection", "match")
+
+
+cdef object _spec_rule(value, str name="spec_sampling"):
+    """``spec_sampling``: ``None`` (the default: rejection whenever the sampler is not
+    greedy), ``"rejection"`` or ``"match"``."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be None, 'rejection' or 'match', got {type(value).__name__}")
+    if value not in SPEC_SAMPLING_RULES:
+        raise ValueError(f"{name} must be None, 'rejection' or 'match', got {value!r}")
+    return value
+
+
 cdef int64_t _as_int_u32(str name, value, int64_t hi) except? -1:
     """An int in [0, hi] (hi up to 2**32 - 1), named in every error."""
     if isinstance(value, bool) or not isinstance(value, int):

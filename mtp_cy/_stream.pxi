@@ -57,6 +57,8 @@ cdef class _Stream:
     cdef vector[llama_token] prompt
     cdef common_params_sampling sp
     cdef common_sampler * smpl
+    cdef mtp_cy_spec * spec       # spec_sampling="rejection" on an engine that drafts (owned; Batch: its slot's)
+    cdef str spec_rule            # the rule in force: "rejection" or "match" (greedy calls: "match")
     cdef const llama_vocab * vocab
     cdef vector[llama_token] pending
     cdef size_t pending_pos
@@ -115,6 +117,8 @@ cdef class _Stream:
 
     def __cinit__(self):
         self.smpl = NULL
+        self.spec = NULL
+        self.spec_rule = "match"
         self.pending_pos = 0
         self.started = False
         self.finished = False
@@ -147,6 +151,9 @@ cdef class _Stream:
         self._release()
 
     cdef void _release(self) noexcept:
+        if self.spec != NULL:
+            del self.spec
+            self.spec = NULL
         if self.smpl != NULL:
             common_sampler_free(self.smpl)
             self.smpl = NULL
@@ -263,6 +270,7 @@ cdef class _Stream:
         d["prompt_tokens_cached"] = self.n_cached
         self.engine._more_stats(d)
         d.pop("policy", None)
+        d["spec_sampling"] = self.spec_rule
         return d
 
     @property

@@ -238,6 +238,10 @@ _DRAFT_TOP_K = 10               # common_speculative_impl_draft_mtp's draft samp
 _CONF_RANGE = (0.52, 0.99)      # allowed draft_confidence
 _CONF_HEAD_SCALE = 5.0          # shared head + draft_confidence: draft logits x5
 _CONF_MARGIN = 10.0             # ... every token but g and f at least this far below g
+# spread (a target with several plausible successors, a head with its own noise)
+_SPREAD_RANGE = (2, 8)          # candidates per member
+_SPREAD_STEP = 0.5              # target: the i-th candidate sits i * step below the greedy one
+_SPREAD_NOISE = (0.25, 2.5)     # own MTP head: its other candidates sit this far below its draft
 
 #: Candidate words: lower-case letters with a leading space, so that a
 #: sequence of them is split by the pre-tokenizer at every space.
@@ -653,6 +657,7 @@ class SyntheticModel:
     mtp_path: Optional[Path] = None
     draft_confidence: Optional[float] = None
     preset: Optional[str] = None
+    spread: Optional[int] = None
     draft_p: Dict[int, float] = field(default_factory=dict)
     config: Dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -1000,7 +1005,7 @@ _ALLOW_DEGENERATE_PATTERN = False
 
 
 def _validate(mtp, acceptance, n_trunk, full_attention_interval, mtp_head, dtype, seed,
-              arch="qwen35", layout="combined", draft_confidence=None):
+              arch="qwen35", layout="combined", draft_confidence=None, spread=None):
     if not isinstance(mtp, bool):
         raise ValueError(f"mtp must be a bool, got {mtp!r}")
     if not _is_number(acceptance) or not (0.0 <= float(acceptance) <= 1.0):
@@ -1039,6 +1044,12 @@ def _validate(mtp, acceptance, n_trunk, full_attention_interval, mtp_head, dtype
             raise ValueError(f"draft_confidence must be None or a number in [{lo}, {hi}], got {draft_confidence!r}")
         if not mtp:
             raise ValueError("draft_confidence needs mtp=True")
+    if spread is not None:
+        lo, hi = _SPREAD_RANGE
+        if not _is_int(spread) or not (lo <= spread <= hi):
+            raise ValueError(f"spread must be None or an int in [{lo}, {hi}], got {spread!r}")
+        if draft_confidence is not None:
+            raise ValueError("spread and draft_confidence are two designs of the heads' runner-ups; pass one")
 
 
 def _resolve_eog_after(eog_after, words: List[str], ids: List[int]) -> Optional[int]:
@@ -1154,7 +1165,7 @@ class _Design:
     """
 
     def __init__(self, voc: _Vocab, W: int, seed: int, acceptance: float, eog_after, mtp: bool,
-                 mtp_head: str, draft_confidence: Optional[float]):
+                 mtp_head: str, draft_confidence: Optional[float], spread: Optional[int] = None):
         sel = _select_words(voc, W)
         self.words = [w for w, _ in sel]
         self.ids = ids = [t for _, t in sel]
@@ -1179,6 +1190,17 @@ class _Design:
         for tgt in self.dir_target:
             choices = [t for t in ids if t != tgt]
             self.runner.append(int(choices[int(srng.integers(len(choices)))]))
+        # spread: direction d gives `spread` candidates, the target at 0 and the others i * step
+        # below it (own rng: the maps above stay those of the same seed without spread)
+        self.spread = None if spread is None else int(spread)
+        self.spread_cols: List[Dict[int, float]] = []
+        if self.spread:
+            prng = np.random.default_rng([int(seed), 0x5B7EAD])
+            for d, tgt in enumerate(self.dir_target):
+                choices = [t for t in ids if t != tgt]
+                others = [int(choices[i]) for i in prng.permutation(len(choices))[:self.spread - 1]]
+                self.runner[d] = others[0]
+                self.spread_cols.append({tgt: 0.0, **{t: -_SPREAD_STEP * (i + 1) for i, t in enumerate(others)}})
         self.f = {ids[j]: self.dir_target[j] for j in range(W)}
         self.runner_up = {ids[j]: self.runner[j] for j in range(W)}
 
@@ -1203,6 +1225,7 @@ class _Design:
         self.special = ids + [eog_tok]          # tokens whose logits differ from the -40 tier
 
         self.mtp, self.mtp_head = mtp, mtp_head
+        self.seed = int(seed)
         self.confidence = None if draft_confidence is None else float(draft_confidence)
         self.unsure = [j for j in range(W) if self.g[ids[j]] != self.f[ids[j]]] \
             if (mtp and self.confidence is not None) else []
@@ -1218,6 +1241,8 @@ class _Design:
 
     def target_col(self, d: int) -> Dict[int, float]:
         """Column ``d`` of output.weight (without the bias column)."""
+        if self.spread:
+            return {t: float(self.floor[t]) + v for t, v in self.spread_cols[d].items()}
         tgt, run = self.dir_target[d], self.runner[d]
         return {tgt: float(self.floor[tgt]), run: float(self.floor[run]) - _RUNNER_GAP}
 
@@ -1239,12 +1264,19 @@ class _Design:
         W, ids = self.W, self.ids
         f16 = lambda v: float(np.float16(v))   # noqa: E731  (the own head is stored f16)
         unsure = set(self.unsure)
+        nrng = np.random.default_rng([int(self.seed), 0x0015E])
         if self.mtp_head == "own":
             for j in range(W):
                 g, f = self.g[ids[j]], self.f[ids[j]]
                 col = {g: float(self.floor[g])}
                 if j in unsure:
                     col[f] = f16(float(self.floor[f]) - self.delta)
+                if self.spread:
+                    # the head knows the target's candidates, with gaps of its own
+                    lo, hi = _SPREAD_NOISE
+                    for t in self.spread_cols[j]:
+                        if t != g:
+                            col[t] = f16(float(self.floor[t]) - float(nrng.uniform(lo, hi)))
                 self.own_cols.append(col)
             self.own_cols.append({})            # spare direction: unused by the own head
             self.mix = [{j: 1.0} for j in range(W)]
@@ -1744,7 +1776,7 @@ def _apply_preset(preset, args: Dict[str, Any]) -> Dict[str, Any]:
 def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=_Default(4), full_attention_interval=_Default(4),
                size=_Default("tiny"), vocab=_Default("gpt-2"), mtp_head=_Default("own"), eog_after=None,
                dtype="f16", seed=0, vocab_path=None, chat_template=None, arch=_Default("qwen35"),
-               layout="combined", draft_confidence=None, preset=None) -> SyntheticModel:
+               layout="combined", draft_confidence=None, spread=None, preset=None) -> SyntheticModel:
     """Write a synthetic ``qwen35`` / ``qwen35moe`` GGUF to ``path`` and return its :class:`SyntheticModel`.
 
     See the module docstring for the construction and ``docs/synthetic.md`` for a guide.  Arguments:
@@ -1778,6 +1810,12 @@ def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=_Default(4), full_att
     * ``draft_confidence``: ``None`` or 0.52..0.99: the MTP head gives its wrong
       drafts that probability (the target's word the runner-up) and its right
       ones ~1 (:meth:`SyntheticModel.draft_prob`, ``predict(p_min=...)``).
+    * ``spread``: ``None`` or 2..8: the target gives every member ``spread``
+      plausible successors (the greedy one, and the others 0.5, 1.0, ... logits
+      below it), and an own MTP head gives the same candidates gaps of its own
+      (0.25..2.5 below its draft): a model for sampling at temperature > 0, where
+      the head's distribution differs from the target's (speculative sampling).
+      Greedy behaviour and the oracle are unchanged in kind.
     * ``preset``: a name of :data:`PRESETS` (benchmark shapes); it fixes
       ``arch``, ``size``, ``n_trunk``, ``full_attention_interval``, ``mtp_head``
       and ``vocab``.
@@ -1790,10 +1828,10 @@ def make_model(path, *, mtp=True, acceptance=0.75, n_trunk=_Default(4), full_att
     args = dict(mtp=mtp, acceptance=acceptance, n_trunk=n_trunk, full_attention_interval=full_attention_interval,
                 size=size, vocab=vocab, mtp_head=mtp_head, eog_after=eog_after, dtype=dtype, seed=seed,
                 vocab_path=vocab_path, chat_template=chat_template, arch=arch, layout=layout,
-                draft_confidence=draft_confidence)
+                draft_confidence=draft_confidence, spread=spread)
     args = _apply_preset(preset, args)
     _validate(args["mtp"], args["acceptance"], args["n_trunk"], args["full_attention_interval"], args["mtp_head"],
-              args["dtype"], args["seed"], args["arch"], args["layout"], args["draft_confidence"])
+              args["dtype"], args["seed"], args["arch"], args["layout"], args["draft_confidence"], args["spread"])
     if not (chat_template is None or chat_template is False
             or (isinstance(chat_template, str) and chat_template)):
         raise ValueError("chat_template must be None (keep the vocabulary's), False (drop it) "
@@ -1827,7 +1865,7 @@ def _generate(path: Path, a: Dict[str, Any], preset: Optional[str],
     assert _ALLOW_DEGENERATE_PATTERN or (any(recurrent) and not all(recurrent))
 
     des = _Design(voc, dims["n_words"], a["seed"], a["acceptance"], a["eog_after"], mtp, mtp_head,
-                  a["draft_confidence"])
+                  a["draft_confidence"], a.get("spread"))
     draft_p = [des.draft_p(j) for j in range(des.W)] if mtp else []
 
     b = _Builder(dims, np.random.default_rng([int(a["seed"]), 0x3E1647]), a["dtype"], arch)
@@ -1846,6 +1884,8 @@ def _generate(path: Path, a: Dict[str, Any], preset: Optional[str],
         logit_floor_eog=_LOGIT_FLOOR_EOG, runner_gap=_RUNNER_GAP, arch=arch, layout=a["layout"],
         draft_confidence=None if conf is None else float(conf), preset=preset, draft_top_k=_DRAFT_TOP_K,
     )
+    if a.get("spread") is not None:
+        config["spread"] = int(a["spread"])
     GT = gguf.GGUFValueType
     ids = des.ids
     meta = [(f"{_KEY}.version", GENERATOR_VERSION, GT.UINT32, None),
@@ -1883,7 +1923,7 @@ def _from_config(path, config, words, ids, f, g, runner_up, draft_p, mtp_path=No
         generator_version=int(config["generator_version"]), arch=config.get("arch", "qwen35"),
         layout=config.get("layout", "combined"), mtp_path=None if mtp_path is None else Path(mtp_path),
         draft_confidence=config.get("draft_confidence"), preset=config.get("preset"),
-        draft_p={int(k): float(v) for k, v in draft_p.items()}, config=dict(config),
+        spread=config.get("spread"), draft_p={int(k): float(v) for k, v in draft_p.items()}, config=dict(config),
     )
 
 
@@ -1932,7 +1972,7 @@ def load_oracle(path) -> SyntheticModel:
 _MAKE_PARAMS = [p for p in inspect.signature(make_model).parameters.values() if p.name != "path"]
 #: new arguments dropped from the cache key at their defaults, so that the file names of
 #: every model generated before they existed stay as they were
-_KEY_DROP_AT_DEFAULT = ("chat_template", "arch", "layout", "draft_confidence", "preset")
+_KEY_DROP_AT_DEFAULT = ("chat_template", "arch", "layout", "draft_confidence", "spread", "preset")
 
 
 def _cache_key(kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -2004,7 +2044,7 @@ def mismatched_sidecar(model: SyntheticModel, kind: str, path=None) -> Path:
              full_attention_interval=model.full_attention_interval, mtp_head=model.mtp_head,
              eog_after=model.eog_after, dtype="f16" if model.dtype not in ("f16", "f32") else model.dtype,
              seed=model.seed, vocab=model.vocab, arch=model.arch, layout="sidecar",
-             draft_confidence=model.draft_confidence)
+             draft_confidence=model.draft_confidence, spread=model.spread)
     dims = dict(model.dims)
     if kind == "arch":
         a["arch"] = "qwen35" if model.arch == "qwen35moe" else "qwen35moe"
@@ -2019,7 +2059,7 @@ def mismatched_sidecar(model: SyntheticModel, kind: str, path=None) -> Path:
             a["eog_after"] = model.token_ids.index(model.eog_after)
     a["size"] = dims
     _validate(a["mtp"], a["acceptance"], a["n_trunk"], a["full_attention_interval"], a["mtp_head"], a["dtype"],
-              a["seed"], a["arch"], a["layout"], a["draft_confidence"])
+              a["seed"], a["arch"], a["layout"], a["draft_confidence"], a["spread"])
     files = None
     if kind == "no_nextn":
         files = [_FileSpec(path, lambda n: not n.startswith("blk."), model.n_trunk, 0, "mtp")]

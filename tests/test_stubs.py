@@ -113,8 +113,8 @@ def test_stubbed_options_match_runtime_defaults():
     assert _kwonly_defaults("Session", "__init__") == _core.CONTEXT_DEFAULTS
     mtp = _kwonly_defaults("MTP", "__init__")
     assert {k: v for k, v in mtp.items() if k in _core.CONTEXT_OPTIONS} == _core.CONTEXT_DEFAULTS
-    assert set(mtp) - set(_core.CONTEXT_OPTIONS) == {"n_draft", "p_min", "n_draft_max"}
-    assert (mtp["n_draft"], mtp["p_min"], mtp["n_draft_max"]) == (3, 0.0, None)
+    assert set(mtp) - set(_core.CONTEXT_OPTIONS) == {"n_draft", "p_min", "n_draft_max", "spec_sampling"}
+    assert (mtp["n_draft"], mtp["p_min"], mtp["n_draft_max"], mtp["spec_sampling"]) == (3, 0.0, None, None)
 
 
 def test_mtp_defaults_written_in_the_stub_are_the_runtime_ones(mtp_model):

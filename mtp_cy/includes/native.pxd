@@ -2,13 +2,14 @@
 # thread pool, C++ exception text), _mtp.h (the MTP head driver), _policy.h (the
 # n_draft="auto" policy), _cache.h (state checkpoints of the prompt cache), _batch.h
 # (the loop of mtp_cy.Batch) and _batch_policy.h (its draft-length decision).
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libcpp.deque cimport deque
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
 from libcpp.vector cimport vector
 from mtp_cy.includes.ggml cimport ggml_threadpool_t
-from mtp_cy.includes.llama cimport llama_context, llama_token, llama_pos
+from mtp_cy.includes.llama cimport llama_context, llama_model, llama_token, llama_pos
+from mtp_cy.includes.common cimport common_params_sampling
 from mtp_cy.includes.sampling cimport common_sampler
 
 cdef extern from "_native.h" nogil:
@@ -120,6 +121,19 @@ cdef extern from "_policy.h" nogil:
         double cut_below(cbool last)
         void set_cut(cbool active, int k)
         void observe_confidence(double p, cbool accepted, int position)
+        void reset_acceptance()
+
+
+cdef extern from "_spec.h" nogil:
+    cdef cppclass mtp_cy_spec:
+        common_sampler * ds
+        llama_token probe_id
+        float probe_p
+        void init(const llama_model * model, common_sampler * call_smpl, common_params_sampling & sp,
+                  uint32_t seed) except +
+        double uniform()
+        vector[llama_token] verify(llama_context * ctx, const vector[int] & idxs, const vector[llama_token] & draft,
+                                   llama_token probe) except +
 
 
 cdef extern from "_mtp.h" nogil:
@@ -147,7 +161,7 @@ cdef extern from "_mtp.h" nogil:
         cbool can_reach(llama_pos upto)
         int catch_up(const llama_token * toks, llama_pos upto) except +
         int draft(llama_token last, llama_pos pos0, int32_t n_max, float p_min,
-                  vector[llama_token] & out, const mtp_cy_policy * policy) except +
+                  vector[llama_token] & out, const mtp_cy_policy * policy, mtp_cy_spec * spec) except +
 
 
 cdef extern from "_cache.h" nogil:
@@ -228,6 +242,7 @@ cdef extern from "_batch.h" nogil:
         int rc
         uint64_t call_id
         common_sampler * smpl
+        mtp_cy_spec * spec
         mtp_cy_abort ab
         llama_token last
         int32_t max_new
