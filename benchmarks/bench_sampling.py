@@ -7,8 +7,8 @@ sampling, side by side in one run, at several temperatures.
 
 Models (``mtp_cy.synthetic``, generated once and cached), both with ``spread=4``: the target
 gives every word four plausible successors (logits 0, -0.5, -1, -1.5), so sampling really
-samples, and the MTP head has a distribution of its own (half of its favourites are the
-target's):
+samples, and the MTP head has a distribution of its own (``--acceptance``, default 0.75, of
+its favourites are the target's):
 
 * ``flat``: the tiny model with its own MTP head (its other candidates at random gaps);
 * ``dense-1.3b``: the ~1.35B f16 preset (the MTP head shares the output head, as in real
@@ -42,10 +42,10 @@ from mtp_cy import synthetic  # noqa: E402
 PROMPT_WORDS = "the sea moon star"
 
 
-def model_of(name: str):
+def model_of(name: str, acceptance: float):
     if name == "flat":
-        return synthetic.cached_model(mtp=True, acceptance=0.5, spread=4)
-    return synthetic.cached_model(preset=name, mtp=True, acceptance=0.5, spread=4)
+        return synthetic.cached_model(mtp=True, acceptance=acceptance, spread=4)
+    return synthetic.cached_model(preset=name, mtp=True, acceptance=acceptance, spread=4)
 
 
 def one_run(engine, prompt, tokens, sampling, seed):
@@ -62,7 +62,7 @@ def one_run(engine, prompt, tokens, sampling, seed):
 
 def bench(name, args):
     t0 = time.perf_counter()
-    sm = model_of(name)
+    sm = model_of(name, args.acceptance)
     print(f"\n## {name}: {sm.n_params / 1e6:.0f}M parameters, {sm.dtype} (ready in {time.perf_counter() - t0:.0f} s)",
           flush=True)
     prompt = sm.encode(PROMPT_WORDS)
@@ -135,6 +135,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--acceptance", type=float, default=0.75, help="the models' acceptance knob")
     ap.add_argument("--json")
     args = ap.parse_args()
     print(f"# bench_sampling {time.strftime('%Y-%m-%d %H:%M')}: {' '.join(sys.argv[1:]) or '(defaults)'}")

@@ -32,6 +32,12 @@
 #include "llama.h"
 #include "sampling.h"
 
+// a distribution over candidates (llama_token_data: id, logit, p), without a copy
+struct mtp_cy_view {
+    const llama_token_data * d = nullptr;
+    size_t n = 0;
+};
+
 // a sparse distribution: tokens and their probabilities (sum 1)
 struct mtp_cy_dist {
     std::vector<llama_token> id;
@@ -52,7 +58,8 @@ struct mtp_cy_spec {
     // scratch (reused: no allocation per token once warm)
     std::vector<llama_token_data> cand, cand2;
     std::vector<float> dense;              // by token; zero outside what is being looked at
-    mtp_cy_dist pd, pc;
+    mtp_cy_dist pc;
+    std::vector<llama_token_data> mix, res;     // a grammar's mixture; a residual
     // what the last verify() saw: p of the token a confidence cut left out (-1: none asked)
     llama_token probe_id = -1;
     float probe_p = 0.0f;
@@ -135,26 +142,32 @@ struct mtp_cy_spec {
     }
 
     // The distribution plain sampling draws from at a logits row, with sampler `s` in its
-    // current state.  False when the abort callback stopped the grammar.
-    bool target_dist(common_sampler * s, const float * logits, mtp_cy_dist & out) {
+    // current state (a view of scratch memory, valid until the next call).  False when the
+    // abort callback stopped the grammar.
+    bool target_dist(common_sampler * s, const float * logits, mtp_cy_view & out) {
         llama_token_data_array a = fill(logits);
         if (!common_sampler_apply(s, &a, false)) {
             return false;
         }
-        take(a, out);
-        if (out.id.empty()) {
+        out.d = a.data;
+        out.n = a.size;
+        double tot = 0.0;
+        for (size_t i = 0; i < a.size; ++i) tot += a.data[i].p;
+        if (!(tot > 0.0)) {
             throw std::runtime_error("the sampler left no candidate token");
         }
         if (!common_sampler_grammar_active(s)) {
             return true;
         }
         // the chain's draw is kept with probability `allowed` (the grammar's share of it) ...
-        mtp_cy_dist pu = out;
+        mtp_cy_dist pu;
+        take(a, pu);
+        const size_t n_u = pu.size();
         double allowed = 0.0;
         if (!restrict_to_grammar(s, pu, &allowed)) {
             return false;
         }
-        if (allowed >= 1.0 - 1e-9 && pu.size() == out.size()) {
+        if (allowed >= 1.0 - 1e-9 && pu.size() == n_u) {
             return true;                       // every candidate is allowed
         }
         // ... and otherwise plain sampling draws again, from the chain after the grammar
@@ -169,22 +182,32 @@ struct mtp_cy_spec {
         const double w = 1.0 - std::min(1.0, allowed);
         for (size_t i = 0; i < pu.size(); ++i) dense[pu.id[i]] += (float) (pu.p[i] * allowed);
         for (size_t i = 0; i < pc.size(); ++i) dense[pc.id[i]] += (float) (pc.p[i] * w);
-        out.clear();
-        for (size_t i = 0; i < pu.size(); ++i) {
-            if (dense[pu.id[i]] > 0.0f) {
-                out.id.push_back(pu.id[i]);
-                out.p.push_back(dense[pu.id[i]]);
-                dense[pu.id[i]] = 0.0f;
+        mix.clear();
+        for (const mtp_cy_dist * d : { (const mtp_cy_dist *) &pu, (const mtp_cy_dist *) &pc }) {
+            for (size_t i = 0; i < d->size(); ++i) {
+                const llama_token t = d->id[i];
+                if (dense[t] > 0.0f) {
+                    mix.push_back(llama_token_data{ t, 0.0f, dense[t] });
+                    dense[t] = 0.0f;
+                }
             }
         }
-        for (size_t i = 0; i < pc.size(); ++i) {
-            if (dense[pc.id[i]] > 0.0f) {
-                out.id.push_back(pc.id[i]);
-                out.p.push_back(dense[pc.id[i]]);
-                dense[pc.id[i]] = 0.0f;
-            }
-        }
+        out.d = mix.data();
+        out.n = mix.size();
         return true;
+    }
+
+    llama_token draw(mtp_cy_view v) {
+        double tot = 0.0;
+        for (size_t i = 0; i < v.n; ++i) tot += v.d[i].p;
+        const double r = uniform() * tot;
+        double run = 0.0;
+        size_t i = 0;
+        for (; i + 1 < v.n; ++i) {
+            run += v.d[i].p;
+            if (run > r) break;
+        }
+        return v.d[i].id;
     }
 
     llama_token draw(const mtp_cy_dist & d, float * pr = nullptr) {
@@ -204,7 +227,7 @@ struct mtp_cy_spec {
     // -- drafting ---------------------------------------------------------------------
     // A new draft: the draft's sampler takes the call's state.
     void begin_draft() {
-        common_sampler_copy(call, ds);
+        common_sampler_copy_state(call, ds);
         q.clear();
         qx.clear();
     }
@@ -234,8 +257,17 @@ struct mtp_cy_spec {
             q.pop_back();
             return -1;
         }
-        float pr = 0.0f;
-        const llama_token x = draw(d, &pr);
+        double tot = 0.0;
+        for (float v : d.p) tot += v;
+        const double r = uniform() * tot;
+        double run = 0.0;
+        size_t i = 0;
+        for (; i + 1 < d.size(); ++i) {
+            run += d.p[i];
+            if (run > r) break;
+        }
+        const llama_token x = d.id[i];
+        const float pr = d.p[i];
         qx.push_back(pr);
         *p = pr;
         return x;
@@ -268,6 +300,17 @@ struct mtp_cy_spec {
         if (q.size() < n) {
             throw std::logic_error("mtp_cy: a draft verified without its distributions");
         }
+        if (n == 0 && probe < 0) {
+            // nothing drafted: a plain step (the same distribution, without building it)
+            const llama_token y = common_sampler_sample(call, ctx, idxs[0], false);
+            if (y == LLAMA_TOKEN_NULL) {
+                return {};
+            }
+            common_sampler_accept(call, y, true);
+            out.push_back(y);
+            return out;
+        }
+        mtp_cy_view pd;
         for (size_t i = 0; i <= n; ++i) {
             if (!target_dist(call, llama_get_logits_ith(ctx, idxs[i]), pd)) {
                 return {};
@@ -275,8 +318,8 @@ struct mtp_cy_spec {
             if (i == n) {
                 if (probe >= 0) {
                     probe_id = probe;
-                    for (size_t j = 0; j < pd.size(); ++j) {
-                        if (pd.id[j] == probe) probe_p = pd.p[j];
+                    for (size_t j = 0; j < pd.n; ++j) {
+                        if (pd.d[j].id == probe) probe_p = pd.d[j].p;
                     }
                 }
                 const llama_token y = draw(pd);
@@ -286,8 +329,8 @@ struct mtp_cy_spec {
             }
             const llama_token x = draft[i];
             float px = 0.0f;
-            for (size_t j = 0; j < pd.size(); ++j) {
-                if (pd.id[j] == x) { px = pd.p[j]; break; }
+            for (size_t j = 0; j < pd.n; ++j) {
+                if (pd.d[j].id == x) { px = pd.d[j].p; break; }
             }
             const double u = uniform();
             if (px > 0.0f && u * (double) qx[i] < (double) px) {
@@ -301,16 +344,15 @@ struct mtp_cy_spec {
             // rejected: the residual max(0, p - q_i), normalised
             const mtp_cy_dist & qi = q[i];
             for (size_t j = 0; j < qi.size(); ++j) dense[qi.id[j]] = qi.p[j];
-            pc.clear();
-            for (size_t j = 0; j < pd.size(); ++j) {
-                const float r = pd.p[j] - dense[pd.id[j]];
+            res.clear();
+            for (size_t j = 0; j < pd.n; ++j) {
+                const float r = pd.d[j].p - dense[pd.d[j].id];
                 if (r > 0.0f) {
-                    pc.id.push_back(pd.id[j]);
-                    pc.p.push_back(r);
+                    res.push_back(llama_token_data{ pd.d[j].id, 0.0f, r });
                 }
             }
             for (size_t j = 0; j < qi.size(); ++j) dense[qi.id[j]] = 0.0f;
-            const llama_token y = draw(pc.id.empty() ? pd : pc);
+            const llama_token y = res.empty() ? draw(pd) : draw(mtp_cy_view{ res.data(), res.size() });
             common_sampler_accept(call, y, true);
             out.push_back(y);
             break;
