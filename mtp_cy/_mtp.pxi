@@ -225,6 +225,12 @@ cdef class MTP(_Engine):
             "chosen": {k: self.policy.chosen[k] for k in range(self.k_max + 1)},
             "current": self.policy.best,
             "iterations": self.policy.iter,
+            # the sampler the acceptance below was learned under (a call with other settings
+            # starts it afresh)
+            "learned_under": None if self._acc_key is None else
+                {"spec_sampling": self._acc_key[0], "temp": round(self._acc_key[1], 6)},
+            # draft tokens observed at each position (decayed counts) since then
+            "observed_by_position": {k: round(self.policy.pos_tot[k], 2) for k in range(1, self.k_max + 1)},
             "plain_step_us": round(self.policy.plain_cost(), 1),
             "verify_us": {k + 1: round(self.policy.verify_cost(k + 1), 1) for k in range(self.k_max + 1)},
             "draft_token_us": round(self.policy.d_us, 1),

@@ -167,6 +167,18 @@ def test_per_request_n_draft_extra_body(live, lone, mtp_sm, mtp_model):
     with pytest.raises(openai.BadRequestError) as ei:
         cl.completions.create(model="synth", prompt=p, max_tokens=5, extra_body={"n_draft": 99})
     assert "n_draft" in ei.value.message
+    # spec_sampling: the rule for sampled drafts (a seeded "match" request is plain decoding's text)
+    with mtp_cy.Session(mtp_model, n_ctx=PER_SEQ, n_threads=1) as s:
+        want = s.complete(p, max_tokens=12, temp=0.9, seed=7).text
+    c = cl.completions.create(model="synth", prompt=p, max_tokens=12, temperature=0.9, seed=7,
+                              extra_body={"spec_sampling": "match", "n_draft": 2})
+    assert c.choices[0].text == want
+    c = cl.completions.create(model="synth", prompt=p, max_tokens=12, temperature=0.9, seed=7,
+                              extra_body={"spec_sampling": "rejection"})
+    assert c.usage.completion_tokens == 12
+    with pytest.raises(openai.BadRequestError) as ei:
+        cl.completions.create(model="synth", prompt=p, max_tokens=5, extra_body={"spec_sampling": "exact"})
+    assert "spec_sampling" in ei.value.message
 
 
 def test_chat_completion_streaming_and_not(live, batch):

@@ -319,6 +319,25 @@ def test_greedy_is_unchanged_and_exact(spread_sm, spread_model, mtp_sm, mtp_mode
         assert c.stats["drafts_accepted"] == want.drafts_accepted and c.stats["spec_sampling"] == "match"
 
 
+def test_auto_learns_the_acceptance_of_the_sampler_in_use(spread_sm, spread_model):
+    prompt = [spread_sm.token_ids[9]]
+    with mtp_cy.MTP(spread_model, n_draft="auto", n_ctx=512, n_threads=1) as m:
+        m.complete(prompt, max_tokens=200, temp=0)
+        pol = m.stats()["policy"]
+        assert pol["learned_under"] == {"spec_sampling": "match", "temp": 0.0}
+        assert pol["observed_by_position"][1] > 4            # the measuring passes drafted
+        m.complete(prompt, max_tokens=4, temp=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1)
+        pol = m.stats()["policy"]
+        assert pol["learned_under"] == {"spec_sampling": "rejection", "temp": 1.0}
+        # what was learned greedily is gone: a 4-token call observes at most 3 first positions
+        assert pol["observed_by_position"][1] <= 3
+        before = pol["observed_by_position"][1]
+        m.complete(prompt, max_tokens=4, temp=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=2)
+        pol = m.stats()["policy"]
+        assert pol["learned_under"]["temp"] == 1.0
+        assert pol["observed_by_position"][1] >= before * 0.9   # the same settings: kept, not reset
+
+
 def test_bad_spec_sampling_is_refused(spread_model, plain):
     with pytest.raises(ValueError, match="spec_sampling"):
         mtp_cy.MTP(spread_model, n_ctx=128, spec_sampling="greedy")

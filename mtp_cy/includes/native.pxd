@@ -81,6 +81,7 @@ cdef extern from "_policy.h" nogil:
         double decay
         double prior_w
         double prior_a1
+        double pos_tot[17]
         double v_us[18]
         int64_t v_n[18]
         double d_us
