@@ -40,6 +40,7 @@ CONTEXT_OPTIONS: Tuple[str, ...]
 SAMPLER_DEFAULTS: Dict[str, Any]
 STREAM_DEFAULTS: Dict[str, Any]
 STREAM_OPTIONS: Tuple[str, ...]
+SPEC_SAMPLING_RULES: Tuple[str, ...]
 llama_cpp_commit: str
 DEFAULT_RPC_PORT: int
 

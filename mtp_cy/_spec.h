@@ -197,31 +197,23 @@ struct mtp_cy_spec {
         return true;
     }
 
-    llama_token draw(mtp_cy_view v) {
+    // an index in [0, n) drawn with weights w(i) (they need not sum to 1)
+    template <class W>
+    size_t pick(size_t n, W w) {
         double tot = 0.0;
-        for (size_t i = 0; i < v.n; ++i) tot += v.d[i].p;
+        for (size_t i = 0; i < n; ++i) tot += w(i);
         const double r = uniform() * tot;
         double run = 0.0;
         size_t i = 0;
-        for (; i + 1 < v.n; ++i) {
-            run += v.d[i].p;
+        for (; i + 1 < n; ++i) {
+            run += w(i);
             if (run > r) break;
         }
-        return v.d[i].id;
+        return i;
     }
 
-    llama_token draw(const mtp_cy_dist & d, float * pr = nullptr) {
-        double tot = 0.0;
-        for (float v : d.p) tot += v;
-        const double r = uniform() * tot;
-        double run = 0.0;
-        size_t i = 0;
-        for (; i + 1 < d.size(); ++i) {
-            run += d.p[i];
-            if (run > r) break;
-        }
-        if (pr) *pr = d.p[i];
-        return d.id[i];
+    llama_token draw(mtp_cy_view v) {
+        return v.d[pick(v.n, [&](size_t i) { return v.d[i].p; })].id;
     }
 
     // -- drafting ---------------------------------------------------------------------
@@ -257,15 +249,7 @@ struct mtp_cy_spec {
             q.pop_back();
             return -1;
         }
-        double tot = 0.0;
-        for (float v : d.p) tot += v;
-        const double r = uniform() * tot;
-        double run = 0.0;
-        size_t i = 0;
-        for (; i + 1 < d.size(); ++i) {
-            run += d.p[i];
-            if (run > r) break;
-        }
+        const size_t i = pick(d.size(), [&](size_t j) { return d.p[j]; });
         const llama_token x = d.id[i];
         const float pr = d.p[i];
         qx.push_back(pr);

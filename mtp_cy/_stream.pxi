@@ -541,7 +541,9 @@ cdef inline void _add_by_pos(_Stream s, int n_gen, int n_acc) except *:
 
 
 def _by_pos_text(st):
-    """``, acceptance by position = 0.950 0.800 ...`` for print_stats() (positions drafted so far)."""
+    """A second line for print_stats() after upstream's one (whose format it keeps):
+    ``statistics        draft-mtp: acceptance by position = 0.950 0.800 ...`` (the positions
+    drafted so far; empty when nothing was drafted)."""
     gen, acc = st.get("drafts_generated_by_pos") or [], st.get("drafts_accepted_by_pos") or []
     parts = [f"{a / g:.3f}" for g, a in zip(gen, acc) if g]
-    return (", acceptance by position = " + " ".join(parts)) if parts else ""
+    return (f"\nstatistics {'draft-mtp':>16}: acceptance by position = " + " ".join(parts)) if parts else ""

@@ -170,7 +170,10 @@ def test_print_stats_does_not_touch_file_descriptors(mtp_model, mtp_sm, capfd, c
         monkeypatch.undo()
         assert (_fds(), os.fstat(1), os.fstat(2)) == before
         assert capfd.readouterr() == ("", "")          # nothing written to fd 1 or 2
-    assert line.startswith("statistics        draft-mtp: #calls(b,g,a) = ") and line.endswith(" ms\n")
+    # upstream's line, then one with the acceptance by draft position
+    first, second = line.rstrip("\n").split("\n")
+    assert first.startswith("statistics        draft-mtp: #calls(b,g,a) = ") and first.endswith(" ms")
+    assert second.startswith("statistics        draft-mtp: acceptance by position = ")
     assert f"#gen tokens = {st['drafts_generated']:6d}" in line
     assert f"#acc tokens = {st['drafts_accepted']:5d}" in line
     rec = [r for r in caplog.records if r.name == "mtp_cy" and "draft-mtp" in r.getMessage()]
