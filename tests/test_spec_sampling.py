@@ -275,8 +275,10 @@ def test_seeded_calls_are_reproducible_and_batch_neighbours_do_not_matter(spread
         a = m.complete(prompt, seed=123, **opts)
         b = m.complete(prompt, seed=123, **opts)
         other = m.complete(prompt, seed=124, **opts)
+        free = [m.complete(prompt, **opts).tokens for _ in range(2)]
     assert a.tokens == b.tokens and a.stats["spec_sampling"] == "rejection"
     assert other.tokens != a.tokens            # the seed matters (24 tokens over 4 candidates)
+    assert free[0] != free[1]                  # seed=None: a random seed per call, not a fixed one
     # a Batch call gives the text of a lone MTP call with the same seed and n_draft, whatever runs beside
     out = {}
     with mtp_cy.Batch(spread_model, n_seq=3, n_draft=3, n_ctx=3 * 256, n_threads=1) as bt:
