@@ -74,6 +74,7 @@ struct mtp_cy_slot {
     common_sampler * smpl = nullptr;    // owned while a call holds the slot
     mtp_cy_spec * spec = nullptr;       // spec_sampling="rejection": the call's speculative sampler (owned)
     mtp_cy_abort ab;                    // this call's cancel flag and deadline (grammar work)
+    int64_t timeout_us = 0;             // the call's timeout for its next tokens (0: none)
     llama_token last = -1;
     int32_t max_new = 0;                // tokens the call may generate
     int32_t generated = 0;              // tokens generated (end-of-generation not counted)
@@ -601,6 +602,9 @@ struct mtp_cy_loop {
             if (s->end == MTP_CY_END_NONE && s->ppos >= n - 1) {
                 s->last = s->prompt[n - 1];
                 s->state.store(MTP_CY_SLOT_GEN);
+                // its first tokens come in this very step: from here the call's own timeout
+                // bounds the sampler's grammar work (the step began under the prompt's)
+                s->ab.deadline_us = s->timeout_us > 0 ? ggml_time_us() + s->timeout_us : 0;
             }
             if (budget <= 0) {
                 break;

@@ -369,6 +369,7 @@ cdef class Batch(_Engine):
         sl.k_req = s.k_req if s.k_req >= 0 else self.k_default
         sl.n_top = s.n_top
         sl.p_min = self.p_min
+        sl.timeout_us = s.timeout_us if s.timeout_us > 0 else 0
         sl.out.clear()
         sl.groups.clear()
         sl.lp_vals.clear()

@@ -47,7 +47,7 @@ def full_step(big_vocab):
     return took
 
 
-@pytest.mark.parametrize("kind", ["session", "mtp"])
+@pytest.mark.parametrize("kind", ["session", "mtp", "batch"])
 def test_timeout_inside_the_grammar(big_vocab, full_step, kind):
     sm, m = big_vocab
     with make_engine(kind, m, n_draft=2, n_ctx=256, n_threads=1) as eng:
@@ -59,6 +59,23 @@ def test_timeout_inside_the_grammar(big_vocab, full_step, kind):
         # usable again, with the same grammar too
         assert eng.generate(sm.token_ids[:3], max_tokens=3, temp=0) == sm.greedy(sm.token_ids[:3], 3).text
         assert eng.generate(sm.token_ids[:3], json_schema={"type": "integer"}, max_tokens=2, temp=0) is not None
+
+
+@pytest.mark.parametrize("kind", ["mtp", "batch"])
+def test_timeout_inside_the_grammar_when_sampling(big_vocab, full_step, kind):
+    """Rejection sampling (the default when sampling) runs the grammar over the draft's and the
+    target's candidates itself: a timeout stops that work too."""
+    sm, m = big_vocab
+    with make_engine(kind, m, n_draft=2, n_ctx=256, n_threads=1) as eng:
+        limit = full_step / 20
+        t0 = time.perf_counter()
+        with pytest.raises(mtp_cy.GenerationTimeout):
+            eng.generate(sm.token_ids[:3], json_schema=SCHEMA, max_tokens=3, temp=0.8, top_k=0, top_p=1.0,
+                         min_p=0.0, seed=1, timeout=limit)
+        assert time.perf_counter() - t0 < full_step / 2
+        c = eng.complete(sm.token_ids[:3], json_schema={"type": "integer"}, max_tokens=4, temp=0.8, seed=2)
+        assert c.stats["spec_sampling"] == "rejection" and (c.text == "" or c.text.strip().lstrip("-").isdigit())
+        assert eng.generate(sm.token_ids[:3], max_tokens=3, temp=0) == sm.greedy(sm.token_ids[:3], 3).text
 
 
 @pytest.mark.parametrize("kind", ["session", "mtp"])

@@ -245,6 +245,7 @@ cdef extern from "_batch.h" nogil:
         common_sampler * smpl
         mtp_cy_spec * spec
         mtp_cy_abort ab
+        int64_t timeout_us
         llama_token last
         int32_t max_new
         int32_t generated
