@@ -377,7 +377,7 @@ SLOW = [dict(temp=1.0, top_p=0.8), dict(temp=1.3, min_p=0.3), dict(temp=0.5), di
 @pytest.mark.parametrize("kind", ["mtp", "batch"])
 def test_more_samplers_follow_the_target_distribution(spread_sm, spread_model, plain, exact, sampler, kind):
     prompt = [spread_sm.token_ids[6]]
-    n = 2500
+    n = 2000
     full = dict(dict(top_k=0, top_p=1.0, min_p=0.0), **sampler)
     want = exact.joint(prompt[-1], L, **full)
     eng = mtp_cy.MTP(spread_model, n_draft=2, n_ctx=128, n_threads=1) if kind == "mtp" else \
@@ -393,7 +393,7 @@ def test_more_samplers_follow_the_target_distribution(spread_sm, spread_model, p
 @pytest.mark.parametrize("rule", ["rejection", "match"])
 def test_penalties_and_grammar_as_plain_sampling(spread_sm, spread_model, plain, case, rule):
     prompt = [spread_sm.token_ids[7], spread_sm.token_ids[8]]
-    n = 2500
+    n = 2000
     opts = dict(temp=1.0, top_k=0, top_p=1.0, min_p=0.0)
     if case == "penalties":
         opts.update(penalty_repeat=1.6, penalty_present=0.4, penalty_last_n=8)
