@@ -735,7 +735,7 @@ struct mtp_cy_loop {
                         // spec_sampling="rejection": drawn from the head's distribution under the
                         // call's sampler (an aborted grammar ends the draft; the verification
                         // then reports the abort)
-                        bool aborted = false;
+                        bool aborted = false;   // (the verification's grammar work sees it again)
                         id = s->spec->draft_next(llama_get_logits_ith(ctx_dft, s->di), &p, &aborted);
                         if (id < 0) {
                             s->drafting = false;

@@ -18,7 +18,8 @@
 //       p(x) = [x allowed] p_chain(x) + (1 - sum_{allowed} p_chain) p_grammar_first(x).
 // q is the chain over the head's logits with the call's sampler state (copied at the start of
 // each draft and advanced by the drafted tokens), restricted to the tokens the grammar allows.
-// Both are kept sparse (the candidates left after top-k / top-p / min-p); all randomness
+// q is kept as a sparse list (the candidates left after top-k / top-p / min-p), p is read in
+// place from the candidate array (copied only to mix a grammar's two draws); all randomness
 // (drafting, keeping, the residual and the final draw) comes from one generator per call,
 // seeded from the call's seed, so a seeded call is reproducible whatever runs beside it.
 #pragma once
