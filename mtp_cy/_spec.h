@@ -59,10 +59,9 @@ struct mtp_cy_spec {
     // scratch (reused: no allocation per token once warm)
     std::vector<llama_token_data> cand, cand2;
     std::vector<float> dense;              // by token; zero outside what is being looked at
-    mtp_cy_dist pc;
+    mtp_cy_dist pu, pc;                    // a grammar's two draws (the chain's; after the grammar)
     std::vector<llama_token_data> mix, res;     // a grammar's mixture; a residual
-    // what the last verify() saw: p of the token a confidence cut left out (-1: none asked)
-    llama_token probe_id = -1;
+    // what the last verify() saw: p of the token a confidence cut left out (0 when not asked)
     float probe_p = 0.0f;
 
     ~mtp_cy_spec() { release(); }
@@ -161,7 +160,6 @@ struct mtp_cy_spec {
             return true;
         }
         // the chain's draw is kept with probability `allowed` (the grammar's share of it) ...
-        mtp_cy_dist pu;
         take(a, pu);
         const size_t n_u = pu.size();
         double allowed = 0.0;
@@ -279,7 +277,6 @@ struct mtp_cy_spec {
     std::vector<llama_token> verify(llama_context * ctx, const std::vector<int> & idxs,
                                     const std::vector<llama_token> & draft, llama_token probe = -1) {
         std::vector<llama_token> out;
-        probe_id = -1;
         probe_p = 0.0f;
         const size_t n = draft.size();
         if (q.size() < n) {
@@ -302,7 +299,6 @@ struct mtp_cy_spec {
             }
             if (i == n) {
                 if (probe >= 0) {
-                    probe_id = probe;
                     for (size_t j = 0; j < pd.n; ++j) {
                         if (pd.d[j].id == probe) probe_p = pd.d[j].p;
                     }

@@ -24,6 +24,7 @@ from collections import Counter
 import pytest
 
 import mtp_cy
+from conftest import make_engine
 
 L = 3                 # tokens per call looked at
 ALPHA = 1e-4          # a check fails below this p-value
@@ -179,6 +180,17 @@ def reference(plain, prompt, n, **opts):
     return _REFERENCE[key]
 
 
+def unfiltered(**sampler):
+    """The sampler settings with top-k / top-p / min-p off unless `sampler` sets them."""
+    return dict(dict(top_k=0, top_p=1.0, min_p=0.0), **sampler)
+
+
+def assert_lossless(got, prompt, n, exact, plain, sampler, why=None):
+    """`got` (first tokens of n calls) fits the exact distribution and plain decoding's samples."""
+    assert gof_pvalue(got, exact.joint(prompt[-1], L, **sampler), n) > ALPHA, why
+    assert homogeneity_pvalue(got, reference(plain, prompt, n, **sampler)) > ALPHA, why
+
+
 FAST = [dict(temp=1.0), dict(temp=0.7, top_k=3)]
 FAST_IDS = ["temp1", "temp0.7-topk3"]
 
@@ -188,21 +200,17 @@ FAST_IDS = ["temp1", "temp0.7-topk3"]
 def test_mtp_first_tokens_follow_the_target_distribution(spread_sm, spread_model, plain, exact, sampler, rule):
     prompt = [spread_sm.token_ids[0]]
     n = 1500
-    full = dict(dict(top_k=0, top_p=1.0, min_p=0.0), **sampler)
-    want = exact.joint(prompt[-1], L, **full)
+    full = unfiltered(**sampler)
     with mtp_cy.MTP(spread_model, n_draft=3, n_ctx=128, n_threads=1) as m:
         got = draw(m, prompt, n, spec_sampling=rule, **full)
-        st = m.stats()
-    assert st["drafts_generated"] > 0
-    assert gof_pvalue(got, want, n) > ALPHA, (rule, sampler)
-    ref = reference(plain, prompt, n, **full)
-    assert homogeneity_pvalue(got, ref) > ALPHA, (rule, sampler)
+        assert m.stats()["drafts_generated"] > 0
+    assert_lossless(got, prompt, n, exact, plain, full, (rule, sampler))
 
 
 def test_batch_rejection_follows_the_target_distribution(spread_sm, spread_model, exact):
     prompt = [spread_sm.token_ids[1]]
     n = 1200
-    full = dict(temp=0.8, top_k=0, top_p=1.0, min_p=0.0)
+    full = unfiltered(temp=0.8)
     want = exact.joint(prompt[-1], L, **full)
     got = Counter()
     with mtp_cy.Batch(spread_model, n_seq=2, n_draft=3, n_ctx=256, n_threads=1) as b:
@@ -226,7 +234,7 @@ def test_the_check_catches_a_biased_sampler(spread_sm, exact):
     accepts the correct algorithm: the tests above can fail."""
     rng = random.Random(7)
     first = spread_sm.token_ids[0]
-    full = dict(temp=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    full = unfiltered(temp=1.0)
     want = exact.joint(first, L, **full)
 
     def pick(d):
@@ -378,14 +386,10 @@ SLOW = [dict(temp=1.0, top_p=0.8), dict(temp=1.3, min_p=0.3), dict(temp=0.5), di
 def test_more_samplers_follow_the_target_distribution(spread_sm, spread_model, plain, exact, sampler, kind):
     prompt = [spread_sm.token_ids[6]]
     n = 2000
-    full = dict(dict(top_k=0, top_p=1.0, min_p=0.0), **sampler)
-    want = exact.joint(prompt[-1], L, **full)
-    eng = mtp_cy.MTP(spread_model, n_draft=2, n_ctx=128, n_threads=1) if kind == "mtp" else \
-        mtp_cy.Batch(spread_model, n_seq=1, n_draft=2, n_ctx=128, n_threads=1)
-    with eng:
+    full = unfiltered(**sampler)
+    with make_engine(kind, spread_model, n_draft=2, n_ctx=128, n_threads=1) as eng:
         got = draw(eng, prompt, n, **full)
-    assert gof_pvalue(got, want, n) > ALPHA
-    assert homogeneity_pvalue(got, reference(plain, prompt, n, **full)) > ALPHA
+    assert_lossless(got, prompt, n, exact, plain, full, (kind, sampler))
 
 
 @pytest.mark.slow
@@ -394,7 +398,7 @@ def test_more_samplers_follow_the_target_distribution(spread_sm, spread_model, p
 def test_penalties_and_grammar_as_plain_sampling(spread_sm, spread_model, plain, case, rule):
     prompt = [spread_sm.token_ids[7], spread_sm.token_ids[8]]
     n = 2000
-    opts = dict(temp=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    opts = unfiltered(temp=1.0)
     if case == "penalties":
         opts.update(penalty_repeat=1.6, penalty_present=0.4, penalty_last_n=8)
     else:

@@ -128,7 +128,6 @@ cdef extern from "_policy.h" nogil:
 cdef extern from "_spec.h" nogil:
     cdef cppclass mtp_cy_spec:
         common_sampler * ds
-        llama_token probe_id
         float probe_p
         void init(const llama_model * model, common_sampler * call_smpl, common_params_sampling & sp,
                   uint32_t seed) except +
