@@ -340,6 +340,21 @@ def test_greedy_is_unchanged_and_exact(spread_sm, spread_model, mtp_sm, mtp_mode
         assert c.stats["drafts_accepted"] == want.drafts_accepted and c.stats["spec_sampling"] == "match"
 
 
+def test_p_min_cuts_drafts_the_head_is_unsure_of(spread_sm, spread_model):
+    """Under rejection sampling p_min compares the drawn token's probability under the head's
+    distribution: the spread head never gives a token 0.99, so nothing is drafted, while a low
+    p_min still drafts."""
+    prompt = [spread_sm.token_ids[10]]
+    opts = dict(unfiltered(temp=1.0), max_tokens=20, spec_sampling="rejection")
+    gen = {}
+    for p_min in (0.0, 0.05, 0.99):
+        with mtp_cy.MTP(spread_model, n_draft=2, p_min=p_min, n_ctx=256, n_threads=1) as m:
+            for seed in range(5):
+                m.complete(prompt, seed=seed, **opts)
+            gen[p_min] = m.stats()["drafts_generated"]
+    assert gen[0.99] == 0 and gen[0.0] > 0 and gen[0.05] > 0
+
+
 def test_auto_learns_the_acceptance_of_the_sampler_in_use(spread_sm, spread_model):
     prompt = [spread_sm.token_ids[9]]
     with mtp_cy.MTP(spread_model, n_draft="auto", n_ctx=512, n_threads=1) as m:
