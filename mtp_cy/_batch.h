@@ -152,6 +152,9 @@ struct mtp_cy_loop {
     common_batch db;                        // head batch
     std::vector<std::unique_ptr<mtp_cy_slot>> slots;
     mtp_cy_batch_policy policy;
+    // MTP(n_draft="auto"), one sequence: the single-sequence policy (_policy.h) chooses the
+    // draft length, cuts drafts by their learned confidence and learns from every step
+    mtp_cy_policy * solo = nullptr;
     std::vector<float> rows_tmp;
     // host copies of evicted conversations (bounded by cache_ram bytes; 0: none kept)
     std::vector<mtp_cy_saved> saved;
@@ -478,7 +481,8 @@ struct mtp_cy_loop {
         }
         idxs.resize(nb);
         for (int32_t j = 0; j < nb; ++j) idxs[j] = s->i0 + j;
-        const std::vector<llama_token> ids = s->spec ? s->spec->verify(ctx, idxs, s->draft)
+        const bool learn = solo && s->k > 0;
+        const std::vector<llama_token> ids = s->spec ? s->spec->verify(ctx, idxs, s->draft, learn ? s->dr.cut_id : -1)
                                                      : common_sampler_sample_and_accept_n(s->smpl, ctx, idxs, s->draft, false);
         if (ids.empty() || s->ab.cancel.load() || s->ab.timed_out || s->ab.interrupted) {
             s->valid = false;
@@ -486,7 +490,24 @@ struct mtp_cy_loop {
             return;
         }
         const int32_t n_acc = (int32_t) ids.size() - 1;
-        if (auto_k && s->k_req < 0) {
+        if (learn) {
+            // calibrate the draft's confidence: every drafted token whose predecessors were
+            // accepted, and the token a cut left out when the whole draft before it was
+            for (int32_t j = 0; j < std::min(n_acc + 1, nb - 1); ++j) {
+                solo->observe_confidence(s->dr.probs[j], j < n_acc, j + 1);
+            }
+            if (n_acc == nb - 1 && s->dr.cut_id >= 0) {
+                if (s->spec) {
+                    // rejection: the cut token would have been kept with probability
+                    // min(1, p/q); one draw of that (the call's generator)
+                    solo->observe_confidence(s->dr.cut_p, s->spec->uniform() * s->dr.cut_p < s->spec->probe_p, nb);
+                } else {
+                    solo->observe_confidence(s->dr.cut_p, ids.back() == s->dr.cut_id, nb);
+                }
+            }
+        }
+        if (solo) {
+        } else if (auto_k && s->k_req < 0) {
             s->acc.observe((int) s->draft.size(), n_acc);
             policy.batch_acc.observe((int) s->draft.size(), n_acc);
         } else if (s->draft.size() > 0) {
@@ -646,9 +667,13 @@ struct mtp_cy_loop {
         }
         const int64_t t0 = ggml_time_us();
         int rc = 0;
+        int64_t t_catch = 0;            // feeding the head (solo policy's cost model)
+        int32_t n_catch = 0, n_depth = 0;
         // draft lengths
         int k_auto = 0;
-        if (auto_k) {
+        if (auto_k && solo) {
+            k_auto = solo->choose();
+        } else if (auto_k) {
             std::vector<mtp_cy_seq_view> views;
             views.reserve(B);
             for (auto * s : act) {
@@ -673,6 +698,7 @@ struct mtp_cy_loop {
                     s->dr.skip_to((int32_t) s->toks.size() - lag_window);
                 }
             }
+            const int64_t tc_all = ggml_time_us();
             while (rc == 0) {
                 db.clear();
                 std::vector<std::pair<mtp_cy_slot *, int32_t>> fed;
@@ -694,8 +720,10 @@ struct mtp_cy_loop {
                 policy.head.observe(db.size(), (double) (ggml_time_us() - tc0));
                 for (auto & f : fed) {
                     f.first->dr.commit_catch_up(f.second);
+                    n_catch += f.second;
                 }
             }
+            t_catch = ggml_time_us() - tc_all;
             // 2. draft: one head decode per depth for every sequence still drafting
             int n_drafting = 0;
             for (auto * s : act) {
@@ -712,6 +740,9 @@ struct mtp_cy_loop {
                     throw std::logic_error("mtp_cy: draft without the MTP context caught up");
                 }
                 std::memcpy(s->dr.cur.data(), h, (size_t) n_embd * sizeof(float));
+                s->dr.probs.clear();
+                s->dr.cut_id = -1;
+                s->dr.cut_p = 0.0f;
                 ++n_drafting;
             }
             for (int depth = 0; n_drafting > 0 && rc == 0; ++depth) {
@@ -726,6 +757,7 @@ struct mtp_cy_loop {
                 }
                 rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, db.get());
                 if (rc != 0) break;
+                ++n_depth;
                 policy.head.observe(db.size(), (double) (ggml_time_us() - tds));
                 for (auto * s : act) {
                     if (!s->drafting) continue;
@@ -748,7 +780,11 @@ struct mtp_cy_loop {
                         id = cand->data[0].id;
                         p = cand->data[0].p;
                     }
-                    if (p < s->p_min) {
+                    if (p < s->p_min || (solo && !solo->keeps(p, (int32_t) s->draft.size() + 1 >= s->k))) {
+                        // the token that ended the draft: the solo policy learns whether the
+                        // target would have kept it
+                        s->dr.cut_id = id;
+                        s->dr.cut_p = p;
                         if (s->spec) s->spec->drop_last();
                         s->drafting = false;
                         --n_drafting;
@@ -760,6 +796,7 @@ struct mtp_cy_loop {
                         common_sampler_accept(s->dr.smpl, id, true);
                     }
                     s->draft.push_back(id);
+                    s->dr.probs.push_back(p);
                     if ((int32_t) s->draft.size() >= s->k) {
                         s->drafting = false;
                         --n_drafting;
@@ -809,7 +846,13 @@ struct mtp_cy_loop {
             return rc;
         }
         const int64_t t3 = ggml_time_us();
-        if (auto_k) {
+        if (auto_k && solo) {
+            const mtp_cy_slot * s = act[0];
+            if (s->produced) {
+                solo->observe((int) s->draft.size(), s->groups.back().n_acc, (double) (t2 - t1),
+                              (double) (t1 - t0 - t_catch), n_depth, (double) t_catch, n_catch, (double) (t3 - t2), s->k);
+            }
+        } else if (auto_k) {
             policy.observe_target(T, (double) (t2 - t1));
             bool uniform = n_done == B;
             for (auto * s : act) uniform = uniform && s->k_req < 0 && (int32_t) s->draft.size() == k_auto;

@@ -1,8 +1,6 @@
 # Batch: many calls at once, one sequence each, in one target context and one MTP-head
 # context (continuous batching; the loop is mtp_cy_loop in _batch.h).
 
-import time as _time
-
 _BATCH_MAX_SEQ = 64
 _BATCH_CTX_PER_SEQ = 2048
 _SLOT_STATES = ("free", "prompt", "generating")
@@ -57,45 +55,10 @@ cdef class Batch(_Engine):
     every call, a stream's ``close()`` its own; ``close()`` ends every call in
     flight with :class:`ClosedError`.
     """
-    cdef llama_context * ctx_dft
-    cdef mtp_cy_loop * loop
-    cdef readonly int n_seq
     cdef readonly int n_ctx_total
-    cdef object _n_draft
-    cdef bint auto
-    cdef int k_max
-    cdef int k_default          # the draft length of a call without n_draft= (-1: auto)
-    cdef readonly float p_min
-    cdef object _cond
-    cdef bint _stepping
-    cdef list _waiters
-    cdef int _n_open
-    cdef list _release_later
-    cdef uint64_t _next_call
-    cdef int64_t _clock
-    cdef int _cancel_epoch
 
     def __cinit__(self, *args, **kwargs):
-        self.ctx_dft = NULL
-        self.loop = new mtp_cy_loop()
         self._multi = True
-        self._stepping = False
-        self._waiters = []
-        self._release_later = []
-        self._n_open = 0
-        self._next_call = 0
-        self._clock = 0
-        self._cancel_epoch = 0
-        self._cond = threading.Condition(threading.RLock())
-
-    def __dealloc__(self):
-        if self.loop != NULL:
-            self.loop.release()
-            del self.loop
-            self.loop = NULL
-        if self.ctx_dft != NULL:
-            llama_free(self.ctx_dft)
-            self.ctx_dft = NULL
 
     def __init__(self, Model model not None, *, n_seq=4, n_draft="auto", n_draft_max=None, p_min=0.0,
                  n_ctx=None, cache_ram=_CACHE_RAM_DEFAULT, spec_sampling=None, **options):
@@ -132,7 +95,7 @@ cdef class Batch(_Engine):
             if not has_head:
                 self.k_max = 0
         self._n_draft = n_draft
-        self.p_min = _as_float("p_min", p_min, 0.0, 1.0)
+        self._p_min = _as_float("p_min", p_min, 0.0, 1.0)
         cdef int total = o["n_ctx"]
         cdef int per_seq = total // self.n_seq
         need = max(16, self.k_max + 2)
@@ -144,48 +107,12 @@ cdef class Batch(_Engine):
         if self.k_max > 0 and <int>cp.n_ubatch < self.k_max + 2:
             raise ValueError(f"Batch with n_draft up to {self.k_max} verifies {self.k_max + 1} tokens per "
                              f"sequence and needs n_ubatch >= {self.k_max + 2}, but n_ubatch is {cp.n_ubatch}")
-        cp.n_seq_max = self.n_seq
-        cp.kv_unified = True
-        cp.n_rs_seq = self.k_max
-        cp.n_outputs_max = min(cp.n_batch, self.n_seq * (1 + self.k_max))
-        cp.n_outputs_max_per_seq = 1 + self.k_max
-        self.model = model
-        cdef llama_context * ctx = self._new_context(model._model, cp, "the target context", MTPError)
-        cdef llama_context * dft = NULL
-        try:
-            if self.k_max > 0:
-                cp.ctx_type = LLAMA_CONTEXT_TYPE_MTP
-                cp.n_rs_seq = 0
-                cp.ctx_other = ctx
-                dft = self._new_context(model._mtp_model(), cp, "the MTP draft context", MTPUnsupportedError)
-                if llama_model_n_embd_out(llama_get_model(dft)) != llama_model_n_embd_out(llama_get_model(ctx)):
-                    raise MTPUnsupportedError("MTP head width does not match the target's hidden width")
-            try:
-                self.loop.init(ctx, dft, self.n_seq, self.k_max, self.auto)
-                self.loop.st = self.st
-            except Exception as exc:
-                raise MTPUnsupportedError(f"cannot drive the MTP head: {exc}") from None
-        except BaseException:
-            self.loop.release()
-            if dft != NULL:
-                llama_free(dft)
-            llama_free(ctx)
-            self.tp = NULL
-            if self._pool_threads > 0:
-                mtp_cy_threadpool_free()
-                self._pool_threads = 0
-            raise
-        self.ctx_dft = dft
+        self._open_loop(model, o, cp, self.n_seq, per_seq, MTPUnsupportedError)
         # the head catches up on at most this many positions when drafting resumes after plain
         # steps (a deep catch-up costs more than the few drafts it improves; output unchanged)
         self.loop.lag_window = _BATCH_LAG_WINDOW
         self.loop.cache_ram = cache_ram if o["cache_prompt"] else 0
-        self.loop.max_checkpoints = o["cache_checkpoints"]
-        self.loop.checkpoint_every = o["checkpoint_every"]
-        self._finish_init(model, ctx, o)
-        self.n_ctx = per_seq
         self.n_ctx_total = total
-        self.cache_valid = True
 
     cdef int _no_head(self, Model model) except -1:
         if model.n_layer_nextn > 1:
@@ -198,23 +125,10 @@ cdef class Batch(_Engine):
         raise MTPUnsupportedError(f"{model.path!r} has no MTP head (architecture {model.arch!r}): "
                                   f"use n_draft=0 or 'auto' (plain batched decoding), or an MTP GGUF / sidecar")
 
-    cdef void _attach_pool(self, ggml_threadpool_t tp) noexcept:
-        llama_attach_threadpool(self.ctx, tp, tp)
-        if self.ctx_dft != NULL:
-            llama_attach_threadpool(self.ctx_dft, tp, tp)
-
-    cdef void _set_threads(self, int n) noexcept:
-        llama_set_n_threads(self.ctx, n, n)
-        if self.ctx_dft != NULL:
-            llama_set_n_threads(self.ctx_dft, n, n)
-
-    cdef void _free_native(self) noexcept:
-        if self.loop != NULL:
-            self.loop.release()
-        if self.ctx_dft != NULL:
-            llama_free(self.ctx_dft)
-            self.ctx_dft = NULL
-        _Engine._free_native(self)
+    @property
+    def p_min(self):
+        """A draft ends at the first token whose head probability is below this."""
+        return self._p_min
 
     @property
     def n_draft(self):
@@ -238,365 +152,6 @@ cdef class Batch(_Engine):
                              f"got {value!r}")
         return value
 
-    # -- lifetime ---------------------------------------------------------------------
-    def close(self):
-        """Free the contexts (idempotent).  Every call in flight ends with :class:`ClosedError`
-        (a running step is stopped first); calls waiting for a slot are woken and fail the same way."""
-        if self._closed:
-            return
-        with self._cond:
-            self._cond.notify_all()
-        _Engine.close(self)
-        with self._cond:
-            self._cond.notify_all()
-
-    def cancel(self):
-        """Stop every call: each stream ends as after its own ``cancel`` (finish reason
-        ``"cancelled"``, tokens already produced kept); calls waiting for a slot end too.
-        Safe from any thread."""
-        cdef int i
-        self._cancel_epoch += 1
-        if self.loop != NULL:
-            for i in range(<int>self.loop.slots.size()):
-                if self.loop.slots[i].get().state.load() != MTP_CY_SLOT_FREE:
-                    self.loop.slots[i].get().ab.cancel.store(1)
-        with self._cond:
-            self._cond.notify_all()
-
-    cdef void _cancel_call(self, _Stream s) except *:
-        s.cancel_req = True
-        cdef mtp_cy_slot * sl
-        if s.slot >= 0 and self.loop != NULL and not self._closed:
-            sl = self.loop.slots[s.slot].get()
-            if sl.call_id == s.call_id:
-                sl.ab.cancel.store(1)
-        with self._cond:
-            self._cond.notify_all()
-
-    def clear_cache(self):
-        """Drop the state every free slot keeps from earlier calls (slots in use keep theirs)
-        and the host copies of evicted conversations."""
-        self._check()
-        cdef int i
-        cdef mtp_cy_slot * sl
-        for i in range(self.n_seq):
-            sl = self.loop.slots[i].get()
-            if sl.state.load() == MTP_CY_SLOT_FREE:
-                sl.valid = False
-                sl.ckpts.clear()
-        self.loop.clear_saved()
-
-    # -- slots --------------------------------------------------------------------------
-    cdef int _pick_slot(self, _Stream s):
-        """The free slot whose memory shares the longest usable prefix with the prompt
-        (then the least recently used one); -1 when none is free.  When a host copy of an
-        evicted conversation shares more, the least recently used free slot is taken and
-        told to restore that copy first (``cache_ram``)."""
-        cdef int i, best = -1, L, bestL = -1, lru = -1
-        cdef int64_t bestU = 0, lruU = 0
-        cdef mtp_cy_slot * sl
-        cdef int n = s.prompt.size()
-        cdef uint64_t sid = 0
-        cdef int Lh = 0
-        for i in range(self.n_seq):
-            sl = self.loop.slots[i].get()
-            if sl.state.load() != MTP_CY_SLOT_FREE:
-                continue
-            L = self.loop.usable_prefix(i, s.prompt.data(), n) if self.cache_prompt else 0
-            if L > bestL or (L == bestL and sl.last_used < bestU):
-                best, bestL, bestU = i, L, sl.last_used
-            if lru < 0 or sl.last_used < lruU:
-                lru, lruU = i, sl.last_used
-        if best >= 0:
-            self.loop.slots[best].get().restore_id = 0
-            if self.cache_prompt and self.loop.cache_ram > 0:
-                Lh = self.loop.saved_prefix(s.prompt.data(), n, &sid)
-                if sid != 0 and Lh > bestL:
-                    best = lru
-                    self.loop.slots[best].get().restore_id = sid
-        return best
-
-    cdef int _take_slot(self, _Stream s) except -1:
-        """Wait (FIFO, bounded by the call's timeout) for a free slot and give it to ``s``;
-        returns the slot, or -2 when the call was cancelled first."""
-        ticket = object()
-        cdef double deadline = (_time.monotonic() + s.timeout_us / 1e6) if s.timeout_us > 0 else 0
-        cdef int epoch = self._cancel_epoch
-        cdef int i = -1
-        with self._cond:
-            self._waiters.append(ticket)
-            try:
-                while True:
-                    if self._closing():
-                        raise ClosedError("the Batch was closed while this call waited for a slot")
-                    if s.cancel_req or self._cancel_epoch != epoch:
-                        return -2         # cancelled while waiting (-1 is the error return)
-                    if self._waiters[0] is ticket:
-                        i = self._pick_slot(s)
-                        if i >= 0:
-                            break
-                    left = (deadline - _time.monotonic()) if deadline else 0.25
-                    if deadline and left <= 0:
-                        raise QueueTimeout(f"no free slot within the timeout ({s.timeout_us / 1e6:g} s): "
-                                                f"all {self.n_seq} sequences are busy")
-                    self._cond.wait(min(left, 0.25))
-            finally:
-                self._waiters.remove(ticket)
-                self._cond.notify_all()
-        cdef mtp_cy_slot * sl = self.loop.slots[i].get()
-        self._next_call += 1
-        self._clock += 1
-        sl.call_id = self._next_call
-        sl.last_used = self._clock
-        sl.state.store(MTP_CY_SLOT_PROMPT)
-        sl.end = MTP_CY_END_NONE
-        sl.rc = 0
-        sl.ab.cancel.store(0)
-        sl.ab.deadline_us = 0
-        sl.ab.timed_out = 0
-        sl.ab.interrupted = 0
-        sl.ab.check_signals = 0
-        sl.smpl = s.smpl
-        s.smpl = NULL
-        common_sampler_set_abort_callback(sl.smpl, _abort_cb, <void *>&sl.ab)
-        sl.spec = s.spec
-        s.spec = NULL
-        if sl.spec != NULL:
-            common_sampler_set_abort_callback(sl.spec.ds, _abort_cb, <void *>&sl.ab)
-        sl.max_new = s.max_tokens
-        sl.generated = 0
-        sl.n_ctx = self.n_ctx
-        sl.k_req = s.k_req if s.k_req >= 0 else self.k_default
-        sl.n_top = s.n_top
-        sl.p_min = self.p_min
-        sl.timeout_us = s.timeout_us if s.timeout_us > 0 else 0
-        sl.out.clear()
-        sl.groups.clear()
-        sl.lp_vals.clear()
-        sl.lp_top_ids.clear()
-        sl.lp_top_vals.clear()
-        sl.acc.reset()
-        mtp_cy_reset(sl.c_iters); mtp_cy_reset(sl.c_gen); mtp_cy_reset(sl.c_acc)
-        s.slot = i
-        s.call_id = sl.call_id
-        sl.prompt = s.prompt
-        sl.ppos = 0
-        sl.ckpt_hint = s.ckpt_hint
-        sl.need_reuse = True
-        sl.cache = self.cache_prompt
-        sl.n_reused = 0
-        sl.t_prefill_us = 0
-        s.b_t_prefill = -1
-        if s.cancel_req:
-            sl.ab.cancel.store(1)
-        self._n_open += 1
-        if self._n_open == 1 and self.tp != NULL and not self._in_call:
-            self._in_call = True
-            mtp_cy_call_begin(self.tp)
-        return i
-
-    cdef void _free_slot(self, int i, uint64_t call_id) noexcept:
-        cdef mtp_cy_slot * sl
-        if self.loop == NULL or i < 0 or i >= <int>self.loop.slots.size():
-            return
-        sl = self.loop.slots[i].get()
-        if sl.call_id != call_id or sl.state.load() == MTP_CY_SLOT_FREE:
-            return
-        if sl.spec != NULL:
-            del sl.spec
-            sl.spec = NULL
-        if sl.smpl != NULL:
-            common_sampler_free(sl.smpl)
-            sl.smpl = NULL
-        if sl.end == MTP_CY_END_ABORT or sl.end == MTP_CY_END_FAILED or sl.state.load() == MTP_CY_SLOT_PROMPT:
-            sl.valid = False
-        sl.out.clear()
-        sl.groups.clear()
-        sl.lp_vals.clear()
-        sl.lp_top_ids.clear()
-        sl.lp_top_vals.clear()
-        sl.state.store(MTP_CY_SLOT_FREE)
-        self._n_open -= 1
-        if self._n_open == 0:
-            self._end_call()
-
-    cdef void _finish(self, _Stream s) noexcept:
-        if s.slot < 0:
-            return
-        try:
-            if self._stepping:
-                self._release_later.append((s.slot, s.call_id))   # freed when the step has returned
-            else:
-                self._free_slot(s.slot, s.call_id)
-            with self._cond:
-                self._cond.notify_all()
-        except BaseException:
-            pass
-
-    # -- the native loop ----------------------------------------------------------------
-    cdef int _enter_step(self, double deadline) except -1:
-        """Become the thread that runs the next native work; 0 when the deadline passed or the
-        batch closed first (then the caller looks at its slot again)."""
-        with self._cond:
-            while self._stepping:
-                if self._closing():
-                    return 0
-                left = (deadline - _time.monotonic()) if deadline else 0.25
-                if deadline and left <= 0:
-                    return 0
-                self._cond.wait(min(left, 0.25))
-                return 0          # something changed: the caller looks at its slot first
-            if self._closing():
-                return 0
-            self._stepping = True
-            self._running = 1
-            self._running_tid = <long>PyThread_get_thread_ident()
-        return 1
-
-    cdef void _leave_step(self) noexcept:
-        cdef tuple r
-        try:
-            with self._cond:
-                self._stepping = False
-                self._running = 0
-                later, self._release_later = self._release_later, []
-                for r in later:
-                    self._free_slot(r[0], r[1])
-                self._cond.notify_all()
-            if self._close_pending:
-                self._do_close()
-        except BaseException:
-            pass
-
-    cdef inline bint _closing(self):
-        # close() stops a running step through the contexts' abort flag (only close sets it)
-        return self._closed or self._close_pending or self.ab.cancel.load() != 0
-
-    cdef int _native(self, _Stream s) except -1:
-        """One native step's worth of ``s``: its slot and prompt first, then one step's tokens."""
-        cdef int r
-        if self._closing():
-            raise ClosedError("the Batch was closed during the stream")
-        if not s.started:
-            s.started = True
-            if self._take_slot(s) < 0:
-                return R_CANCEL
-            mtp_cy_add(self.st.calls, 1)
-            mtp_cy_add(self.st.prompt_tokens, s.prompt.size())
-        return self._next_group(s)
-
-    cdef int _next_group(self, _Stream s) except -1:
-        cdef mtp_cy_slot * sl
-        cdef mtp_cy_group g
-        cdef int j, t, n_top
-        cdef double now = _time.monotonic()
-        cdef double d_gen = (now + s.timeout_us / 1e6) if s.timeout_us > 0 else 0
-        cdef double d_prompt = (now + s.prompt_timeout_us / 1e6) if s.prompt_timeout_us > 0 else 0
-        cdef double deadline
-        cdef bint in_prompt = s.b_t_prefill < 0
-        while True:
-            if self._closing():
-                raise ClosedError("the Batch was closed during the stream")
-            sl = self.loop.slots[s.slot].get()
-            if in_prompt and sl.state.load() != MTP_CY_SLOT_PROMPT:
-                # the prompt is done: its share of the statistics, and the token timeout from now
-                in_prompt = False
-                s.n_cached = sl.n_reused
-                s.b_t_prefill = sl.t_prefill_us
-                mtp_cy_add(self.st.prompt_tokens_cached, sl.n_reused)
-                mtp_cy_add(self.st.t_prefill_us, sl.t_prefill_us)
-                d_gen = (_time.monotonic() + s.timeout_us / 1e6) if s.timeout_us > 0 else 0
-            deadline = d_prompt if in_prompt else d_gen
-            if sl.groups.size() > 0:
-                sl.ab.deadline_us = 0
-                g = sl.groups.front()
-                sl.groups.pop_front()
-                for j in range(g.n_tok):
-                    s.pending.push_back(sl.out.front())
-                    sl.out.pop_front()
-                n_top = max(s.n_top, 0)
-                for j in range(g.n_lp):
-                    s.lp_vals.push_back(sl.lp_vals.front())
-                    sl.lp_vals.pop_front()
-                    for t in range(n_top):
-                        s.lp_top_ids.push_back(sl.lp_top_ids.front())
-                        sl.lp_top_ids.pop_front()
-                        s.lp_top_vals.push_back(sl.lp_top_vals.front())
-                        sl.lp_top_vals.pop_front()
-                s.b_iters += 1
-                s.b_gen += g.n_gen
-                s.b_acc += g.n_acc
-                _add_by_pos(s, g.n_gen, g.n_acc)
-                s.b_t_draft += g.t_draft_us
-                s.b_t_verify += g.t_verify_us
-                s.b_t_sample += g.t_sample_us
-                s.b_t_total += g.t_total_us
-                return R_NONE
-            if sl.end == MTP_CY_END_TOKENS:
-                return R_MAX
-            if sl.end == MTP_CY_END_CTX:
-                return R_CTX
-            if sl.end == MTP_CY_END_ABORT:
-                if sl.ab.timed_out:
-                    raise GenerationTimeout("no token within the timeout while sampling")
-                return R_CANCEL
-            if sl.end == MTP_CY_END_FAILED:
-                if sl.rc == 2:
-                    self._raise_interrupt()
-                    return R_CANCEL
-                raise DecodeError(f"llama.cpp failed while verifying a draft (code {sl.rc}): "
-                                  f"{_take_errors() or 'no detail'}")
-            if s.cancel_req or sl.ab.cancel.load():
-                return R_CANCEL
-            if deadline and _time.monotonic() > deadline:
-                raise GenerationTimeout("no token within the timeout while " +
-                                        ("processing the prompt" if in_prompt else "generating"))
-            # the grammar's work in this call's sampler stops at the call's deadline
-            sl.ab.deadline_us = (ggml_time_us() + <int64_t>((deadline - _time.monotonic()) * 1e6)) if deadline else 0
-            if self._enter_step(deadline):
-                try:
-                    self._run_step()
-                finally:
-                    self._leave_step()
-
-    cdef int _run_step(self) except -1:
-        cdef int rc = 0, nt
-        cdef int budget = max(64, <int>llama_n_ubatch(self.ctx))
-        cdef rpc.watch * w = self.model._rpcw
-        self._arm(0)
-        if w != NULL:
-            self.model._rpc_guard()
-        nt = self._cpu_enter(self.n_threads_batch if self.loop.has_prompts() else self.n_threads)
-        try:
-            try:
-                with nogil:
-                    rc = self.loop.step(budget)
-            except Exception as exc:
-                self._fail_active()
-                raise _native_error(exc, "drafting or verifying") from None
-        finally:
-            self._cpu_leave(nt)
-        if self.loop.last_n > 0:
-            mtp_cy_add(self.st.iters, self.loop.last_n)
-            mtp_cy_add(self.st.t_draft_us, self.loop.t_draft_us)
-            mtp_cy_add(self.st.t_verify_us, self.loop.t_verify_us)
-            mtp_cy_add(self.st.t_sample_us, self.loop.t_sample_us)
-            mtp_cy_add(self.st.t_total_us, self.loop.t_total_us)
-        if w != NULL and w.any_failed():
-            self._fail_active()
-            self.model._rpc_check("verifying a draft", True)
-        return 0
-
-    cdef void _fail_active(self) noexcept:
-        cdef int i
-        cdef mtp_cy_slot * sl
-        for i in range(self.n_seq):
-            sl = self.loop.slots[i].get()
-            if sl.state.load() == MTP_CY_SLOT_GEN and sl.end == MTP_CY_END_NONE:
-                sl.end = MTP_CY_END_FAILED
-                sl.rc = -1
-                sl.valid = False
-
     # -- statistics -----------------------------------------------------------------------
     cdef dict _stream_stats(self, _Stream s):
         npos = self._n_pos()
@@ -611,7 +166,7 @@ cdef class Batch(_Engine):
                            "total": s.b_t_total, "prefill": s.b_t_prefill},
              "tokens_per_sec": (s.delivered * 1e6 / s.b_t_total) if s.b_t_total > 0 else 0.0,
              "prompt_tokens": <int>s.prompt.size(), "prompt_tokens_cached": s.n_cached,
-             "n_draft": self._n_draft if s.k_req < 0 else s.k_req, "p_min": self.p_min, "slot": s.slot,
+             "n_draft": self._n_draft if s.k_req < 0 else s.k_req, "p_min": self._p_min, "slot": s.slot,
              "spec_sampling": s.spec_rule}
         return d
 
@@ -626,7 +181,7 @@ cdef class Batch(_Engine):
         cdef mtp_cy_slot * sl
         cdef mtp_cy_batch_policy * pol
         d["n_draft"] = self._n_draft
-        d["p_min"] = self.p_min
+        d["p_min"] = self._p_min
         d["n_seq"] = self.n_seq
         if self.loop == NULL or self._closed:
             d["cache"] = {"tokens": 0, "checkpoints": 0, "checkpoint_bytes": 0}

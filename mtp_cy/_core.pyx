@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import threading
+import time as _time
 
 from mtp_cy import _template_guard
 

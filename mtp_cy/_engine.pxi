@@ -1,11 +1,11 @@
-# The engine shared by Session and MTP: context creation (options, thread pool,
+# The engine of Session, MTP and Batch: context creation (options, thread pool,
 # RPC checks), lifetime (close from any thread or from a signal handler), the
-# native step driver (abort state, timeouts, RPC, C++ exceptions, return codes),
-# the prompt cache (state reuse across calls, checkpoints for recurrent/hybrid
-# models), statistics, and the public generation API (stream / stream_events /
-# generate / chat / asyncio).  Each subclass only says what differs: how one
-# decoding step is made (Session._step, MTP._step) and what the MTP head needs
-# around the prompt (hooks below).
+# driver of the one generation loop (mtp_cy_loop in _batch.h: slots, prompt
+# cache, draft / verify steps; a Session is its one-sequence case without a
+# drafter, an MTP its one-sequence case with one, a Batch many sequences),
+# statistics, and the public generation API (stream / stream_events / generate /
+# chat / asyncio).  Each subclass only says what differs: its options, how many
+# sequences, whether and how it drafts, its statistics.
 
 cimport cython
 from cpython.pythread cimport PyThread_get_thread_ident
@@ -108,9 +108,17 @@ cdef llama_context_params _context_params(dict o) except *:
 cdef cbool _abort_cb(void * data) noexcept nogil:
     """Called by ggml between graph nodes: cancel, timeout and Ctrl-C handling."""
     cdef mtp_cy_abort * a = <mtp_cy_abort *> data
+    cdef mtp_cy_abort * c = a.link
     cdef int64_t now
     if a.cancel.load() or a.interrupted or a.timed_out:
         return True     # sticky: every later graph (draft or target) aborts too
+    if c != NULL:
+        # a Session / MTP: its call's cancel() and deadline (the slot's) stop the decode too
+        if c.cancel.load() or c.timed_out:
+            return True
+        if c.deadline_us != 0 and ggml_time_us() > c.deadline_us:
+            c.timed_out = 1
+            return True
     if a.deadline_us == 0 and not a.check_signals:
         return False
     now = ggml_time_us()
@@ -143,10 +151,11 @@ cdef object _native_error(exc, str what):
 
 @cython.no_gc_clear
 cdef class _Engine:
-    """Base of Session and MTP: contexts, thread pool, prompt cache, statistics, busy flag."""
+    """Base of Session, MTP and Batch: contexts, thread pool, the generation loop, statistics."""
     cdef readonly Model model
     cdef llama_context * ctx
-    cdef common_batch * batch
+    cdef llama_context * ctx_dft   # the MTP head's context (NULL: no drafter)
+    cdef mtp_cy_loop * loop        # the generation loop (_batch.h): one slot per sequence
     cdef ggml_threadpool_t tp      # the shared CPU pool the contexts are attached to now (_native.h)
     cdef int _pool_threads         # the session's pool size (0: no pool)
     cdef int _cur_threads          # the thread count the contexts are set to now
@@ -161,23 +170,33 @@ cdef class _Engine:
     cdef bint _close_pending     # close() was called from inside that step (a signal handler)
     cdef bint _multi             # many calls at once, one sequence each (mtp_cy.Batch)
     cdef object _spec_default    # spec_sampling of a call that does not say (None: rejection unless greedy)
-    cdef readonly int n_ctx
-    cdef int n_batch
+    cdef readonly int n_ctx      # positions of one sequence
     cdef int n_threads
     cdef int n_threads_batch       # threads of a prompt chunk (llama.cpp's n_threads_batch)
-    # prompt cache: toks[p] is the token at position p of the target's memory
-    cdef vector[llama_token] toks
     cdef bint cache_prompt
-    cdef bint cache_valid        # False after a step failed half-way: the memory must be cleared
     cdef bint needs_checkpoints  # the memory cannot be cut at any position (recurrent / sliding window)
-    cdef mtp_cy_checkpoints ckpts
-    cdef int max_checkpoints
-    cdef int checkpoint_every
+    # drafting
+    cdef bint auto               # n_draft="auto"
+    cdef int k_max               # the longest draft (0: no drafter)
+    cdef int k_default           # the draft length of a call without n_draft= (-1: the policy's)
+    cdef float _p_min            # a draft ends at a token the head is less sure of
+    cdef object _n_draft
+    # the slots: waiting calls, the thread that runs the next step
+    cdef readonly int n_seq      # sequences at once (1: Session, MTP)
+    cdef object _cond
+    cdef bint _stepping
+    cdef list _waiters
+    cdef int _n_open
+    cdef list _release_later
+    cdef uint64_t _next_call
+    cdef int64_t _clock
+    cdef int _cancel_epoch
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
         self.ctx = NULL
-        self.batch = NULL
+        self.ctx_dft = NULL
+        self.loop = new mtp_cy_loop()
         self.tp = NULL
         self._pool_threads = 0
         self._cur_threads = 0
@@ -187,8 +206,16 @@ cdef class _Engine:
         self.busy = new mtp_cy_flag()
         self._closed = True
         self._inited = False
-        self.cache_valid = False
         self._multi = False
+        self.n_seq = 1
+        self._stepping = False
+        self._waiters = []
+        self._release_later = []
+        self._n_open = 0
+        self._next_call = 0
+        self._clock = 0
+        self._cancel_epoch = 0
+        self._cond = threading.Condition(threading.RLock())
 
     # -- construction ---------------------------------------------------------------
     cdef dict _begin_init(self, Model model, dict options, str kind):
@@ -227,31 +254,68 @@ cdef class _Engine:
             llama_attach_threadpool(ctx, self.tp, self.tp)
         return ctx
 
-    cdef int _finish_init(self, Model model, llama_context * ctx, dict o) except -1:
-        """Take ownership of the target context; the object is usable from here on."""
+    cdef int _open_loop(self, Model model, dict o, llama_context_params cp, int n_seq, int n_ctx_seq,
+                        exc_no_head) except -1:
+        """Create the target context for ``n_seq`` sequences of ``n_ctx_seq`` positions (and the MTP
+        head's context when ``self.k_max > 0``) and the generation loop over them; the object is
+        usable from here on.  ``exc_no_head``: the error when the head's context cannot be made."""
+        cp.n_seq_max = n_seq
+        cp.kv_unified = True
+        cp.n_rs_seq = self.k_max
+        cp.n_outputs_max = min(cp.n_batch, n_seq * (1 + self.k_max))
+        cp.n_outputs_max_per_seq = 1 + self.k_max
+        self.model = model
+        cdef llama_context * ctx = self._new_context(model._model, cp, "the target context", MTPError)
+        cdef llama_context * dft = NULL
+        try:
+            if self.k_max > 0:
+                cp.ctx_type = LLAMA_CONTEXT_TYPE_MTP
+                cp.n_rs_seq = 0
+                cp.ctx_other = ctx
+                dft = self._new_context(model._mtp_model(), cp, "the MTP draft context", exc_no_head)
+                if llama_model_n_embd_out(llama_get_model(dft)) != llama_model_n_embd_out(llama_get_model(ctx)):
+                    raise MTPUnsupportedError("MTP head width does not match the target's hidden width")
+            try:
+                self.loop.init(ctx, dft, n_seq, self.k_max, self.auto)
+            except Exception as exc:
+                raise MTPUnsupportedError(f"cannot drive the MTP head: {exc}") from None
+        except BaseException:
+            self.loop.release()
+            if dft != NULL:
+                llama_free(dft)
+            llama_free(ctx)
+            self.tp = NULL
+            if self._pool_threads > 0:
+                mtp_cy_threadpool_free()
+                self._pool_threads = 0
+            raise
         self.ctx = ctx
-        self.batch = new common_batch(ctx)
+        self.ctx_dft = dft
+        self.n_seq = n_seq
+        self.loop.st = self.st
+        self.loop.max_checkpoints = o["cache_checkpoints"]
+        self.loop.checkpoint_every = o["checkpoint_every"]
         self.model = model
         model._retain()
         self._closed = False
         self._inited = True
-        self.n_ctx = o["n_ctx"]
-        self.n_batch = llama_n_batch(ctx)
+        self.n_ctx = n_ctx_seq
         self.n_threads = <int>(o["n_threads"] or _default_threads())
         self.n_threads_batch = <int>(o["n_threads_batch"] or self.n_threads)
         self.cache_prompt = o["cache_prompt"]
-        self.max_checkpoints = o["cache_checkpoints"]
-        self.checkpoint_every = o["checkpoint_every"]
-        cdef const llama_model * m = llama_get_model(ctx)
-        self.needs_checkpoints = (llama_model_is_recurrent(m) or llama_model_is_hybrid(m)
-                                  or llama_model_n_swa(m) > 0)
-        self.cache_valid = False
+        self.needs_checkpoints = self.loop.needs_checkpoints
+        if not self._multi:
+            # one sequence: its call's cancel and deadline stop a running decode too
+            self.ab.link = &self.loop.slots[0].get().ab
         return 0
 
     cdef void _free_native(self) noexcept:
-        if self.batch != NULL:
-            del self.batch
-            self.batch = NULL
+        self.ab.link = NULL
+        if self.loop != NULL:
+            self.loop.release()     # (the drafters' samplers and batches go before the contexts)
+        if self.ctx_dft != NULL:
+            llama_free(self.ctx_dft)
+            self.ctx_dft = NULL
         if self.ctx != NULL:
             llama_free(self.ctx)
             self.ctx = NULL
@@ -260,12 +324,12 @@ cdef class _Engine:
         if self._pool_threads > 0:
             mtp_cy_threadpool_free()
             self._pool_threads = 0
-        self.ckpts.clear()
-        self.toks.clear()
-        self.cache_valid = False
 
     def __dealloc__(self):
         self._free_native()
+        if self.loop != NULL:
+            del self.loop
+            self.loop = NULL
         if self.model is not None and not self._closed:
             self.model._release()
         del self.st
@@ -286,7 +350,9 @@ cdef class _Engine:
         self.model._release()
 
     def close(self):
-        """Free the contexts (idempotent).  A running stream is cancelled first.
+        """Free the contexts (idempotent).  A running stream is cancelled first (on a
+        :class:`Batch`, every call in flight ends with :class:`ClosedError`; calls waiting for
+        a slot are woken and fail the same way).
 
         Safe from any thread, and from a signal handler: called while this
         object's own native step runs on the same thread (a handler for SIGTERM
@@ -294,6 +360,8 @@ cdef class _Engine:
         and the close completes as soon as the step has returned."""
         if self._closed:
             return
+        with self._cond:
+            self._cond.notify_all()
         if self._running:
             if self._running_tid == <long>PyThread_get_thread_ident():
                 self.ab.cancel.store(1)
@@ -303,6 +371,8 @@ cdef class _Engine:
             if self._closed:
                 return
         self._do_close()
+        with self._cond:
+            self._cond.notify_all()
 
     @property
     def closed(self):
@@ -322,16 +392,24 @@ cdef class _Engine:
             raise ClosedError(f"this {type(self).__name__} is closed")
 
     def cancel(self):
-        """Stop the running stream; safe from any thread (e.g. a UI or a watchdog).
+        """Stop the running stream (on a :class:`Batch`, every call); safe from any thread
+        (e.g. a UI or a watchdog).
 
         The native loop stops at the next ggml graph node (or before its next
         step); the stream then ends without an error: :meth:`stream` simply
         stops, :meth:`stream_events` ends with ``("done", stats)`` whose
         ``stats["stop_reason"]`` is ``"cancelled"``.  Tokens already produced
-        are kept.  A ``cancel()`` made while no stream runs does not affect
-        the next call.
+        are kept; calls waiting for a slot end too.  A ``cancel()`` made while
+        no stream runs does not affect the next call.
         """
-        self.ab.cancel.store(1)
+        cdef int i
+        self._cancel_epoch += 1
+        if self.loop != NULL and not self._closed:
+            for i in range(<int>self.loop.slots.size()):
+                if self.loop.slots[i].get().state.load() != MTP_CY_SLOT_FREE:
+                    self.loop.slots[i].get().ab.cancel.store(1)
+        with self._cond:
+            self._cond.notify_all()
 
     # -- statistics -----------------------------------------------------------------
     cdef dict _stats(self):
@@ -396,8 +474,7 @@ cdef class _Engine:
         Counters are cumulative over every call on this object (see :meth:`reset_stats`).
         """
         d = self._stats()
-        d["cache"] = {"tokens": <int>self.toks.size() if self.cache_valid else 0,
-                      "checkpoints": self.ckpts.size(), "checkpoint_bytes": self.ckpts.bytes()}
+        d["cache"] = self._cache_stats()
         self._more_stats(d)
         return d
 
@@ -417,115 +494,38 @@ cdef class _Engine:
 
     # -- prompt cache -----------------------------------------------------------------
     def clear_cache(self):
-        """Drop the state kept from earlier calls (the next call processes its whole prompt).
+        """Drop the state kept from earlier calls (the next call processes its whole prompt;
+        on a :class:`Batch`, every free slot's state and the host copies of evicted
+        conversations; slots in use keep theirs).
 
-        Raises :class:`SessionBusyError` while a stream is open."""
+        Raises :class:`SessionBusyError` on a Session or MTP while a stream is open."""
         self._check()
-        if self.busy.held():
+        cdef int i
+        cdef mtp_cy_slot * sl
+        if not self._multi and self.busy.held():
             raise SessionBusyError(f"this {type(self).__name__} is busy: close its open stream first")
-        self.cache_valid = False
-        self.ckpts.clear()
+        for i in range(self.n_seq):
+            sl = self.loop.slots[i].get()
+            if sl.state.load() == MTP_CY_SLOT_FREE:
+                sl.valid = False
+                sl.ckpts.clear()
+        self.loop.clear_saved()
 
-    cdef void _clear_memory(self) noexcept nogil:
-        llama_memory_clear(llama_get_memory(self.ctx), True)
-
-    cdef int _reset_state(self) except -1:
-        """Forget everything: empty memories, no checkpoints."""
-        with nogil:
-            self._clear_memory()
-        self._hook_reset()
-        self.toks.clear()
-        self.ckpts.clear()
-        self.cache_valid = True
-        return 0
-
-    cdef int _reuse(self, _Stream s) except -1:
-        """Prepare the memories for ``s.prompt``; return how many of its tokens are already there.
-
-        The prompt minus its last token is what the prefill processes (the last one is
-        processed by the first step, which needs its logits), so at most n-1 tokens are
-        reused.  An attention cache is cut at the first difference; a recurrent or
-        sliding-window memory goes back to the latest checkpoint at or before it."""
-        cdef int n = s.prompt.size()
-        cdef int limit = n - 1
-        cdef int L = 0, c, i, have = self.toks.size()
-        cdef bint ok = True
-        if not self.cache_prompt or not self.cache_valid:
-            self._reset_state()
-            return 0
-        while L < have and L < n and self.toks[L] == s.prompt[L]:
-            L += 1
-        c = min(L, limit)
-        if c == have:
-            return c                    # the prompt extends the state: nothing to undo
-        if c <= 0:
-            self._reset_state()
-            return 0
-        if not self.needs_checkpoints:
-            c = self._hook_cut(c)
-            if c > 0:
-                with nogil:
-                    ok = llama_memory_seq_rm(llama_get_memory(self.ctx), 0, c, -1)
-            if c <= 0 or not ok:
-                self._reset_state()
-                return 0
-        else:
-            i = self.ckpts.find(c)
-            if i < 0:
-                self._reset_state()
-                return 0
-            try:
-                with nogil:
-                    ok = self.ckpts.restore(self.ctx, i)
-            except Exception:
-                ok = False
-            if not ok:
-                self._reset_state()
-                return 0
-            c = self.ckpts.list[i].pos
-            if not self._hook_restore(c, i):
-                self._reset_state()
-                return 0
-        self.ckpts.drop_after(c)
-        self.toks.resize(c)
-        return c
-
-    cdef int _checkpoint(self, int pos) except -1:
-        """Save a state checkpoint at ``pos`` (recurrent / sliding-window memories only)."""
-        cdef const float * h = NULL
-        cdef int n_embd = 0
-        if (pos <= 0 or not self.cache_prompt or not self.needs_checkpoints or self.max_checkpoints <= 0
-                or not self.cache_valid):
-            return 0
-        if self.ckpts.has(pos):
-            return 0
-        h = self._hook_row(pos - 1, &n_embd)
-        try:
-            with nogil:
-                self.ckpts.save(self.ctx, pos, h, n_embd, self.max_checkpoints)
-        except Exception as exc:
-            raise _native_error(exc, "saving a state checkpoint") from None
-        return 0
-
-    # -- hooks (MTP overrides them) --------------------------------------------------
-    cdef void _hook_reset(self) except *:
-        pass
-
-    cdef int _hook_cut(self, int c) except? -1:
-        """The target memory is about to be cut at ``c``: return the position to cut at."""
-        return c
-
-    cdef bint _hook_restore(self, int c, int i) except *:
-        """The target memory was restored from checkpoint ``i`` at ``c``; False: start over."""
-        return True
-
-    cdef const float * _hook_row(self, int pos, int * n_embd) noexcept:
-        n_embd[0] = 0
-        return NULL
-
-    cdef int _hook_prefilled(self, int pos0, int n) except -1:
-        """The target just decoded ``n`` prompt tokens at ``pos0``."""
-        return 0
+    cdef dict _cache_stats(self):
+        """``stats()["cache"]``: the tokens the free slots hold, their state checkpoints."""
+        cdef int i, st
+        cdef int64_t cached = 0, n_ck = 0, ck_bytes = 0
+        cdef mtp_cy_slot * sl
+        if self.loop == NULL or self._closed:
+            return {"tokens": 0, "checkpoints": 0, "checkpoint_bytes": 0}
+        for i in range(self.n_seq):
+            sl = self.loop.slots[i].get()
+            st = sl.state.load()
+            cached += mtp_cy_get(sl.n_cached) if sl.valid else 0
+            if st == MTP_CY_SLOT_FREE or not self._multi:   # (another thread's call may change them)
+                n_ck += sl.ckpts.size()
+                ck_bytes += sl.ckpts.bytes()
+        return {"tokens": cached, "checkpoints": n_ck, "checkpoint_bytes": ck_bytes}
 
     # -- native steps -----------------------------------------------------------------
     cdef int _arm(self, int64_t timeout_us) except -1:
@@ -552,126 +552,345 @@ cdef class _Engine:
             raise exc
         return 0
 
-    cdef int _check_rc(self, int rc, str what) except -1:
-        """After native work: report a failed RPC server, then map llama_process's code.
+    cdef void _cancel_call(self, _Stream s) except *:
+        s.cancel_req = True
+        cdef mtp_cy_slot * sl
+        if s.slot >= 0 and self.loop != NULL and not self._closed:
+            sl = self.loop.slots[s.slot].get()
+            if sl.call_id == s.call_id:
+                sl.ab.cancel.store(1)
+        with self._cond:
+            self._cond.notify_all()
 
-        Returns R_NONE (success) or R_CANCEL (cancelled, or the session is closing);
-        raises GenerationTimeout, KeyboardInterrupt, RPCError or DecodeError."""
-        cdef rpc.watch * w = self.model._rpcw
-        if rc != 0 or (w != NULL and w.any_failed()):
-            self.cache_valid = False
-        if w != NULL and w.any_failed():
-            self.model._rpc_check(what, True)
-        if rc == 0:
-            return R_NONE
-        if rc == 2 or self._aborted():
-            self._raise_interrupt()
-            if self.ab.timed_out:
-                raise GenerationTimeout(f"no token within the timeout while {what}")
-            return R_CANCEL
-        raise DecodeError(f"llama.cpp failed while {what} (code {rc}): {_take_errors() or 'no detail'}")
+    # -- slots --------------------------------------------------------------------------
+    cdef int _pick_slot(self, _Stream s):
+        """The free slot whose memory shares the longest usable prefix with the prompt
+        (then the least recently used one); -1 when none is free.  When a host copy of an
+        evicted conversation shares more, the least recently used free slot is taken and
+        told to restore that copy first (``cache_ram``)."""
+        cdef int i, best = -1, L, bestL = -1, lru = -1
+        cdef int64_t bestU = 0, lruU = 0
+        cdef mtp_cy_slot * sl
+        cdef int n = s.prompt.size()
+        cdef uint64_t sid = 0
+        cdef int Lh = 0
+        for i in range(self.n_seq):
+            sl = self.loop.slots[i].get()
+            if sl.state.load() != MTP_CY_SLOT_FREE:
+                continue
+            L = self.loop.usable_prefix(i, s.prompt.data(), n) if self.cache_prompt else 0
+            if L > bestL or (L == bestL and sl.last_used < bestU):
+                best, bestL, bestU = i, L, sl.last_used
+            if lru < 0 or sl.last_used < lruU:
+                lru, lruU = i, sl.last_used
+        if best >= 0:
+            self.loop.slots[best].get().restore_id = 0
+            if self.cache_prompt and self.loop.cache_ram > 0:
+                Lh = self.loop.saved_prefix(s.prompt.data(), n, &sid)
+                if sid != 0 and Lh > bestL:
+                    best = lru
+                    self.loop.slots[best].get().restore_id = sid
+        return best
+
+    cdef int _take_slot(self, _Stream s) except -1:
+        """Wait (FIFO, bounded by the call's timeout) for a free slot and give it to ``s``;
+        returns the slot, or -2 when the call was cancelled first."""
+        ticket = object()
+        cdef double deadline = (_time.monotonic() + s.timeout_us / 1e6) if s.timeout_us > 0 else 0
+        cdef int epoch = self._cancel_epoch
+        cdef int i = -1
+        with self._cond:
+            self._waiters.append(ticket)
+            try:
+                while True:
+                    if self._closing():
+                        raise ClosedError(f"the {type(self).__name__} was closed while this call waited for a slot")
+                    if s.cancel_req or self._cancel_epoch != epoch:
+                        return -2         # cancelled while waiting (-1 is the error return)
+                    if self._waiters[0] is ticket:
+                        i = self._pick_slot(s)
+                        if i >= 0:
+                            break
+                    left = (deadline - _time.monotonic()) if deadline else 0.25
+                    if deadline and left <= 0:
+                        raise QueueTimeout(f"no free slot within the timeout ({s.timeout_us / 1e6:g} s): "
+                                                f"all {self.n_seq} sequences are busy")
+                    self._cond.wait(min(left, 0.25))
+            finally:
+                self._waiters.remove(ticket)
+                self._cond.notify_all()
+        cdef mtp_cy_slot * sl = self.loop.slots[i].get()
+        self._next_call += 1
+        self._clock += 1
+        sl.call_id = self._next_call
+        sl.last_used = self._clock
+        sl.state.store(MTP_CY_SLOT_PROMPT)
+        sl.end = MTP_CY_END_NONE
+        sl.rc = 0
+        sl.ab.cancel.store(0)
+        sl.ab.deadline_us = 0
+        sl.ab.timed_out = 0
+        sl.ab.interrupted = 0
+        sl.ab.check_signals = 0
+        sl.smpl = s.smpl
+        s.smpl = NULL
+        common_sampler_set_abort_callback(sl.smpl, _abort_cb, <void *>&sl.ab)
+        sl.spec = s.spec
+        s.spec = NULL
+        if sl.spec != NULL:
+            common_sampler_set_abort_callback(sl.spec.ds, _abort_cb, <void *>&sl.ab)
+        sl.max_new = s.max_tokens
+        sl.generated = 0
+        sl.n_ctx = self.n_ctx
+        sl.k_req = s.k_req if s.k_req >= 0 else self.k_default
+        sl.n_top = s.n_top
+        sl.p_min = self._p_min
+        sl.timeout_us = s.timeout_us if s.timeout_us > 0 else 0
+        sl.out.clear()
+        sl.groups.clear()
+        sl.lp_vals.clear()
+        sl.lp_top_ids.clear()
+        sl.lp_top_vals.clear()
+        sl.acc.reset()
+        mtp_cy_reset(sl.c_iters); mtp_cy_reset(sl.c_gen); mtp_cy_reset(sl.c_acc)
+        s.slot = i
+        s.call_id = sl.call_id
+        sl.prompt = s.prompt
+        sl.ppos = 0
+        sl.ckpt_hint = s.ckpt_hint
+        sl.need_reuse = True
+        sl.cache = self.cache_prompt
+        sl.n_reused = 0
+        sl.t_prefill_us = 0
+        s.b_t_prefill = -1
+        if s.cancel_req:
+            sl.ab.cancel.store(1)
+        self._n_open += 1
+        if self._n_open == 1 and self.tp != NULL and not self._in_call:
+            self._in_call = True
+            mtp_cy_call_begin(self.tp)
+        return i
+
+    cdef void _free_slot(self, int i, uint64_t call_id) noexcept:
+        cdef mtp_cy_slot * sl
+        if self.loop == NULL or i < 0 or i >= <int>self.loop.slots.size():
+            return
+        sl = self.loop.slots[i].get()
+        if sl.call_id != call_id or sl.state.load() == MTP_CY_SLOT_FREE:
+            return
+        if sl.spec != NULL:
+            del sl.spec
+            sl.spec = NULL
+        if sl.smpl != NULL:
+            common_sampler_free(sl.smpl)
+            sl.smpl = NULL
+        if sl.end == MTP_CY_END_ABORT or sl.end == MTP_CY_END_FAILED or sl.state.load() == MTP_CY_SLOT_PROMPT:
+            sl.valid = False
+        sl.out.clear()
+        sl.groups.clear()
+        sl.lp_vals.clear()
+        sl.lp_top_ids.clear()
+        sl.lp_top_vals.clear()
+        sl.state.store(MTP_CY_SLOT_FREE)
+        self._n_open -= 1
+        if self._n_open == 0:
+            self._end_call()
+
+    cdef void _finish(self, _Stream s) noexcept:
+        if s.slot < 0:
+            return
+        try:
+            if self._stepping:
+                self._release_later.append((s.slot, s.call_id))   # freed when the step has returned
+            else:
+                self._free_slot(s.slot, s.call_id)
+            with self._cond:
+                self._cond.notify_all()
+        except BaseException:
+            pass
+
+    # -- the native loop ----------------------------------------------------------------
+    cdef int _enter_step(self, double deadline) except -1:
+        """Become the thread that runs the next native work; 0 when the deadline passed or the
+        batch closed first (then the caller looks at its slot again)."""
+        cdef bint got = False
+        try:
+            with self._cond:
+                while self._stepping:
+                    if self._closing():
+                        return 0
+                    left = (deadline - _time.monotonic()) if deadline else 0.25
+                    if deadline and left <= 0:
+                        return 0
+                    self._cond.wait(min(left, 0.25))
+                    return 0          # something changed: the caller looks at its slot first
+                if self._closing():
+                    return 0
+                self._stepping = True
+                self._running = 1
+                self._running_tid = <long>PyThread_get_thread_ident()
+                got = True
+        except BaseException:
+            # a Ctrl-C raised by the lock's Python code must not leave the step taken
+            if got:
+                self._stepping = False
+                self._running = 0
+            raise
+        return 1
+
+    cdef int _leave_step(self) except -1:
+        """The step has returned: free the slots released meanwhile, let the next thread in.
+        The state changes come first: a Ctrl-C raised by the lock's Python code propagates
+        and leaves nothing taken."""
+        cdef tuple r
+        self._stepping = False
+        self._running = 0
+        later, self._release_later = self._release_later, []
+        for r in later:
+            self._free_slot(r[0], r[1])
+        if self._close_pending:
+            self._do_close()
+        with self._cond:
+            self._cond.notify_all()
+        return 0
+
+    cdef inline bint _closing(self):
+        # close() stops a running step through the contexts' abort flag (only close sets it)
+        return self._closed or self._close_pending or self.ab.cancel.load() != 0
 
     cdef int _native(self, _Stream s) except -1:
-        """Run one native step of ``s`` (the prompt and the first step, or one more step)."""
-        cdef int r = R_NONE
-        cdef rpc.watch * w = self.model._rpcw
-        if self.ab.cancel.load():      # cancel() arrived between two native steps
-            return R_CANCEL
-        self._running = 1
-        self._running_tid = <long>PyThread_get_thread_ident()
-        try:
-            if w != NULL:
-                self.model._rpc_guard()
-                # the stream's timeout also bounds every wait for an RPC server
-                rpc.set_timeout(s.timeout_us if s.timeout_us > 0 else self.model._rpc_tus)
-            try:
-                if not s.started:
-                    s.started = True
-                    if self.tp != NULL and not self._in_call:
-                        self._in_call = True
-                        mtp_cy_call_begin(self.tp)
-                    mtp_cy_add(self.st.calls, 1)
-                    mtp_cy_add(self.st.prompt_tokens, s.prompt.size())
-                    self._arm(s.prompt_timeout_us)
-                    r = self._prompt(s)
-                    if r == R_NONE and not self.ab.cancel.load():
-                        self._arm(s.timeout_us)
-                        r = self._locked_step(s)
-                else:
-                    self._arm(s.timeout_us)
-                    r = self._locked_step(s)
-            finally:
-                if w != NULL:
-                    rpc.set_timeout(self.model._rpc_tus)
-        except BaseException:
-            self.cache_valid = False
-            raise
-        finally:
-            self._running = 0
-            if self._close_pending:
-                self._do_close()
-        self._raise_interrupt()
-        return r
+        """One native step's worth of ``s``: its slot and prompt first, then one step's tokens."""
+        cdef int r
+        if self._closing():
+            raise ClosedError(f"the {type(self).__name__} was closed during the stream")
+        if not s.started:
+            s.started = True
+            if self._take_slot(s) < 0:
+                return R_CANCEL
+            mtp_cy_add(self.st.calls, 1)
+            mtp_cy_add(self.st.prompt_tokens, s.prompt.size())
+        return self._next_group(s)
 
-    cdef int _prompt(self, _Stream s) except -1:
-        """Reuse what the memory already holds, then process the rest of the prompt but its last token."""
-        cdef int n = s.prompt.size()
-        cdef int keep, i, m, j, rc = 0, r, nt
-        cdef int64_t t0 = ggml_time_us()
-        cdef int last_ckpt
-        keep = self._reuse(s)
-        s.n_cached = keep
-        mtp_cy_add(self.st.prompt_tokens_cached, keep)
-        i = keep
-        last_ckpt = i
-        try:
-            while i < n - 1:
-                m = min(self.n_batch, n - 1 - i)
-                # a long prompt: leave a checkpoint every checkpoint_every tokens, and one
-                # where the next turn of a chat will leave this prompt (chat())
-                if self.needs_checkpoints and self.cache_prompt:
-                    m = min(m, max(1, last_ckpt + self.checkpoint_every - i))
-                    if i < s.ckpt_hint:
-                        m = min(m, s.ckpt_hint - i)
-                # the CPU budget is taken per chunk (a long prompt does not hold other sessions'
-                # streams for all of its length); the MTP head's share of the chunk goes with it
-                nt = self._cpu_enter(self.n_threads_batch)
+    cdef int _next_group(self, _Stream s) except -1:
+        cdef mtp_cy_slot * sl
+        cdef mtp_cy_group g
+        cdef int j, t, n_top
+        cdef double now = _time.monotonic()
+        cdef double d_gen = (now + s.timeout_us / 1e6) if s.timeout_us > 0 else 0
+        cdef double d_prompt = (now + s.prompt_timeout_us / 1e6) if s.prompt_timeout_us > 0 else 0
+        cdef double deadline
+        cdef bint in_prompt = s.b_t_prefill < 0
+        while True:
+            if self._closing():
+                raise ClosedError(f"the {type(self).__name__} was closed during the stream")
+            sl = self.loop.slots[s.slot].get()
+            if in_prompt and sl.state.load() != MTP_CY_SLOT_PROMPT:
+                # the prompt is done: its share of the statistics, and the token timeout from now
+                in_prompt = False
+                s.n_cached = sl.n_reused
+                s.b_t_prefill = sl.t_prefill_us
+                mtp_cy_add(self.st.prompt_tokens_cached, sl.n_reused)
+                mtp_cy_add(self.st.t_prefill_us, sl.t_prefill_us)
+                d_gen = (_time.monotonic() + s.timeout_us / 1e6) if s.timeout_us > 0 else 0
+            deadline = d_prompt if in_prompt else d_gen
+            if sl.groups.size() > 0:
+                sl.ab.deadline_us = 0
+                g = sl.groups.front()
+                sl.groups.pop_front()
+                for j in range(g.n_tok):
+                    s.pending.push_back(sl.out.front())
+                    sl.out.pop_front()
+                n_top = max(s.n_top, 0)
+                for j in range(g.n_lp):
+                    s.lp_vals.push_back(sl.lp_vals.front())
+                    sl.lp_vals.pop_front()
+                    for t in range(n_top):
+                        s.lp_top_ids.push_back(sl.lp_top_ids.front())
+                        sl.lp_top_ids.pop_front()
+                        s.lp_top_vals.push_back(sl.lp_top_vals.front())
+                        sl.lp_top_vals.pop_front()
+                s.b_iters += 1
+                s.b_gen += g.n_gen
+                s.b_acc += g.n_acc
+                _add_by_pos(s, g.n_gen, g.n_acc)
+                s.b_t_draft += g.t_draft_us
+                s.b_t_verify += g.t_verify_us
+                s.b_t_sample += g.t_sample_us
+                s.b_t_total += g.t_total_us
+                return R_NONE
+            if sl.end == MTP_CY_END_TOKENS:
+                return R_MAX
+            if sl.end == MTP_CY_END_CTX:
+                return R_CTX
+            if sl.end == MTP_CY_END_ABORT:
+                if sl.ab.timed_out:
+                    raise GenerationTimeout("no token within the timeout while sampling")
+                return R_CANCEL
+            if sl.end == MTP_CY_END_FAILED:
+                what = "processing the prompt" if in_prompt else ("verifying a draft" if self.k_max > 0 else "decoding")
+                if sl.rc == 2:
+                    self._raise_interrupt()
+                    if sl.ab.timed_out:     # one sequence: its deadline stopped the decode
+                        raise GenerationTimeout(f"no token within the timeout while {what}")
+                    return R_CANCEL
+                raise DecodeError(f"llama.cpp failed while {what} (code {sl.rc}): {_take_errors() or 'no detail'}")
+            if s.cancel_req or sl.ab.cancel.load():
+                return R_CANCEL
+            if deadline and _time.monotonic() > deadline:
+                raise GenerationTimeout("no token within the timeout while " +
+                                        ("processing the prompt" if in_prompt else "generating"))
+            # the grammar's work in this call's sampler stops at the call's deadline
+            sl.ab.deadline_us = (ggml_time_us() + <int64_t>((deadline - _time.monotonic()) * 1e6)) if deadline else 0
+            if self._enter_step(deadline):
                 try:
-                    try:
-                        with nogil:
-                            self.batch.clear()
-                            for j in range(m):
-                                self.batch.add(s.prompt[i + j], i + j, 0, False)
-                            rc = llama_process(self.ctx, LLAMA_PROCESS_TYPE_DECODE, self.batch.get())
-                    except Exception as exc:
-                        self.cache_valid = False
-                        raise _native_error(exc, "processing the prompt") from None
-                    r = self._check_rc(rc, "processing the prompt")
-                    if r != R_NONE:
-                        self.cache_valid = False
-                        return r
-                    for j in range(m):
-                        self.toks.push_back(s.prompt[i + j])
-                    self._hook_prefilled(i, m)
+                    self._run_step(s)
                 finally:
-                    self._cpu_leave(nt)
-                i += m
-                if (i - last_ckpt >= self.checkpoint_every or i == s.ckpt_hint) and i < n - 1:
-                    self._checkpoint(i)
-                    last_ckpt = i
-            # the end of the prompt (minus its last token): where the next call most often resumes
-            self._checkpoint(n - 1)
+                    self._leave_step()
+
+    cdef int _run_step(self, _Stream s) except -1:
+        """One step of the loop (prompt work, then a draft / verify iteration of every sequence
+        generating), its threads taken from the process's CPU budget (_native.h)."""
+        cdef int rc = 0, nt
+        cdef int budget = max(64, <int>llama_n_ubatch(self.ctx))
+        cdef rpc.watch * w = self.model._rpcw
+        self._arm(0)
+        if w != NULL:
+            self.model._rpc_guard()
+            if not self._multi:
+                # the call's timeout also bounds every wait for an RPC server
+                rpc.set_timeout(s.timeout_us if s.timeout_us > 0 else self.model._rpc_tus)
+        nt = self._cpu_enter(self.n_threads_batch if self.loop.has_prompts() else self.n_threads)
+        try:
+            try:
+                with nogil:
+                    rc = self.loop.step(budget)
+            except Exception as exc:
+                self._fail_active()
+                raise _native_error(exc, "drafting or verifying") from None
         finally:
-            mtp_cy_add(self.st.t_prefill_us, ggml_time_us() - t0)
-        s.last = s.prompt[n - 1]
-        return R_NONE
+            self._cpu_leave(nt)
+            if w != NULL and not self._multi:
+                rpc.set_timeout(self.model._rpc_tus)
+        if self.loop.last_n > 0:
+            mtp_cy_add(self.st.iters, self.loop.last_n)
+            mtp_cy_add(self.st.t_draft_us, self.loop.t_draft_us)
+            mtp_cy_add(self.st.t_verify_us, self.loop.t_verify_us)
+            mtp_cy_add(self.st.t_sample_us, self.loop.t_sample_us)
+            mtp_cy_add(self.st.t_total_us, self.loop.t_total_us)
+        if w != NULL and w.any_failed():
+            self._fail_active()
+            self.model._rpc_check("verifying a draft", True)
+        return 0
 
-    cdef int _step(self, _Stream s) except -1:
-        raise NotImplementedError
-
-    cdef void _cancel_call(self, _Stream s) except *:
-        """mtp_cy.Batch: stop the call of stream ``s`` only."""
-        pass
+    cdef void _fail_active(self) noexcept:
+        cdef int i
+        cdef mtp_cy_slot * sl
+        for i in range(self.n_seq):
+            sl = self.loop.slots[i].get()
+            if sl.state.load() == MTP_CY_SLOT_GEN and sl.end == MTP_CY_END_NONE:
+                sl.end = MTP_CY_END_FAILED
+                sl.rc = -1
+                sl.valid = False
 
     cdef dict _stream_stats(self, _Stream s):
         """mtp_cy.Batch: the statistics of the call of stream ``s`` (its own counters)."""
@@ -688,10 +907,6 @@ cdef class _Engine:
         """A call with sampler settings ``s.sp`` / ``s.spec_rule`` opens (MTP's auto policy
         forgets the acceptance it learned under other settings)."""
         pass
-
-    cdef void _finish(self, _Stream s) noexcept:
-        """The stream ``s`` let go of the session (it ended, or was closed or collected)."""
-        self._end_call()
 
     cdef void _end_call(self) noexcept:
         """The open call ends: its pool is paused unless another call uses it (_native.h)."""
@@ -725,22 +940,16 @@ cdef class _Engine:
             mtp_cy_cpu_leave(self.tp, n_threads, <void *>self)
 
     cdef void _attach_pool(self, ggml_threadpool_t tp) noexcept:
-        """Attach the contexts to pool ``tp`` (MTP attaches its head's context too)."""
+        """Attach the contexts (the target's and the head's) to pool ``tp``."""
         llama_attach_threadpool(self.ctx, tp, tp)
+        if self.ctx_dft != NULL:
+            llama_attach_threadpool(self.ctx_dft, tp, tp)
 
     cdef void _set_threads(self, int n) noexcept:
-        """Run the contexts' graphs with ``n`` threads (MTP sets its head's context too)."""
+        """Run the contexts' graphs with ``n`` threads."""
         llama_set_n_threads(self.ctx, n, n)
-
-    cdef int _locked_step(self, _Stream s) except -1:
-        """One decoding step with its threads taken from the process's CPU budget (_native.h)."""
-        cdef int r
-        cdef int nt = self._cpu_enter(self.n_threads)
-        try:
-            r = self._step(s)
-        finally:
-            self._cpu_leave(nt)
-        return r
+        if self.ctx_dft != NULL:
+            llama_set_n_threads(self.ctx_dft, n, n)
 
     # -- streams ----------------------------------------------------------------------
     cdef _Stream _open(self, prompt, dict kw, bint events, str where, bint stats_events, int ckpt_hint=0):
@@ -811,7 +1020,6 @@ cdef class _Engine:
             s.model = self.model
             self.model._retain()      # a stream keeps the weights alive (its sampler refers to the vocabulary)
             s.owns_busy = True
-            self.ab.cancel.store(0)     # a cancel() before this call does not affect it
         s.events = events
         s.max_tokens = max_tokens
         s.timeout_us = timeout_us

@@ -1,4 +1,6 @@
-# MTP: speculative decoding where the draft model is the MTP head of the same GGUF.
+# MTP: speculative decoding where the draft model is the MTP head of the same GGUF: the
+# generation loop (_batch.h) with one sequence, its drafter, and (n_draft="auto") the
+# one-sequence policy of _policy.h.
 
 _MAX_N_DRAFT = 64        # a fixed draft length
 _AUTO_MAX = 16           # n_draft="auto": mtp_cy_policy::KMAX
@@ -59,29 +61,17 @@ cdef class MTP(_Engine):
     counts the tokens delivered before it (the end-of-generation token is never
     emitted).
     """
-    cdef llama_context * ctx_dft
-    cdef mtp_cy_drafter * drafter
-    cdef mtp_cy_policy * policy
-    cdef bint auto
-    cdef int k_max               # the longest draft (n_draft, or n_draft_max with "auto")
-    cdef readonly float p_min
-    cdef object _n_draft
+    cdef mtp_cy_policy * policy  # n_draft="auto": the one-sequence policy (_policy.h) the loop consults
     cdef object _acc_key         # the sampler settings the auto policy's acceptance was learned under
 
     def __cinit__(self, *args, **kwargs):
-        self.ctx_dft = NULL
-        self.drafter = new mtp_cy_drafter()
         self.policy = new mtp_cy_policy()
 
     def __dealloc__(self):
-        # the drafter's sampler and batch refer to the draft context: free them first
-        del self.drafter
-        self.drafter = NULL
+        if self.loop != NULL:
+            self.loop.solo = NULL
         del self.policy
         self.policy = NULL
-        if self.ctx_dft != NULL:
-            llama_free(self.ctx_dft)
-            self.ctx_dft = NULL
 
     def __init__(self, Model model not None, *, n_draft=3, p_min=0.0, n_draft_max=None, spec_sampling=None,
                  **options):
@@ -103,7 +93,7 @@ cdef class MTP(_Engine):
             self.auto = False
             self.k_max = n_draft
         self._n_draft = n_draft
-        self.p_min = _as_float("p_min", p_min, 0.0, 1.0)
+        self._p_min = _as_float("p_min", p_min, 0.0, 1.0)
         if model.n_layer_nextn <= 0 and not model._has_sidecar():
             raise MTPUnsupportedError(
                 f"{model.path!r} has no MTP (NextN) layers (architecture {model.arch!r}, "
@@ -131,56 +121,19 @@ cdef class MTP(_Engine):
                 f"MTP with n_draft={self.k_max} verifies {self.k_max + 1} tokens at once and needs "
                 f"n_ubatch >= n_draft + 2 = {self.k_max + 2}, but n_ubatch is {cp.n_ubatch} (from {limit}="
                 f"{o[limit]}): raise {limit}, or lower n_draft")
-        cp.n_rs_seq = self.k_max
-        cp.n_outputs_max = min(cp.n_batch, 1 + self.k_max)
-        cp.n_outputs_max_per_seq = cp.n_outputs_max
-        self.model = model
-        cdef llama_context * ctx = self._new_context(model._model, cp, "the target context", MTPError)
-        cdef llama_context * dft = NULL
-        cp.ctx_type = LLAMA_CONTEXT_TYPE_MTP
-        cp.n_rs_seq = 0
-        cp.ctx_other = ctx
-        try:
-            dft = self._new_context(model._mtp_model(), cp, "the MTP draft context", MTPUnsupportedError)
-            if llama_model_n_embd_out(llama_get_model(dft)) != llama_model_n_embd_out(llama_get_model(ctx)):
-                raise MTPUnsupportedError("MTP head width does not match the target's hidden width")
-            try:
-                self.drafter.init(ctx, dft)
-            except Exception as exc:
-                raise MTPUnsupportedError(f"cannot drive the MTP head: {exc}") from None
-        except BaseException:
-            if dft != NULL:
-                llama_free(dft)
-            llama_free(ctx)
-            self.tp = NULL
-            if self._pool_threads > 0:
-                mtp_cy_threadpool_free()
-                self._pool_threads = 0
-            raise
-        self.ctx_dft = dft
+        self.k_default = -1 if self.auto else self.k_max
+        self._open_loop(model, o, cp, 1, o["n_ctx"], MTPUnsupportedError)
+        self.loop.lag_window = LAG_WINDOW
         self.policy.configure(self.k_max)
         self.policy.lag_window = LAG_WINDOW
-        self.policy.p_min = self.p_min
-        self._finish_init(model, ctx, o)
+        self.policy.p_min = self._p_min
+        if self.auto:
+            self.loop.solo = self.policy
 
-    cdef void _attach_pool(self, ggml_threadpool_t tp) noexcept:
-        llama_attach_threadpool(self.ctx, tp, tp)
-        if self.ctx_dft != NULL:
-            llama_attach_threadpool(self.ctx_dft, tp, tp)
-
-    cdef void _set_threads(self, int n) noexcept:
-        llama_set_n_threads(self.ctx, n, n)
-        if self.ctx_dft != NULL:
-            llama_set_n_threads(self.ctx_dft, n, n)
-
-    cdef void _free_native(self) noexcept:
-        # the drafter's sampler and batch belong to the draft context
-        if self.drafter != NULL:
-            self.drafter.release()
-        if self.ctx_dft != NULL:
-            llama_free(self.ctx_dft)
-            self.ctx_dft = NULL
-        _Engine._free_native(self)
+    @property
+    def p_min(self):
+        """A draft ends at the first token whose head probability is below this."""
+        return self._p_min
 
     @property
     def n_draft(self):
@@ -216,7 +169,7 @@ cdef class MTP(_Engine):
         cdef int nb = self.policy.NB      # buckets of the confidence calibration
         cdef int kk = self.policy.best if self.policy.best > 0 else self.k_max
         d["n_draft"] = self._n_draft
-        d["p_min"] = self.p_min
+        d["p_min"] = self._p_min
         if not self.auto:
             return
         pol = self.policy
@@ -272,158 +225,6 @@ cdef class MTP(_Engine):
                 f"{st['timing_us']['sample'] / 1000.0:.3f} ms" + _by_pos_text(st))
         logger.info("%s", line)
         return line + "\n"
-
-    # -- prompt cache hooks ------------------------------------------------------------
-    cdef void _clear_memory(self) noexcept nogil:
-        llama_memory_clear(llama_get_memory(self.ctx), True)
-        llama_memory_clear(llama_get_memory(self.ctx_dft), True)
-
-    cdef void _hook_reset(self) except *:
-        self.drafter.reset()
-
-    cdef int _hook_cut(self, int c) except? -1:
-        # Continuing at c, the MTP head needs the target rows h(m-1) .. h(c-1) to pair with
-        # the tokens it has not seen.  Without h(c-1) (the head had seen up to c), the
-        # target goes back one more token and computes it again (the head's entry at c-1
-        # stays valid: it depends only on that token and h(c-2)).
-        self.drafter.truncate(c)
-        if self.drafter.can_reach(c + 1):
-            return c
-        if self.drafter.m == c:
-            return c - 1
-        return 0
-
-    cdef bint _hook_restore(self, int c, int i) except *:
-        self.drafter.truncate(c)
-        if self.drafter.can_reach(c + 1):
-            return True
-        if self.drafter.m == c and self.ckpts.list[i].h.size() > 0:
-            self.drafter.set_row(c - 1, self.ckpts.list[i].h.data())
-            return True
-        return False
-
-    cdef const float * _hook_row(self, int pos, int * n_embd) noexcept:
-        n_embd[0] = self.drafter.n_embd
-        return self.drafter.row(pos)
-
-    cdef int _hook_prefilled(self, int pos0, int n) except -1:
-        cdef int rc = 0
-        try:
-            with nogil:
-                self.drafter.add_rows(pos0, n, llama_get_embeddings_nextn(self.ctx))
-                if self.drafter.can_reach(pos0 + n):
-                    rc = self.drafter.catch_up(self.toks.data(), pos0 + n)
-        except Exception as exc:
-            self.cache_valid = False
-            raise _native_error(exc, "feeding the prompt to the MTP head") from None
-        mtp_cy_add(self.st.t_draft_us, self.drafter.t_catch_up_us)
-        if self._check_rc(rc, "processing the prompt") != R_NONE:
-            self.cache_valid = False
-        return 0
-
-    # -- one iteration -----------------------------------------------------------------
-    cdef int _step(self, _Stream s) except -1:
-        cdef int rc = 0, k, i, n_acc = 0, nb, r
-        cdef int n_past = self.toks.size(), new_past
-        cdef int64_t t0, t1, t2, t3
-        cdef int64_t t_catch = 0, t_draft = 0
-        cdef int n_catch = 0, n_steps = 0
-        cdef vector[llama_token] ids
-        cdef vector[int] idxs
-        cdef mtp_cy_spec * spec = s.spec
-        cdef llama_token probe = -1
-        cdef rpc.watch * w = self.model._rpcw
-        cdef bint rpc_bad = False
-        cdef float p_min = self.p_min
-        cdef int n_vocab = llama_vocab_n_tokens(self.model._vocab)
-        if n_past >= self.n_ctx:
-            return R_CTX
-        k = self.policy.choose() if self.auto else self.k_max
-        k = min(k, s.max_tokens - s.emitted - 1, self.n_ctx - n_past - 1)
-        try:
-            with nogil:
-                t0 = ggml_time_us()
-                s.draft.clear()
-                if k > 0:
-                    if self.drafter.m < n_past:
-                        rc = self.drafter.catch_up(self.toks.data(), n_past)
-                        t_catch = self.drafter.t_catch_up_us
-                        n_catch = self.drafter.n_catch_up
-                    if rc == 0:
-                        rc = self.drafter.draft(s.last, n_past, k, p_min, s.draft,
-                                                self.policy if self.auto else NULL, spec)
-                        t_draft = self.drafter.t_draft_us
-                        n_steps = self.drafter.n_draft_steps
-                t1 = ggml_time_us()
-                if rc == 0:
-                    nb = 1 + <int>s.draft.size()
-                    self.batch.clear()
-                    self.batch.add(s.last, n_past, 0, True)
-                    for i in range(nb - 1):
-                        self.batch.add(s.draft[i], n_past + 1 + i, 0, True)
-                    rc = llama_process(self.ctx, LLAMA_PROCESS_TYPE_DECODE, self.batch.get())
-                    rpc_bad = w != NULL and w.any_failed()
-                t2 = ggml_time_us()
-                if rc == 0 and not rpc_bad:
-                    self.drafter.add_rows(n_past, nb, llama_get_embeddings_nextn(self.ctx))
-                    if spec != NULL:
-                        idxs.resize(nb)
-                        for i in range(nb):
-                            idxs[i] = i
-                        probe = self.drafter.cut_id if (self.auto and k > 0) else -1
-                        ids = spec.verify(self.ctx, idxs, s.draft, probe)
-                    else:
-                        ids = common_sampler_sample_and_accept_n(s.smpl, self.ctx, s.draft, False)
-                    if ids.size() == 0 or self.ab.cancel.load() or self.ab.timed_out or self.ab.interrupted:
-                        # the abort callback stopped the grammar's work (timeout / cancel / Ctrl-C):
-                        # this step is abandoned, as a decode stopped between graph nodes is
-                        rc = 2
-                if rc == 0 and not rpc_bad:
-                    n_acc = <int>ids.size() - 1
-                    if self.auto and k > 0:
-                        # calibrate the draft's confidence: every drafted token whose
-                        # predecessors were accepted, and the token a cut left out when the
-                        # whole draft before it was (the target's next token is known)
-                        for i in range(min(n_acc + 1, nb - 1)):
-                            self.policy.observe_confidence(self.drafter.probs[i], i < n_acc, i + 1)
-                        if n_acc == nb - 1 and self.drafter.cut_id >= 0:
-                            if spec != NULL:
-                                # rejection: the cut token would have been kept with probability
-                                # min(1, p/q); one draw of that (the call's generator)
-                                self.policy.observe_confidence(
-                                    self.drafter.cut_p, spec.uniform() * self.drafter.cut_p < spec.probe_p, nb)
-                            else:
-                                self.policy.observe_confidence(self.drafter.cut_p, ids.back() == self.drafter.cut_id, nb)
-                    self.toks.push_back(s.last)
-                    for i in range(n_acc):
-                        self.toks.push_back(ids[i])
-                    new_past = n_past + 1 + n_acc
-                    if new_past < n_past + nb:
-                        llama_memory_seq_rm(llama_get_memory(self.ctx), 0, new_past, -1)
-                    self.drafter.truncate(new_past)
-                    s.last = ids.back()
-                    s.pending = ids
-                    if s.n_top >= 0:
-                        for i in range(n_acc + 1):
-                            s.lp_vals.push_back(mtp_cy_logprobs(llama_get_logits_ith(self.ctx, i), n_vocab, ids[i],
-                                                                s.n_top, s.lp_top_ids, s.lp_top_vals))
-                    mtp_cy_add(self.st.iters, 1)
-                    self.st.add_draft(nb - 1, n_acc)
-                    # the head may lag behind plain steps only so far
-                    if self.drafter.m < new_past - LAG_WINDOW:
-                        self.drafter.skip_to(new_past - LAG_WINDOW)
-                t3 = ggml_time_us()
-                mtp_cy_add(self.st.t_draft_us, t1 - t0)
-                mtp_cy_add(self.st.t_verify_us, t2 - t1)
-                mtp_cy_add(self.st.t_sample_us, t3 - t2)
-                mtp_cy_add(self.st.t_total_us, t3 - t0)
-        except Exception as exc:
-            raise _native_error(exc, "drafting or verifying") from None
-        r = self._check_rc(rc, "verifying a draft")
-        if r == R_NONE and self.auto:
-            self.policy.observe(<int>s.draft.size(), n_acc, <double>(t2 - t1), <double>t_draft, n_steps,
-                                <double>t_catch, n_catch, <double>(t3 - t2), max(k, 0))
-        return r
 
 
 cdef class DraftPolicy:

@@ -82,6 +82,7 @@ struct mtp_cy_abort {
     int     check_signals = 0;       // the loop runs on the Python main thread
     int64_t next_signal_check_us = 0;
     int     interrupted = 0;         // a Python signal handler raised
+    mtp_cy_abort * link = nullptr;   // one sequence: its call's state (cancel, deadline) stops the decode too
 };
 
 // An atomic flag used as a "session busy" lock (try-lock semantics only).

@@ -1,4 +1,5 @@
-# Session: plain (non-speculative) decoding of one sequence, the baseline of every MTP result.
+# Session: plain (non-speculative) decoding of one sequence, the baseline of every MTP result:
+# the generation loop (_batch.h) with one sequence and no drafter.
 
 cdef class Session(_Engine):
     """Plain decoding of one sequence: the baseline that MTP results are compared with.
@@ -31,49 +32,10 @@ cdef class Session(_Engine):
     def __init__(self, Model model not None, **options):
         o = self._begin_init(model, options, "Session")
         cdef llama_context_params cp = _context_params(o)
-        self.model = model
-        cdef llama_context * ctx = self._new_context(model._model, cp, "the context", MTPError)
-        self._finish_init(model, ctx, o)
+        self.k_max = 0
+        self.k_default = 0
+        self._n_draft = 0
+        self._open_loop(model, o, cp, 1, o["n_ctx"], MTPError)
 
     def __repr__(self):
         return f"<mtp_cy.Session n_ctx={self.n_ctx}{' closed' if self.closed else ''}>"
-
-    cdef int _step(self, _Stream s) except -1:
-        """Decode the last token, sample the next one."""
-        cdef int rc = 0, r
-        cdef int n_past = self.toks.size()
-        cdef llama_token tok
-        cdef int64_t t0, t1, t2
-        cdef rpc.watch * w = self.model._rpcw
-        cdef bint rpc_bad = False
-        cdef int n_vocab = llama_vocab_n_tokens(self.model._vocab)
-        if n_past >= self.n_ctx:
-            return R_CTX
-        try:
-            with nogil:
-                t0 = ggml_time_us()
-                self.batch.clear()
-                self.batch.add(s.last, n_past, 0, True)
-                rc = llama_process(self.ctx, LLAMA_PROCESS_TYPE_DECODE, self.batch.get())
-                rpc_bad = w != NULL and w.any_failed()
-                t1 = ggml_time_us()
-                if rc == 0 and not rpc_bad:
-                    self.toks.push_back(s.last)
-                    mtp_cy_add(self.st.iters, 1)
-                    tok = common_sampler_sample(s.smpl, self.ctx, 0, False)
-                    if tok < 0:     # LLAMA_TOKEN_NULL
-                        rc = 2      # the abort callback stopped the grammar's work (timeout / cancel)
-                    else:
-                        common_sampler_accept(s.smpl, tok, True)
-                        s.last = tok
-                        s.pending.push_back(tok)
-                        if s.n_top >= 0:
-                            s.lp_vals.push_back(mtp_cy_logprobs(llama_get_logits_ith(self.ctx, 0), n_vocab, tok,
-                                                                s.n_top, s.lp_top_ids, s.lp_top_vals))
-                t2 = ggml_time_us()
-                mtp_cy_add(self.st.t_verify_us, t1 - t0)
-                mtp_cy_add(self.st.t_sample_us, t2 - t1)
-                mtp_cy_add(self.st.t_total_us, t2 - t0)
-        except Exception as exc:
-            raise _native_error(exc, "sampling") from None
-        return self._check_rc(rc, "decoding")

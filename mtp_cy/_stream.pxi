@@ -198,10 +198,7 @@ cdef class _Stream:
         stream releases the session only while holding the GIL.
         """
         if self.owns_busy and not self.finished:
-            if self.engine._multi:
-                self.engine._cancel_call(self)
-            else:
-                self.engine.ab.cancel.store(1)
+            self.engine._cancel_call(self)
 
     @property
     def finish_reason(self):

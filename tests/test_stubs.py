@@ -192,8 +192,8 @@ def test_a_type_checker_follows_a_stream_to_its_result(tmp_path):
 
 # `cdef readonly` attributes of the extension types: Cython gives them no docstring
 # (documented in their class's docstring instead)
-CDEF_ATTRIBUTES = {("Model", "path"), ("Model", "rpc_servers"), ("MTP", "p_min"), ("_Engine", "model"),
-                   ("_Engine", "n_ctx")}
+CDEF_ATTRIBUTES = {("Model", "path"), ("Model", "rpc_servers"), ("_Engine", "model"),
+                   ("_Engine", "n_ctx"), ("_Engine", "n_seq")}
 
 
 def test_public_names_have_docstrings():

@@ -48,6 +48,7 @@ cdef extern from "_native.h" nogil:
         int check_signals
         int64_t next_signal_check_us
         int interrupted
+        mtp_cy_abort * link
 
     cdef cppclass mtp_cy_flag:
         cbool try_acquire()
@@ -134,34 +135,6 @@ cdef extern from "_spec.h" nogil:
         double uniform()
         vector[llama_token] verify(llama_context * ctx, const vector[int] & idxs, const vector[llama_token] & draft,
                                    llama_token probe) except +
-
-
-cdef extern from "_mtp.h" nogil:
-    cdef cppclass mtp_cy_drafter:
-        int32_t n_embd
-        llama_pos m
-        llama_pos r0
-        vector[float] probs
-        llama_token cut_id
-        float cut_p
-        int64_t t_catch_up_us
-        int32_t n_catch_up
-        int64_t t_draft_us
-        int32_t n_draft_steps
-        void init(llama_context * tgt, llama_context * dft) except +
-        void release()
-        void reset()
-        llama_pos n_rows()
-        llama_pos rows_end()
-        const float * row(llama_pos p)
-        void add_rows(llama_pos pos0, int32_t n, const float * h) except +
-        void set_row(llama_pos p, const float * h) except +
-        void truncate(llama_pos c) except +
-        void skip_to(llama_pos p) except +
-        cbool can_reach(llama_pos upto)
-        int catch_up(const llama_token * toks, llama_pos upto) except +
-        int draft(llama_token last, llama_pos pos0, int32_t n_max, float p_min,
-                  vector[llama_token] & out, const mtp_cy_policy * policy, mtp_cy_spec * spec) except +
 
 
 cdef extern from "_cache.h" nogil:
@@ -288,6 +261,7 @@ cdef extern from "_batch.h" nogil:
         cbool auto_k
         vector[mtp_cy_slot_ptr] slots
         mtp_cy_batch_policy policy
+        mtp_cy_policy * solo
         atomic_i64 steps
         atomic_i64 seq_steps
         atomic_int batch_size
