@@ -1,5 +1,5 @@
 # Batch: many calls at once, one sequence each, in one target context and one MTP-head
-# context (continuous batching; the loop is mtp_cy_loop in _batch.h).
+# context (continuous batching; the loop is mtp_cy_loop in _loop.h).
 
 _BATCH_MAX_SEQ = 64
 _BATCH_CTX_PER_SEQ = 2048

@@ -1,6 +1,6 @@
 # The engine of Session, MTP and Batch: context creation (options, thread pool,
 # RPC checks), lifetime (close from any thread or from a signal handler), the
-# driver of the one generation loop (mtp_cy_loop in _batch.h: slots, prompt
+# driver of the one generation loop (mtp_cy_loop in _loop.h: slots, prompt
 # cache, draft / verify steps; a Session is its one-sequence case without a
 # drafter, an MTP its one-sequence case with one, a Batch many sequences),
 # statistics, and the public generation API (stream / stream_events / generate /
@@ -155,7 +155,7 @@ cdef class _Engine:
     cdef readonly Model model
     cdef llama_context * ctx
     cdef llama_context * ctx_dft   # the MTP head's context (NULL: no drafter)
-    cdef mtp_cy_loop * loop        # the generation loop (_batch.h): one slot per sequence
+    cdef mtp_cy_loop * loop        # the generation loop (_loop.h): one slot per sequence
     cdef ggml_threadpool_t tp      # the shared CPU pool the contexts are attached to now (_native.h)
     cdef int _pool_threads         # the session's pool size (0: no pool)
     cdef int _cur_threads          # the thread count the contexts are set to now
@@ -536,9 +536,6 @@ cdef class _Engine:
         self.ab.check_signals = threading.current_thread() is threading.main_thread()
         self.ab.next_signal_check_us = 0
         return 0
-
-    cdef bint _aborted(self):
-        return self.ab.cancel.load() != 0 or self.ab.timed_out != 0 or self.ab.interrupted != 0
 
     cdef int _raise_interrupt(self) except -1:
         """Raise a Ctrl-C that the abort callback took during a step that finished anyway.

@@ -1,5 +1,5 @@
-// The MTP head driver of mtp_cy: drafts tokens with the model's NextN block
-// (Qwen3.5/3.6 dense and MoE: one trained MTP head).
+// The MTP head state of one sequence in mtp_cy's generation loop (_loop.h drafts
+// with it): the model's NextN block (Qwen3.5/3.6 dense and MoE: one trained MTP head).
 //
 // It does what upstream's `common_speculative_impl_draft_mtp` does in its
 // single-head mode (common/speculative.cpp at the pinned commit): the MTP
@@ -33,8 +33,6 @@
 #include "llama.h"
 #include "llama-ext.h"
 #include "sampling.h"
-#include "_policy.h"
-#include "_spec.h"
 
 struct mtp_cy_drafter {
     llama_context * ctx_tgt = nullptr;
@@ -53,15 +51,11 @@ struct mtp_cy_drafter {
     std::vector<float> zeros;            // h(-1)
     std::vector<float> cur;              // input row of the next draft step
 
-    // the last draft: probability of each drafted token (as upstream computes it)
+    // the last draft (mtp_cy_loop::step drafts): probability of each drafted token (as
+    // upstream computes it), and the token that ended it by p_min or the confidence cut
     std::vector<float> probs;
-    llama_token cut_id = -1;    // the token that ended the last draft (p_min / confidence cut)
+    llama_token cut_id = -1;
     float cut_p = 0.0f;
-    // cost of the last catch_up() / draft() call
-    int64_t t_catch_up_us = 0;
-    int32_t n_catch_up = 0;
-    int64_t t_draft_us = 0;
-    int32_t n_draft_steps = 0;
 
     ~mtp_cy_drafter() { release(); }
 
@@ -178,9 +172,7 @@ struct mtp_cy_drafter {
     // Feed the MTP context the positions [m, upto): token toks[p] paired with
     // h(p-1).  Returns llama_process's code (0 = ok).
     int catch_up(const llama_token * toks, llama_pos upto) {
-        const int64_t t0 = ggml_time_us();
         int rc = 0;
-        int32_t done = 0;
         while (m < upto) {
             batch.clear();
             const int32_t n = add_catch_up(batch, toks, upto, n_batch);
@@ -191,14 +183,11 @@ struct mtp_cy_drafter {
                 break;
             }
             m += n;
-            done += n;
         }
         // keep h(m-1): the next entry pairs with it
         if (rc == 0) {
             trim();
         }
-        t_catch_up_us = ggml_time_us() - t0;
-        n_catch_up = done;
         return rc;
     }
 
@@ -230,95 +219,5 @@ struct mtp_cy_drafter {
     void commit_catch_up(int32_t n) {
         m += n;
         trim();
-    }
-
-    // Draft up to n_max tokens after `last` (at position pos0 == m, paired
-    // with h(pos0-1)).  Drafting stops at the first token whose probability is
-    // below p_min (that token is not drafted).  The draft's own entries are
-    // removed from the MTP context afterwards (the verified tokens are fed
-    // again with the target's rows).  Returns llama_process's code.
-    //
-    // With `policy` (n_draft="auto"), a token the policy's confidence cut does not
-    // keep also ends the draft.  The token that ended a draft this way (or by
-    // p_min) is kept in cut_id / cut_p (cut_id -1: none), so that the loop can
-    // tell the policy whether the target would have accepted it.
-    //
-    // With `spec` (spec_sampling="rejection"), each token is drawn from the head's
-    // distribution under the call's sampler transforms (spec->draft_next) instead of taken
-    // as the head's top candidate, and its probability there is what p_min and the policy
-    // compare; spec keeps the distributions for the verification.  Returns 2 when the
-    // grammar's work was aborted (timeout / cancel).
-    int draft(llama_token last, llama_pos pos0, int32_t n_max, float p_min, std::vector<llama_token> & out,
-              const mtp_cy_policy * policy = nullptr, mtp_cy_spec * spec = nullptr) {
-        const int64_t t0 = ggml_time_us();
-        out.clear();
-        probs.clear();
-        cut_id = -1;
-        cut_p = 0.0f;
-        n_draft_steps = 0;
-        int rc = 0;
-        const float * h = row(pos0 - 1);
-        if (!h || m != pos0) {
-            throw std::logic_error("mtp_cy: draft without the MTP context caught up");
-        }
-        if (spec) {
-            spec->begin_draft();
-        } else {
-            common_sampler_reset(smpl);
-        }
-        batch.clear();
-        int32_t idx = batch.add(last, pos0, seq, true);
-        batch.set_embd(idx, { h, 1, (size_t) n_embd });
-        for (int32_t i = 0; n_max > 0; ++i) {
-            rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, batch.get());
-            if (rc != 0) {
-                break;
-            }
-            ++n_draft_steps;
-            const float * h_out = llama_get_embeddings_nextn_ith(ctx_dft, 0);
-            llama_token id;
-            float p;
-            if (spec) {
-                bool aborted = false;
-                id = spec->draft_next(llama_get_logits_ith(ctx_dft, 0), &p, &aborted);
-                if (aborted) {
-                    rc = 2;
-                    break;
-                }
-                if (id < 0) {
-                    break;
-                }
-            } else {
-                common_sampler_sample(smpl, ctx_dft, 0, true);
-                const llama_token_data_array * cand = common_sampler_get_candidates(smpl, true);
-                id = cand->data[0].id;
-                p = cand->data[0].p;
-            }
-            if (p < p_min || (policy && !policy->keeps(p, (int32_t) out.size() + 1 >= n_max))) {
-                cut_id = id;
-                cut_p = p;
-                if (spec) {
-                    spec->drop_last();
-                }
-                break;
-            }
-            if (spec) {
-                spec->keep_draft(id);
-            } else {
-                common_sampler_accept(smpl, id, true);
-            }
-            out.push_back(id);
-            probs.push_back(p);
-            if ((int32_t) out.size() >= n_max) {
-                break;
-            }
-            std::memcpy(cur.data(), h_out, (size_t) n_embd * sizeof(float));
-            batch.clear();
-            idx = batch.add(id, pos0 + i + 1, seq, true);
-            batch.set_embd(idx, { cur.data(), 1, (size_t) n_embd });
-        }
-        llama_memory_seq_rm(llama_get_memory(ctx_dft), seq, pos0, -1);
-        t_draft_us = ggml_time_us() - t0;
-        return rc;
     }
 };

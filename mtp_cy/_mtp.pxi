@@ -1,5 +1,5 @@
 # MTP: speculative decoding where the draft model is the MTP head of the same GGUF: the
-# generation loop (_batch.h) with one sequence, its drafter, and (n_draft="auto") the
+# generation loop (_loop.h) with one sequence, its drafter, and (n_draft="auto") the
 # one-sequence policy of _policy.h.
 
 _MAX_N_DRAFT = 64        # a fixed draft length

@@ -1,5 +1,5 @@
 # Session: plain (non-speculative) decoding of one sequence, the baseline of every MTP result:
-# the generation loop (_batch.h) with one sequence and no drafter.
+# the generation loop (_loop.h) with one sequence and no drafter.
 
 cdef class Session(_Engine):
     """Plain decoding of one sequence: the baseline that MTP results are compared with.

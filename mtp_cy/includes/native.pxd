@@ -1,6 +1,6 @@
 # Declarations of mtp_cy's own C++ headers: _native.h (lock-free statistics, abort state,
 # thread pool, C++ exception text), _mtp.h (the MTP head driver), _policy.h (the
-# n_draft="auto" policy), _cache.h (state checkpoints of the prompt cache), _batch.h
+# n_draft="auto" policy), _cache.h (state checkpoints of the prompt cache), _loop.h
 # (the loop of mtp_cy.Batch) and _batch_policy.h (its draft-length decision).
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libcpp.deque cimport deque
@@ -185,7 +185,7 @@ cdef extern from "_batch_policy.h" nogil:
         void configure(int kmax)
 
 
-cdef extern from "_batch.h" nogil:
+cdef extern from "_loop.h" nogil:
     cdef cppclass mtp_cy_group:
         int32_t n_tok
         int32_t n_gen

@@ -1,5 +1,8 @@
-// The generation loop of mtp_cy.Batch: many sequences in one target context and
-// one MTP-head context, continuous batching.
+// The generation loop of mtp_cy: one or many sequences in one target context and
+// one MTP-head context, continuous batching.  Every engine runs on it: a Session is
+// its one-sequence case without a drafter, an MTP its one-sequence case with the
+// head (n_draft="auto" plugs in the one-sequence policy, `solo`), a Batch many
+// sequences (the batch policy of _batch_policy.h).
 //
 // A step (mtp_cy_loop::step) serves every sequence that is generating:
 //   1. the MTP head is fed the tokens each drafting sequence had verified since it
@@ -16,7 +19,7 @@
 // leaves between steps; nothing one sequence does changes another one's tokens.
 //
 // Each slot keeps its tokens between calls (the prompt cache of that slot).  The
-// Python side (_batch.pxi) owns the locking: step() and prefill() run one at a
+// Python side (_engine.pxi) owns the locking: step() and prefill() run one at a
 // time, with the GIL released.
 #pragma once
 #include <algorithm>
@@ -35,6 +38,8 @@
 #include "_native.h"
 #include "_mtp.h"
 #include "_batch_policy.h"
+#include "_policy.h"
+#include "_spec.h"
 #include "_cache.h"
 
 // the tokens one step produced for one sequence (a lone MTP iteration)
