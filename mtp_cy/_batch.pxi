@@ -144,14 +144,6 @@ cdef class Batch(_Engine):
         return (f"<mtp_cy.Batch n_seq={self.n_seq} n_draft={self._n_draft!r} n_ctx={self.n_ctx_total}"
                 f"{' closed' if self.closed else ''}>")
 
-    cdef int _call_n_draft(self, value) except -2:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.k_max:
-            if self.k_max == 0:
-                raise ValueError(f"n_draft={value!r}: this Batch has no MTP head to draft with (only 0)")
-            raise ValueError(f"n_draft must be an int in [0, {self.k_max}] (the Batch's n_draft_max) or None, "
-                             f"got {value!r}")
-        return value
-
     # -- statistics -----------------------------------------------------------------------
     cdef dict _stream_stats(self, _Stream s):
         npos = self._n_pos()

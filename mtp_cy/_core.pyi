@@ -10,6 +10,8 @@ import os
 from typing import (Any, Callable, Dict, Generic, Iterator, List, Literal, Mapping, NoReturn, Optional, Sequence,
                     Tuple, TypedDict, TypeVar, Union, overload)
 
+from typing_extensions import Unpack
+
 import numpy as np
 import numpy.typing as npt
 
@@ -43,6 +45,34 @@ STREAM_OPTIONS: Tuple[str, ...]
 SPEC_SAMPLING_RULES: Tuple[str, ...]
 llama_cpp_commit: str
 DEFAULT_RPC_PORT: int
+
+
+class GenerationOptions(TypedDict, total=False):
+    """The options of every generating method (``stream``, ``stream_events``, ``generate``,
+    ``complete``, the chat methods and their asyncio forms): the one place they are written
+    for type checkers.  The runtime's single definition is ``STREAM_DEFAULTS``;
+    tests/test_stubs.py checks that these keys and the defaults written here match it."""
+    max_tokens: Optional[int]                 # default 256 (None: up to the context)
+    timeout: Optional[float]                  # default 60.0 (seconds for the next tokens; None: none)
+    prompt_timeout: Optional[float]           # default None
+    temp: float                               # default 0.8 (0: greedy)
+    top_k: int                                # default 40
+    top_p: float                              # default 0.95
+    min_p: float                              # default 0.05
+    seed: Optional[int]                       # default None
+    penalty_last_n: int                       # default 64
+    penalty_repeat: float                     # default 1.0
+    penalty_freq: float                       # default 0.0
+    penalty_present: float                    # default 0.0
+    grammar: Optional[str]                    # default None
+    grammar_root: str                         # default "root"
+    json_schema: JsonSchema                   # default None
+    stop: Stop                                # default None
+    logprobs: bool                            # default False
+    top_logprobs: int                         # default 0
+    emit_stats_every: int                     # default 0
+    n_draft: Optional[int]                    # default None (the engine's; 0: plain for this call)
+    spec_sampling: Optional[SpecSampling]     # default None (the engine's)
 
 
 class TimingUs(TypedDict):
@@ -281,119 +311,33 @@ class _Engine:
     def clear_cache(self) -> None: ...
     def cancel(self) -> None: ...
     def close(self) -> None: ...
-    def stream(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
-               prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
-               top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None, penalty_last_n: int = 64,
-               penalty_repeat: float = 1.0, penalty_freq: float = 0.0, penalty_present: float = 0.0,
-               grammar: Optional[str] = None, grammar_root: str = "root", json_schema: JsonSchema = None,
-               stop: Stop = None, logprobs: bool = False, top_logprobs: int = 0,
-               emit_stats_every: int = 0, n_draft: Optional[int] = None,
-        spec_sampling: Optional[SpecSampling] = None) -> _Stream[str]: ...
-    def stream_events(self, prompt: Prompt, *, max_tokens: Optional[int] = 256,
-                      timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None,
-                      temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-                      seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
-                      penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
-                      grammar_root: str = "root", json_schema: JsonSchema = None, stop: Stop = None,
-                      logprobs: bool = False, top_logprobs: int = 0,
-                      emit_stats_every: int = 0, n_draft: Optional[int] = None,
-        spec_sampling: Optional[SpecSampling] = None) -> _Stream[Event]: ...
-    def generate(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
-                 prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
-                 top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
-                 penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
-                 penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
-                 json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                 top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
-        spec_sampling: Optional[SpecSampling] = None) -> str: ...
-    def complete(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
-                 prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
-                 top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
-                 penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
-                 penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
-                 json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                 top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
-        spec_sampling: Optional[SpecSampling] = None) -> Completion: ...
+    def stream(self, prompt: Prompt, **options: Unpack[GenerationOptions]) -> _Stream[str]: ...
+    def stream_events(self, prompt: Prompt, **options: Unpack[GenerationOptions]) -> _Stream[Event]: ...
+    def generate(self, prompt: Prompt, **options: Unpack[GenerationOptions]) -> str: ...
+    def complete(self, prompt: Prompt, **options: Unpack[GenerationOptions]) -> Completion: ...
     def chat(self, messages: Sequence[Message], *, template: Optional[str] = None,
-             chat_template_kwargs: Optional[Mapping[str, Any]] = None, enable_thinking: Optional[bool] = None,
-             tools: Optional[Sequence[Tool]] = None, max_tokens: Optional[int] = 256,
-             timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None, temp: float = 0.8,
-             top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
-             penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
-             penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
-             json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False, top_logprobs: int = 0,
-             emit_stats_every: int = 0, n_draft: Optional[int] = None,
-        spec_sampling: Optional[SpecSampling] = None) -> _Stream[str]: ...
+            chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+            enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
+            **options: Unpack[GenerationOptions]) -> _Stream[str]: ...
     def chat_events(self, messages: Sequence[Message], *, template: Optional[str] = None,
-                    chat_template_kwargs: Optional[Mapping[str, Any]] = None,
-                    enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
-                    max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
-                    prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
-                    top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
-                    penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
-                    penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
-                    json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                    top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
-        spec_sampling: Optional[SpecSampling] = None) -> _Stream[Event]: ...
+            chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+            enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
+            **options: Unpack[GenerationOptions]) -> _Stream[Event]: ...
     def complete_chat(self, messages: Sequence[Message], *, template: Optional[str] = None,
-                      chat_template_kwargs: Optional[Mapping[str, Any]] = None,
-                      enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
-                      max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
-                      prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
-                      top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
-                      penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
-                      penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
-                      json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                      top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
-        spec_sampling: Optional[SpecSampling] = None) -> Completion: ...
-    def astream(self, prompt: Prompt, *, max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
-                prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
-                top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
-                penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
-                penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
-                json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
-        spec_sampling: Optional[SpecSampling] = None) -> AsyncStream[str]: ...
-    def astream_events(self, prompt: Prompt, *, max_tokens: Optional[int] = 256,
-                       timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None,
-                       temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-                       seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
-                       penalty_freq: float = 0.0, penalty_present: float = 0.0, grammar: Optional[str] = None,
-                       grammar_root: str = "root", json_schema: JsonSchema = None, stop: Stop = None,
-                       logprobs: bool = False, top_logprobs: int = 0,
-                       emit_stats_every: int = 0, n_draft: Optional[int] = None,
-        spec_sampling: Optional[SpecSampling] = None) -> AsyncStream[Event]: ...
-    async def agenerate(self, prompt: Prompt, *, max_tokens: Optional[int] = 256,
-                        timeout: Optional[float] = 60.0, prompt_timeout: Optional[float] = None,
-                        temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-                        seed: Optional[int] = None, penalty_last_n: int = 64, penalty_repeat: float = 1.0,
-                        penalty_freq: float = 0.0, penalty_present: float = 0.0,
-                        grammar: Optional[str] = None, grammar_root: str = "root",
-                        json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                        top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
-        spec_sampling: Optional[SpecSampling] = None) -> str: ...
+            chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+            enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
+            **options: Unpack[GenerationOptions]) -> Completion: ...
+    def astream(self, prompt: Prompt, **options: Unpack[GenerationOptions]) -> AsyncStream[str]: ...
+    def astream_events(self, prompt: Prompt, **options: Unpack[GenerationOptions]) -> AsyncStream[Event]: ...
+    async def agenerate(self, prompt: Prompt, **options: Unpack[GenerationOptions]) -> str: ...
     def achat(self, messages: Sequence[Message], *, template: Optional[str] = None,
-              chat_template_kwargs: Optional[Mapping[str, Any]] = None,
-              enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
-              max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
-              prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40, top_p: float = 0.95,
-              min_p: float = 0.05, seed: Optional[int] = None, penalty_last_n: int = 64,
-              penalty_repeat: float = 1.0, penalty_freq: float = 0.0, penalty_present: float = 0.0,
-              grammar: Optional[str] = None, grammar_root: str = "root", json_schema: JsonSchema = None,
-              stop: Stop = None, logprobs: bool = False, top_logprobs: int = 0,
-              emit_stats_every: int = 0, n_draft: Optional[int] = None,
-        spec_sampling: Optional[SpecSampling] = None) -> AsyncStream[str]: ...
+            chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+            enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
+            **options: Unpack[GenerationOptions]) -> AsyncStream[str]: ...
     def achat_events(self, messages: Sequence[Message], *, template: Optional[str] = None,
-                     chat_template_kwargs: Optional[Mapping[str, Any]] = None,
-                     enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
-                     max_tokens: Optional[int] = 256, timeout: Optional[float] = 60.0,
-                     prompt_timeout: Optional[float] = None, temp: float = 0.8, top_k: int = 40,
-                     top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
-                     penalty_last_n: int = 64, penalty_repeat: float = 1.0, penalty_freq: float = 0.0,
-                     penalty_present: float = 0.0, grammar: Optional[str] = None, grammar_root: str = "root",
-                     json_schema: JsonSchema = None, stop: Stop = None, logprobs: bool = False,
-                     top_logprobs: int = 0, emit_stats_every: int = 0, n_draft: Optional[int] = None,
-        spec_sampling: Optional[SpecSampling] = None) -> AsyncStream[Event]: ...
+            chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+            enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Tool]] = None,
+            **options: Unpack[GenerationOptions]) -> AsyncStream[Event]: ...
     # OpenAI-shaped results (mtp_cy.openai_compat): dicts, or iterators of chunk dicts
     @overload
     def create_completion(self, prompt: Union[Prompt, Sequence[Prompt]], *, stream: Literal[False] = False,
@@ -425,7 +369,8 @@ class MTP(_Engine):
     """Multi-Token Prediction speculative decoding with the model's own MTP head."""
 
     def __init__(self, model: Model, *, n_draft: Union[int, Literal["auto"]] = 3, p_min: float = 0.0,
-                 n_draft_max: Optional[int] = None, spec_sampling: Optional[SpecSampling] = None, n_ctx: int = 2048, n_batch: Optional[int] = None,
+                 n_draft_max: Optional[int] = None, spec_sampling: Optional[SpecSampling] = None,
+                 n_ctx: int = 2048, n_batch: Optional[int] = None,
                  n_ubatch: Optional[int] = None, n_threads: Optional[int] = None,
                  n_threads_batch: Optional[int] = None, flash_attn: FlashAttn = "auto",
                  type_k: KVType = "f16", type_v: KVType = "f16", offload_kqv: bool = True,

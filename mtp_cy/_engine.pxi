@@ -894,7 +894,14 @@ cdef class _Engine:
         return {}
 
     cdef int _call_n_draft(self, value) except -2:
-        raise TypeError("a per-call n_draft is an option of mtp_cy.Batch")
+        """A call's ``n_draft=``: 0 (plain steps for this call) up to the engine's longest draft."""
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.k_max:
+            name = type(self).__name__
+            if self.k_max == 0:
+                raise ValueError(f"n_draft={value!r}: this {name} has no MTP head to draft with (only 0)")
+            raise ValueError(f"n_draft must be an int in [0, {self.k_max}] (the {name}'s n_draft_max) or None, "
+                             f"got {value!r}")
+        return value
 
     cdef bint _drafts(self):
         """Whether this engine drafts (a call's spec_sampling then matters)."""
@@ -996,11 +1003,6 @@ cdef class _Engine:
                 raise ValueError(f"invalid sampler settings: {exc}") from None
             common_sampler_set_abort_callback(s.spec.ds, _abort_cb, <void *>self.ab)
         if o["n_draft"] is not None:
-            if not self._multi:
-                common_sampler_free(s.smpl)
-                s.smpl = NULL
-                raise TypeError(f"{where}(): a per-call n_draft is an option of mtp_cy.Batch; "
-                                f"this {type(self).__name__}'s draft length is set when it is created")
             s.k_req = self._call_n_draft(o["n_draft"])
         if self._multi:
             s.engine = self
@@ -1063,6 +1065,8 @@ cdef class _Engine:
           token is kept when the target's own draw equals it), with which a seeded call
           gives the very text plain decoding gives with that seed.  Greedy calls are exact
           either way.  ``None`` takes the engine's ``spec_sampling``;
+        * ``n_draft=None``: this call's draft length, overriding the engine's (``0``: plain
+          steps for this call; at most the engine's ``n_draft_max``; a Session takes only 0);
         * ``emit_stats_every``: accepted for parity with the seed API; statistics
           events only appear in :meth:`stream_events`.
 

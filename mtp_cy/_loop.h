@@ -160,6 +160,7 @@ struct mtp_cy_loop {
     // MTP(n_draft="auto"), one sequence: the single-sequence policy (_policy.h) chooses the
     // draft length, cuts drafts by their learned confidence and learns from every step
     mtp_cy_policy * solo = nullptr;
+    mtp_cy_policy * solo_now = nullptr;     // this step's: solo, unless the call fixed its n_draft
     std::vector<float> rows_tmp;
     // host copies of evicted conversations (bounded by cache_ram bytes; 0: none kept)
     std::vector<mtp_cy_saved> saved;
@@ -486,7 +487,7 @@ struct mtp_cy_loop {
         }
         idxs.resize(nb);
         for (int32_t j = 0; j < nb; ++j) idxs[j] = s->i0 + j;
-        const bool learn = solo && s->k > 0;
+        const bool learn = solo_now && s->k > 0;
         const std::vector<llama_token> ids = s->spec ? s->spec->verify(ctx, idxs, s->draft, learn ? s->dr.cut_id : -1)
                                                      : common_sampler_sample_and_accept_n(s->smpl, ctx, idxs, s->draft, false);
         if (ids.empty() || s->ab.cancel.load() || s->ab.timed_out || s->ab.interrupted) {
@@ -499,19 +500,20 @@ struct mtp_cy_loop {
             // calibrate the draft's confidence: every drafted token whose predecessors were
             // accepted, and the token a cut left out when the whole draft before it was
             for (int32_t j = 0; j < std::min(n_acc + 1, nb - 1); ++j) {
-                solo->observe_confidence(s->dr.probs[j], j < n_acc, j + 1);
+                solo_now->observe_confidence(s->dr.probs[j], j < n_acc, j + 1);
             }
             if (n_acc == nb - 1 && s->dr.cut_id >= 0) {
                 if (s->spec) {
                     // rejection: the cut token would have been kept with probability
                     // min(1, p/q); one draw of that (the call's generator)
-                    solo->observe_confidence(s->dr.cut_p, s->spec->uniform() * s->dr.cut_p < s->spec->probe_p, nb);
+                    solo_now->observe_confidence(s->dr.cut_p, s->spec->uniform() * s->dr.cut_p < s->spec->probe_p, nb);
                 } else {
-                    solo->observe_confidence(s->dr.cut_p, ids.back() == s->dr.cut_id, nb);
+                    solo_now->observe_confidence(s->dr.cut_p, ids.back() == s->dr.cut_id, nb);
                 }
             }
         }
         if (solo) {
+            // (the one-sequence policy learns in `learn` above)
         } else if (auto_k && s->k_req < 0) {
             s->acc.observe((int) s->draft.size(), n_acc);
             policy.batch_acc.observe((int) s->draft.size(), n_acc);
@@ -676,9 +678,10 @@ struct mtp_cy_loop {
         int32_t n_catch = 0, n_depth = 0;
         // draft lengths
         int k_auto = 0;
-        if (auto_k && solo) {
-            k_auto = solo->choose();
-        } else if (auto_k) {
+        solo_now = (solo && B == 1 && act[0]->k_req < 0) ? solo : nullptr;
+        if (auto_k && solo_now) {
+            k_auto = solo_now->choose();
+        } else if (auto_k && !solo) {
             std::vector<mtp_cy_seq_view> views;
             views.reserve(B);
             for (auto * s : act) {
@@ -785,7 +788,7 @@ struct mtp_cy_loop {
                         id = cand->data[0].id;
                         p = cand->data[0].p;
                     }
-                    if (p < s->p_min || (solo && !solo->keeps(p, (int32_t) s->draft.size() + 1 >= s->k))) {
+                    if (p < s->p_min || (solo_now && !solo_now->keeps(p, (int32_t) s->draft.size() + 1 >= s->k))) {
                         // the token that ended the draft: the solo policy learns whether the
                         // target would have kept it
                         s->dr.cut_id = id;
@@ -853,8 +856,8 @@ struct mtp_cy_loop {
         const int64_t t3 = ggml_time_us();
         if (auto_k && solo) {
             const mtp_cy_slot * s = act[0];
-            if (s->produced) {
-                solo->observe((int) s->draft.size(), s->groups.back().n_acc, (double) (t2 - t1),
+            if (solo_now && s->produced) {
+                solo_now->observe((int) s->draft.size(), s->groups.back().n_acc, (double) (t2 - t1),
                               (double) (t1 - t0 - t_catch), n_depth, (double) t_catch, n_catch, (double) (t3 - t2), s->k);
             }
         } else if (auto_k) {

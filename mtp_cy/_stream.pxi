@@ -267,6 +267,8 @@ cdef class _Stream:
         d["prompt_tokens_cached"] = self.n_cached
         self.engine._more_stats(d)
         d.pop("policy", None)
+        if self.k_req >= 0:
+            d["n_draft"] = self.k_req       # this call's own draft length
         d["spec_sampling"] = self.spec_rule
         return d
 

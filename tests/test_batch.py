@@ -279,11 +279,15 @@ def test_bad_input(mtp_model, plain_model, mtp_sm):
         # a context that fills ends the call with "length" / ctx_full, the others go on
         c = b.complete(prompt_of(mtp_sm, 3), max_tokens=None, temp=0)
         assert c.stop_reason in ("ctx_full", "eog") and c.usage.completion_tokens <= 64
-    # per-call n_draft is a Batch option
+    # a per-call n_draft on an MTP / Session: at most the engine's longest draft
     with mtp_cy.MTP(mtp_model, n_draft=2, n_ctx=128, n_threads=1) as m:
-        with pytest.raises(TypeError, match="Batch"):
-            m.generate(prompt_of(mtp_sm, 3), n_draft=1)
+        with pytest.raises(ValueError, match=r"\[0, 2\]"):
+            m.generate(prompt_of(mtp_sm, 3), n_draft=3)
         assert m.generate(prompt_of(mtp_sm, 3), max_tokens=2, temp=0)
+    with mtp_cy.Session(mtp_model, n_ctx=128, n_threads=1) as s:
+        with pytest.raises(ValueError, match="only 0"):
+            s.generate(prompt_of(mtp_sm, 3), n_draft=1)
+        assert s.generate(prompt_of(mtp_sm, 3), max_tokens=2, temp=0, n_draft=0)
     # a model without an MTP head batches plain steps; asking it to draft raises
     with pytest.raises(mtp_cy.MTPUnsupportedError, match="n_draft=0"):
         mtp_cy.Batch(plain_model, n_draft=3)

@@ -545,3 +545,28 @@ def test_no_leak_over_1000_calls_and_50_sessions(mtp_model, mtp_sm):
             m.generate(p, max_tokens=2, temp=0)
     gc.collect()
     assert rss_bytes() - before < 16 * 2**20
+
+
+def test_per_call_n_draft_overrides_the_session(mtp_model, mtp_sm):
+    """A call's n_draft= on an MTP drafts that many (0: plain steps) with the oracle's exact
+    counters; on MTP(n_draft="auto") such a call leaves the policy untouched."""
+    p = prompt_of(mtp_sm, 4)
+    with mtp_cy.Session(mtp_model, n_ctx=256, n_threads=1) as s:
+        ref = s.complete(p, max_tokens=30, temp=0)
+        assert s.complete(p, max_tokens=30, temp=0, n_draft=0).tokens == ref.tokens
+    with mtp_cy.MTP(mtp_model, n_draft=3, n_ctx=256, n_threads=1) as m:
+        for k in (0, 1, 2, 3):
+            c = m.complete(p, max_tokens=30, temp=0, n_draft=k)
+            assert c.tokens == ref.tokens
+            if k:
+                assert counters(c.stats) == expected(mtp_sm.predict(p, 30, k, n_ctx=256))
+            else:
+                assert c.stats["iters"] == 30 and c.stats["drafts_generated"] == 0
+            assert c.stats["n_draft"] == k
+        assert m.complete(p, max_tokens=30, temp=0).stats["n_draft"] == 3
+    with mtp_cy.MTP(mtp_model, n_draft="auto", n_ctx=256, n_threads=1) as m:
+        c = m.complete(p, max_tokens=30, temp=0, n_draft=2)
+        assert c.tokens == ref.tokens and counters(c.stats) == expected(mtp_sm.predict(p, 30, 2, n_ctx=256))
+        assert m.stats()["policy"]["iterations"] == 0          # the fixed call taught it nothing
+        assert m.complete(p, max_tokens=30, temp=0).tokens == ref.tokens
+        assert m.stats()["policy"]["iterations"] > 0

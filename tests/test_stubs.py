@@ -99,15 +99,37 @@ def test_module_level_names_match():
     assert stale == set(), f"stale stub names: {stale}"
 
 
+def _generation_options():
+    """{name: default} of the stub's GenerationOptions TypedDict (each key's default is
+    written in its comment, ``# default X``)."""
+    import io
+    import tokenize
+    src = STUB.read_text()
+    cls = next(n for n in _stub_tree().body if isinstance(n, ast.ClassDef) and n.name == "GenerationOptions")
+    comments = {t.start[0]: t.string for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                if t.type == tokenize.COMMENT}
+    out = {}
+    for item in cls.body:
+        if isinstance(item, ast.AnnAssign):
+            c = comments.get(item.lineno, "")
+            assert c.startswith("# default "), (item.target.id, c)
+            out[item.target.id] = ast.literal_eval(c[len("# default "):].split(" (")[0])
+    return out
+
+
 def test_stubbed_options_match_runtime_defaults():
-    """The keyword options written in the stub are exactly the ones the extension accepts,
-    with the extension's defaults."""
+    """The generation options are written once in the stub (the GenerationOptions TypedDict),
+    exactly the ones the extension accepts, with the extension's defaults; every generating
+    method takes them as ``**options: Unpack[GenerationOptions]``."""
+    assert _generation_options() == _core.STREAM_DEFAULTS
+    for meth in STREAM_METHODS + CHAT_METHODS:
+        fn = _method("_Engine", meth)
+        assert fn.args.kwarg is not None and ast.unparse(fn.args.kwarg.annotation) == "Unpack[GenerationOptions]", meth
     for meth in STREAM_METHODS:
-        assert _kwonly_defaults("_Engine", meth) == _core.STREAM_DEFAULTS, meth
-        assert not _method("_Engine", meth).args.kwarg, meth    # no **kwargs hiding options
+        assert _kwonly_defaults("_Engine", meth) == {}, meth
     for meth in CHAT_METHODS:
-        assert _kwonly_defaults("_Engine", meth) == dict(_core.STREAM_DEFAULTS, **CHAT_EXTRA), meth
-    # positional parameters: only the prompt / messages (emit_stats_every is keyword-only)
+        assert _kwonly_defaults("_Engine", meth) == CHAT_EXTRA, meth
+    # positional parameters: only the prompt / messages
     for meth in STREAM_METHODS + CHAT_METHODS:
         assert [a.arg for a in _method("_Engine", meth).args.args] in (["self", "prompt"], ["self", "messages"])
     assert _kwonly_defaults("Session", "__init__") == _core.CONTEXT_DEFAULTS
