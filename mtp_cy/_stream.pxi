@@ -110,7 +110,7 @@ cdef class _Stream:
     # mtp_cy.Batch: the slot of this call, and this call's own counters (the steps it took part in)
     cdef int slot
     cdef uint64_t call_id
-    cdef int k_req                # a per-call n_draft (-1: the Batch's)
+    cdef int k_req                # a per-call n_draft (-1: the engine's)
     cdef bint cancel_req
     cdef int64_t b_iters, b_gen, b_acc, b_t_draft, b_t_verify, b_t_sample, b_t_total, b_t_prefill
     cdef list b_gen_pos, b_acc_pos   # mtp_cy.Batch: this call's drafts by position

@@ -125,7 +125,7 @@ _SAMPLER_MAP = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_
                 "frequency_penalty": "penalty_freq", "presence_penalty": "penalty_present",
                 "repeat_penalty": "penalty_repeat", "seed": "seed", "stop": "stop", "grammar": "grammar",
                 "json_schema": "json_schema", "timeout": "timeout", "prompt_timeout": "prompt_timeout",
-                "n_draft": "n_draft",   # n_draft: mtp_cy.Batch only (per-request draft length)
+                "n_draft": "n_draft",   # this request's draft length (0: plain; at most the engine's)
                 "spec_sampling": "spec_sampling"}   # "rejection" | "match": how sampled drafts are verified
 _COMMON = ("model", "max_tokens", "max_completion_tokens", "stream_options", "logprobs", "response_format")
 _COMPLETION_PARAMS = frozenset(_SAMPLER_MAP) | frozenset(_COMMON) | IGNORED_PARAMETERS | frozenset(_NEUTRAL_COMPLETION)
