@@ -33,7 +33,9 @@ cdef class Batch(_Engine):
       as it is, from the measured cost of verifying ``B*(k+1)`` tokens against
       ``B`` and the acceptance by draft position of each sequence, down to plain
       steps where the batch is compute-bound (``stats()["policy"]`` shows the
-      decision and its reason); an int 1..64 drafts that many every step;
+      decision and its reason; a step of one sequence, while only one call
+      generates, is decided by the one-sequence policy of ``MTP(n_draft="auto")``,
+      ``stats()["policy"]["single"]``); an int 1..64 drafts that many every step;
       ``0`` never drafts (the model then needs no MTP head).  A call may
       override it: ``stream(prompt, n_draft=0)`` (plain for this call) or
       ``n_draft=2``.
@@ -56,9 +58,18 @@ cdef class Batch(_Engine):
     flight with :class:`ClosedError`.
     """
     cdef readonly int n_ctx_total
+    cdef mtp_cy_policy * policy1   # n_draft="auto" while one call generates: MTP's one-sequence policy
+    cdef object _acc_key           # the sampler settings policy1's acceptance was learned under
 
     def __cinit__(self, *args, **kwargs):
         self._multi = True
+        self.policy1 = new mtp_cy_policy()
+
+    def __dealloc__(self):
+        if self.loop != NULL:
+            self.loop.solo = NULL
+        del self.policy1
+        self.policy1 = NULL
 
     def __init__(self, Model model not None, *, n_seq=4, n_draft="auto", n_draft_max=None, p_min=0.0,
                  n_ctx=None, cache_ram=_CACHE_RAM_DEFAULT, spec_sampling=None, **options):
@@ -113,6 +124,12 @@ cdef class Batch(_Engine):
         self.loop.lag_window = _BATCH_LAG_WINDOW
         self.loop.cache_ram = cache_ram if o["cache_prompt"] else 0
         self.n_ctx_total = total
+        if self.auto:
+            # a step of one sequence is decided as a lone MTP(n_draft="auto") decides it
+            self.policy1.configure(self.k_max)
+            self.policy1.lag_window = _BATCH_LAG_WINDOW
+            self.policy1.p_min = self._p_min
+            self.loop.solo = self.policy1
 
     cdef int _no_head(self, Model model) except -1:
         if model.n_layer_nextn > 1:
@@ -218,12 +235,23 @@ cdef class Batch(_Engine):
                 "verify_us": {B * (k + 1): round(pol.target.predict(B * (k + 1)), 1) for k in range(self.k_max + 1)},
                 "head_us": {B: round(pol.head.predict(B), 1)},
                 "acceptance_by_position": {k: round(pol.batch_acc.p(k, NULL), 4) for k in range(1, self.k_max + 1)},
+                # the steps of one sequence: decided by MTP's one-sequence policy
+                "single": {"chosen": {k: self.policy1.chosen[k] for k in range(self.k_max + 1)},
+                           "current": self.policy1.best, "iterations": self.policy1.iter},
             }
 
     def reset_policy(self):
         """Forget what ``n_draft="auto"`` measured (costs and acceptance); it measures again."""
         self._check()
         self.loop.policy.configure(max(1, self.k_max))
+        self.policy1.configure(max(1, self.k_max))
+
+    cdef void _sampler_opened(self, _Stream s) except *:
+        # the one-sequence policy's acceptance is the last calls' (MTP does the same)
+        key = _sampler_key(s)
+        if self.auto and self._acc_key is not None and key != self._acc_key:
+            self.policy1.reset_acceptance()
+        self._acc_key = key
 
     def print_stats(self):
         """Write a summary of the speculative statistics (upstream's format, plus the batch size)

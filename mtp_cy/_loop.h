@@ -1,8 +1,9 @@
 // The generation loop of mtp_cy: one or many sequences in one target context and
 // one MTP-head context, continuous batching.  Every engine runs on it: a Session is
 // its one-sequence case without a drafter, an MTP its one-sequence case with the
-// head (n_draft="auto" plugs in the one-sequence policy, `solo`), a Batch many
-// sequences (the batch policy of _batch_policy.h).
+// head, a Batch many sequences.  n_draft="auto" decides with the one-sequence policy
+// (_policy.h, `solo`) on a step of one sequence and with the batch policy
+// (_batch_policy.h) on a step of several.
 //
 // A step (mtp_cy_loop::step) serves every sequence that is generating:
 //   1. the MTP head is fed the tokens each drafting sequence had verified since it
@@ -157,8 +158,10 @@ struct mtp_cy_loop {
     common_batch db;                        // head batch
     std::vector<std::unique_ptr<mtp_cy_slot>> slots;
     mtp_cy_batch_policy policy;
-    // MTP(n_draft="auto"), one sequence: the single-sequence policy (_policy.h) chooses the
-    // draft length, cuts drafts by their learned confidence and learns from every step
+    // n_draft="auto" on a step of one sequence (an MTP; a Batch while one call generates): the
+    // one-sequence policy (_policy.h) chooses the draft length, cuts drafts by their learned
+    // confidence and learns from every such step; steps of several sequences are the batch
+    // policy's
     mtp_cy_policy * solo = nullptr;
     mtp_cy_policy * solo_now = nullptr;     // this step's: solo, unless the call fixed its n_draft
     std::vector<float> rows_tmp;
@@ -512,9 +515,7 @@ struct mtp_cy_loop {
                 }
             }
         }
-        if (solo) {
-            // (the one-sequence policy learns in `learn` above)
-        } else if (auto_k && s->k_req < 0) {
+        if (auto_k && s->k_req < 0) {
             s->acc.observe((int) s->draft.size(), n_acc);
             policy.batch_acc.observe((int) s->draft.size(), n_acc);
         } else if (s->draft.size() > 0) {
@@ -681,7 +682,7 @@ struct mtp_cy_loop {
         solo_now = (solo && B == 1 && act[0]->k_req < 0) ? solo : nullptr;
         if (auto_k && solo_now) {
             k_auto = solo_now->choose();
-        } else if (auto_k && !solo) {
+        } else if (auto_k) {
             std::vector<mtp_cy_seq_view> views;
             views.reserve(B);
             for (auto * s : act) {
@@ -854,12 +855,14 @@ struct mtp_cy_loop {
             return rc;
         }
         const int64_t t3 = ggml_time_us();
-        if (auto_k && solo) {
+        if (auto_k && solo_now) {
             const mtp_cy_slot * s = act[0];
-            if (solo_now && s->produced) {
+            if (s->produced) {
                 solo_now->observe((int) s->draft.size(), s->groups.back().n_acc, (double) (t2 - t1),
-                              (double) (t1 - t0 - t_catch), n_depth, (double) t_catch, n_catch, (double) (t3 - t2), s->k);
+                                  (double) (t1 - t0 - t_catch), n_depth, (double) t_catch, n_catch,
+                                  (double) (t3 - t2), s->k);
             }
+            policy.observe_target(T, (double) (t2 - t1));     // (a cost is a cost, whoever chose)
         } else if (auto_k) {
             policy.observe_target(T, (double) (t2 - t1));
             bool uniform = n_done == B;

@@ -7,6 +7,12 @@ _AUTO_MAX = 16           # n_draft="auto": mtp_cy_policy::KMAX
 _AUTO_MAX_DEFAULT = 4
 
 
+cdef tuple _sampler_key(_Stream s):
+    """The sampler settings a call's draft acceptance depends on."""
+    return (s.spec_rule, s.sp.temp, s.sp.top_k, s.sp.top_p, s.sp.min_p, s.sp.penalty_last_n,
+            s.sp.penalty_repeat, s.sp.penalty_freq, s.sp.penalty_present, not s.sp.grammar.grammar.empty())
+
+
 @cython.no_gc_clear
 cdef class MTP(_Engine):
     """Multi-Token Prediction speculative decoding (the Python ``LlamaCppEx.MTP``).
@@ -157,8 +163,7 @@ cdef class MTP(_Engine):
 
     cdef void _sampler_opened(self, _Stream s) except *:
         # acceptance depends on the sampler: what auto learned under other settings is stale
-        key = (s.spec_rule, s.sp.temp, s.sp.top_k, s.sp.top_p, s.sp.min_p, s.sp.penalty_last_n,
-               s.sp.penalty_repeat, s.sp.penalty_freq, s.sp.penalty_present, not s.sp.grammar.grammar.empty())
+        key = _sampler_key(s)
         if self.auto and self._acc_key is not None and key != self._acc_key:
             self.policy.reset_acceptance()
         self._acc_key = key

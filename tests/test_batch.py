@@ -405,3 +405,19 @@ def test_many_more_async_calls_than_slots_and_workers(mtp_model, mtp_sm):
         out = asyncio.run(main())
         assert out == [want[tuple(p)] for p in prompts]
         assert all_free(b)
+
+
+def test_auto_lone_call_is_decided_by_the_one_sequence_policy(mtp_model, mtp_sm):
+    """A call alone on a Batch(n_draft="auto") is decided as a lone MTP(n_draft="auto") decides
+    it (its steps are the one-sequence policy's, not the batch policy's); text exact."""
+    p = prompt_of(mtp_sm, 4)
+    with mtp_cy.Session(mtp_model, n_ctx=512, n_threads=1) as s:
+        ref = s.complete(p, max_tokens=60, temp=0).tokens
+    with mtp_cy.Batch(mtp_model, n_seq=2, n_ctx=2 * 512, n_threads=1) as b:
+        c = b.complete(p, max_tokens=60, temp=0)
+        assert c.tokens == ref
+        pol = b.stats()["policy"]
+        assert pol["single"]["iterations"] == c.stats["iters"] == sum(pol["single"]["chosen"].values())
+        assert pol["steps"] == 0                  # no step of several sequences yet
+        b.reset_policy()
+        assert b.stats()["policy"]["single"]["iterations"] == 0
