@@ -711,6 +711,14 @@ cdef class _Engine:
         """Become the thread that runs the next native work; 0 when the deadline passed or the
         batch closed first (then the caller looks at its slot again)."""
         cdef bint got = False
+        if not self._multi and not self._stepping:
+            # one sequence: its stream is the only one that steps (the busy flag), so no lock
+            if self._closing():
+                return 0
+            self._stepping = True
+            self._running = 1
+            self._running_tid = <long>PyThread_get_thread_ident()
+            return 1
         try:
             with self._cond:
                 while self._stepping:
@@ -747,8 +755,9 @@ cdef class _Engine:
             self._free_slot(r[0], r[1])
         if self._close_pending:
             self._do_close()
-        with self._cond:
-            self._cond.notify_all()
+        if self._multi or self._waiters:
+            with self._cond:
+                self._cond.notify_all()
         return 0
 
     cdef inline bint _closing(self):
