@@ -201,27 +201,20 @@ cdef class Batch(_Engine):
                       "mean_size": (seq_steps / steps) if steps else 0.0,
                       "waiting": len(self._waiters)}
         slots = []
-        cached = 0
-        n_ck = 0
-        ck_bytes = 0
         for i in range(self.n_seq):
             sl = self.loop.slots[i].get()
             st = sl.state.load()
-            c = mtp_cy_get(sl.n_cached) if sl.valid else 0
-            cached += c
-            row = {"slot": i, "state": _SLOT_STATES[st], "cached_tokens": c}
+            row = {"slot": i, "state": _SLOT_STATES[st], "cached_tokens": mtp_cy_get(sl.n_cached) if sl.valid else 0}
             if st == MTP_CY_SLOT_FREE:       # (a running call may change them under us)
                 row["checkpoints"] = sl.ckpts.size()
-                n_ck += sl.ckpts.size()
-                ck_bytes += sl.ckpts.bytes()
-            if st != MTP_CY_SLOT_FREE:
+            else:
                 row["call"] = {"iters": mtp_cy_get(sl.c_iters), "drafts_generated": mtp_cy_get(sl.c_gen),
                                "drafts_accepted": mtp_cy_get(sl.c_acc)}
             slots.append(row)
         d["slots"] = slots
-        d["cache"] = {"tokens": cached, "checkpoints": n_ck, "checkpoint_bytes": ck_bytes,
-                      "host_states": mtp_cy_get(self.loop.saved_n), "host_bytes": mtp_cy_get(self.loop.saved_bytes),
-                      "host_hits": mtp_cy_get(self.loop.saved_hits), "cache_ram": self.loop.cache_ram}
+        d["cache"] = dict(self._cache_stats(), host_states=mtp_cy_get(self.loop.saved_n),
+                          host_bytes=mtp_cy_get(self.loop.saved_bytes), host_hits=mtp_cy_get(self.loop.saved_hits),
+                          cache_ram=self.loop.cache_ram)
         if self.auto:
             pol = &self.loop.policy
             B = max(1, pol.last.n_seq)

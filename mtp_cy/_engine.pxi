@@ -174,7 +174,6 @@ cdef class _Engine:
     cdef int n_threads
     cdef int n_threads_batch       # threads of a prompt chunk (llama.cpp's n_threads_batch)
     cdef bint cache_prompt
-    cdef bint needs_checkpoints  # the memory cannot be cut at any position (recurrent / sliding window)
     # drafting
     cdef bint auto               # n_draft="auto"
     cdef int k_max               # the longest draft (0: no drafter)
@@ -295,7 +294,6 @@ cdef class _Engine:
         self.loop.st = self.st
         self.loop.max_checkpoints = o["cache_checkpoints"]
         self.loop.checkpoint_every = o["checkpoint_every"]
-        self.model = model
         model._retain()
         self._closed = False
         self._inited = True
@@ -303,7 +301,6 @@ cdef class _Engine:
         self.n_threads = <int>(o["n_threads"] or _default_threads())
         self.n_threads_batch = <int>(o["n_threads_batch"] or self.n_threads)
         self.cache_prompt = o["cache_prompt"]
-        self.needs_checkpoints = self.loop.needs_checkpoints
         if not self._multi:
             # one sequence: its call's cancel and deadline stop a running decode too
             self.ab.link = &self.loop.slots[0].get().ab
@@ -1229,7 +1226,7 @@ cdef class _Engine:
         as it will be) shares this many tokens with ``prompt``.  A state
         checkpoint there lets the next turn reuse the whole history even when the
         generation prompt is not part of it (e.g. Qwen3.5's ``<think>`` opener)."""
-        if not (self.cache_prompt and self.needs_checkpoints):
+        if not (self.cache_prompt and self.loop.needs_checkpoints):
             return 0
         try:
             kw = dict(chat_template_kwargs or {})
