@@ -58,18 +58,9 @@ cdef class Batch(_Engine):
     flight with :class:`ClosedError`.
     """
     cdef readonly int n_ctx_total
-    cdef mtp_cy_policy * policy1   # n_draft="auto" while one call generates: MTP's one-sequence policy
-    cdef object _acc_key           # the sampler settings policy1's acceptance was learned under
 
     def __cinit__(self, *args, **kwargs):
         self._multi = True
-        self.policy1 = new mtp_cy_policy()
-
-    def __dealloc__(self):
-        if self.loop != NULL:
-            self.loop.solo = NULL
-        del self.policy1
-        self.policy1 = NULL
 
     def __init__(self, Model model not None, *, n_seq=4, n_draft="auto", n_draft_max=None, p_min=0.0,
                  n_ctx=None, cache_ram=_CACHE_RAM_DEFAULT, spec_sampling=None, **options):
@@ -121,15 +112,9 @@ cdef class Batch(_Engine):
         self._open_loop(model, o, cp, self.n_seq, per_seq, MTPUnsupportedError)
         # the head catches up on at most this many positions when drafting resumes after plain
         # steps (a deep catch-up costs more than the few drafts it improves; output unchanged)
-        self.loop.lag_window = _BATCH_LAG_WINDOW
+        self._plug_policy(_BATCH_LAG_WINDOW)
         self.loop.cache_ram = cache_ram if o["cache_prompt"] else 0
         self.n_ctx_total = total
-        if self.auto:
-            # a step of one sequence is decided as a lone MTP(n_draft="auto") decides it
-            self.policy1.configure(self.k_max)
-            self.policy1.lag_window = _BATCH_LAG_WINDOW
-            self.policy1.p_min = self._p_min
-            self.loop.solo = self.policy1
 
     cdef int _no_head(self, Model model) except -1:
         if model.n_layer_nextn > 1:
@@ -229,22 +214,16 @@ cdef class Batch(_Engine):
                 "head_us": {B: round(pol.head.predict(B), 1)},
                 "acceptance_by_position": {k: round(pol.batch_acc.p(k, NULL), 4) for k in range(1, self.k_max + 1)},
                 # the steps of one sequence: decided by MTP's one-sequence policy
-                "single": {"chosen": {k: self.policy1.chosen[k] for k in range(self.k_max + 1)},
-                           "current": self.policy1.best, "iterations": self.policy1.iter},
+                "single": {"chosen": {k: self.policy.chosen[k] for k in range(self.k_max + 1)},
+                           "current": self.policy.best, "iterations": self.policy.iter},
             }
 
     def reset_policy(self):
         """Forget what ``n_draft="auto"`` measured (costs and acceptance); it measures again."""
         self._check()
         self.loop.policy.configure(max(1, self.k_max))
-        self.policy1.configure(max(1, self.k_max))
+        self.policy.configure(max(1, self.k_max))
 
-    cdef void _sampler_opened(self, _Stream s) except *:
-        # the one-sequence policy's acceptance is the last calls' (MTP does the same)
-        key = _sampler_key(s)
-        if self.auto and self._acc_key is not None and key != self._acc_key:
-            self.policy1.reset_acceptance()
-        self._acc_key = key
 
     def print_stats(self):
         """Write a summary of the speculative statistics (upstream's format, plus the batch size)

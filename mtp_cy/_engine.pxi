@@ -180,6 +180,8 @@ cdef class _Engine:
     cdef int k_default           # the draft length of a call without n_draft= (-1: the policy's)
     cdef float _p_min            # a draft ends at a token the head is less sure of
     cdef object _n_draft
+    cdef mtp_cy_policy * policy  # n_draft="auto": the one-sequence policy (_policy.h) of a step of one sequence
+    cdef object _acc_key         # the sampler settings its acceptance was learned under
     # the slots: waiting calls, the thread that runs the next step
     cdef readonly int n_seq      # sequences at once (1: Session, MTP)
     cdef object _cond
@@ -196,6 +198,7 @@ cdef class _Engine:
         self.ctx = NULL
         self.ctx_dft = NULL
         self.loop = new mtp_cy_loop()
+        self.policy = new mtp_cy_policy()
         self.tp = NULL
         self._pool_threads = 0
         self._cur_threads = 0
@@ -327,6 +330,8 @@ cdef class _Engine:
         if self.loop != NULL:
             del self.loop
             self.loop = NULL
+        del self.policy
+        self.policy = NULL
         if self.model is not None and not self._closed:
             self.model._release()
         del self.st
@@ -914,9 +919,24 @@ cdef class _Engine:
         return False
 
     cdef void _sampler_opened(self, _Stream s) except *:
-        """A call with sampler settings ``s.sp`` / ``s.spec_rule`` opens (MTP's auto policy
-        forgets the acceptance it learned under other settings)."""
-        pass
+        """A call with sampler settings ``s.sp`` / ``s.spec_rule`` opens: the one-sequence
+        policy forgets the acceptance it learned under other settings (it is stale)."""
+        key = (s.spec_rule, s.sp.temp, s.sp.top_k, s.sp.top_p, s.sp.min_p, s.sp.penalty_last_n,
+               s.sp.penalty_repeat, s.sp.penalty_freq, s.sp.penalty_present, not s.sp.grammar.grammar.empty())
+        if self.auto and self._acc_key is not None and key != self._acc_key:
+            self.policy.reset_acceptance()
+        self._acc_key = key
+
+    cdef void _plug_policy(self, int lag_window) noexcept:
+        """After _open_loop: the head catches up on at most ``lag_window`` positions when
+        drafting resumes; with n_draft="auto" the loop consults the one-sequence policy on
+        every step of one sequence."""
+        self.loop.lag_window = lag_window
+        self.policy.configure(max(1, self.k_max))
+        self.policy.lag_window = lag_window
+        self.policy.p_min = self._p_min
+        if self.auto:
+            self.loop.solo = self.policy
 
     cdef void _end_call(self) noexcept:
         """The open call ends: its pool is paused unless another call uses it (_native.h)."""

@@ -855,6 +855,9 @@ struct mtp_cy_loop {
             return rc;
         }
         const int64_t t3 = ggml_time_us();
+        if (auto_k) {
+            policy.observe_target(T, (double) (t2 - t1));     // (a cost is a cost, whoever chose)
+        }
         if (auto_k && solo_now) {
             const mtp_cy_slot * s = act[0];
             if (s->produced) {
@@ -862,9 +865,7 @@ struct mtp_cy_loop {
                                   (double) (t1 - t0 - t_catch), n_depth, (double) t_catch, n_catch,
                                   (double) (t3 - t2), s->k);
             }
-            policy.observe_target(T, (double) (t2 - t1));     // (a cost is a cost, whoever chose)
         } else if (auto_k) {
-            policy.observe_target(T, (double) (t2 - t1));
             bool uniform = n_done == B;
             for (auto * s : act) uniform = uniform && s->k_req < 0 && (int32_t) s->draft.size() == k_auto;
             policy.observe_step(B, k_auto, (double) (t3 - t0), uniform);

@@ -7,12 +7,6 @@ _AUTO_MAX = 16           # n_draft="auto": mtp_cy_policy::KMAX
 _AUTO_MAX_DEFAULT = 4
 
 
-cdef tuple _sampler_key(_Stream s):
-    """The sampler settings a call's draft acceptance depends on."""
-    return (s.spec_rule, s.sp.temp, s.sp.top_k, s.sp.top_p, s.sp.min_p, s.sp.penalty_last_n,
-            s.sp.penalty_repeat, s.sp.penalty_freq, s.sp.penalty_present, not s.sp.grammar.grammar.empty())
-
-
 @cython.no_gc_clear
 cdef class MTP(_Engine):
     """Multi-Token Prediction speculative decoding (the Python ``LlamaCppEx.MTP``).
@@ -67,18 +61,6 @@ cdef class MTP(_Engine):
     counts the tokens delivered before it (the end-of-generation token is never
     emitted).
     """
-    cdef mtp_cy_policy * policy  # n_draft="auto": the one-sequence policy (_policy.h) the loop consults
-    cdef object _acc_key         # the sampler settings the auto policy's acceptance was learned under
-
-    def __cinit__(self, *args, **kwargs):
-        self.policy = new mtp_cy_policy()
-
-    def __dealloc__(self):
-        if self.loop != NULL:
-            self.loop.solo = NULL
-        del self.policy
-        self.policy = NULL
-
     def __init__(self, Model model not None, *, n_draft=3, p_min=0.0, n_draft_max=None, spec_sampling=None,
                  **options):
         self._spec_default = _spec_rule(spec_sampling)
@@ -129,12 +111,7 @@ cdef class MTP(_Engine):
                 f"{o[limit]}): raise {limit}, or lower n_draft")
         self.k_default = -1 if self.auto else self.k_max
         self._open_loop(model, o, cp, 1, o["n_ctx"], MTPUnsupportedError)
-        self.loop.lag_window = LAG_WINDOW
-        self.policy.configure(self.k_max)
-        self.policy.lag_window = LAG_WINDOW
-        self.policy.p_min = self._p_min
-        if self.auto:
-            self.loop.solo = self.policy
+        self._plug_policy(LAG_WINDOW)
 
     @property
     def p_min(self):
@@ -160,13 +137,6 @@ cdef class MTP(_Engine):
 
     cdef bint _drafts(self):
         return True
-
-    cdef void _sampler_opened(self, _Stream s) except *:
-        # acceptance depends on the sampler: what auto learned under other settings is stale
-        key = _sampler_key(s)
-        if self.auto and self._acc_key is not None and key != self._acc_key:
-            self.policy.reset_acceptance()
-        self._acc_key = key
 
     cdef void _more_stats(self, dict d) except *:
         cdef int k
