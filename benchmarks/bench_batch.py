@@ -3,6 +3,7 @@
 
     python benchmarks/bench_batch.py [--models tiny,bench] [--conc 1,2,4,8] [--tokens 64]
                                      [--repeats 2] [--threads N] [--json out.json]
+                                     [--configs "batch plain,batch auto"]
 
 For each model and each concurrency C (C calls started at once from C threads, greedy, each with
 its own prompt and ``--tokens`` tokens), the aggregate tokens per second over the wall time of:
@@ -102,10 +103,13 @@ def server_exe():
     return native_build.upstream_server(ROOT)
 
 
-def model_of(name):
+def model_of(spec):
+    """``name`` or ``name:dtype`` (e.g. ``moe-2.3b-a0.6b:q4_k_m``): a size or a preset."""
+    name, _, dtype = spec.partition(":")
+    kw = dict(dtype=dtype) if dtype else {}
     if name in ("tiny", "bench"):
-        return synthetic.cached_model(size=name, mtp=True, acceptance=0.75)
-    return synthetic.cached_model(preset=name, mtp=True, acceptance=0.75)
+        return synthetic.cached_model(size=name, mtp=True, acceptance=0.75, **kw)
+    return synthetic.cached_model(preset=name, mtp=True, acceptance=0.75, **kw)
 
 
 def prompts_of(sm, n):
@@ -136,15 +140,16 @@ def bench_model(name, args):
     conc = [int(x) for x in args.conc.split(",")]
     n_seq = max(conc)
     n_ctx = 512
-    configs = CONFIGS + (SERVER_CONFIGS if args.server else ())
+    mine = tuple(c for c in CONFIGS if c in args.configs)
+    configs = mine + tuple(c for c in SERVER_CONFIGS if args.server and c in args.configs)
     res = {c: {k: [] for k in configs} for c in conc}
     kw = dict(n_ctx=n_ctx * n_seq, n_threads=args.threads) if args.threads else dict(n_ctx=n_ctx * n_seq)
     skw = dict(n_ctx=n_ctx, n_threads=args.threads) if args.threads else dict(n_ctx=n_ctx)
     with mtp_cy.Model(sm.path) as m:
-        engines = {"batch plain": mtp_cy.Batch(m, n_seq=n_seq, n_draft=0, **kw),
-                   "batch k=3": mtp_cy.Batch(m, n_seq=n_seq, n_draft=3, **kw),
-                   "batch auto": mtp_cy.Batch(m, n_seq=n_seq, **kw)}
-        sessions = [mtp_cy.MTP(m, n_draft="auto", cache_prompt=False, **skw) for _ in range(n_seq)]
+        drafts = {"batch plain": 0, "batch k=3": 3, "batch auto": "auto"}
+        engines = {c: mtp_cy.Batch(m, n_seq=n_seq, n_draft=drafts[c], **kw) for c in mine if c in drafts}
+        sessions = ([mtp_cy.MTP(m, n_draft="auto", cache_prompt=False, **skw) for _ in range(n_seq)]
+                    if "sessions auto" in mine else [])
         try:
             for e in engines.values():     # warm up (and let auto measure)
                 run_concurrent(lambda i, e=e: len(e.complete(prompts_of(sm, n_seq)[i], max_tokens=args.tokens,
@@ -152,7 +157,7 @@ def bench_model(name, args):
             for r in range(args.repeats):
                 for c in conc:
                     ps = prompts_of(sm, c)
-                    order = list(CONFIGS) if r % 2 == 0 else list(reversed(CONFIGS))
+                    order = list(mine) if r % 2 == 0 else list(reversed(mine))
                     for cfg in order:
                         if cfg == "sessions auto":
                             def call(i):
@@ -172,7 +177,7 @@ def bench_model(name, args):
                 s.close()
     if args.server:
         threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
-        for cfg in SERVER_CONFIGS:
+        for cfg in (c for c in SERVER_CONFIGS if c in configs):
             with Server(args.server, sm.path, n_seq, n_ctx, threads, cfg == "server mtp") as srv:
                 run_concurrent(lambda i: srv.complete(prompts_of(sm, n_seq)[i], args.tokens), n_seq)
                 for r in range(args.repeats):
@@ -200,7 +205,9 @@ def bench_model(name, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="tiny")
+    ap.add_argument("--models", default="tiny", help="comma-separated sizes / presets, each NAME or NAME:DTYPE")
+    ap.add_argument("--configs", default=",".join(CONFIGS + SERVER_CONFIGS),
+                    help="comma-separated subset of: " + ", ".join(CONFIGS + SERVER_CONFIGS) + " (batch plain is always run)")
     ap.add_argument("--conc", default="1,2,4,8")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
@@ -208,10 +215,15 @@ def main():
     ap.add_argument("--no-server", action="store_true", help="leave upstream's llama-server out")
     ap.add_argument("--json")
     args = ap.parse_args()
-    args.server = None if args.no_server else server_exe()
+    args.configs = {"batch plain"} | {c.strip() for c in args.configs.split(",") if c.strip()}
+    unknown = args.configs - set(CONFIGS + SERVER_CONFIGS)
+    if unknown:
+        ap.error(f"unknown configs: {sorted(unknown)}")
+    want_server = not args.no_server and bool(args.configs & set(SERVER_CONFIGS))
+    args.server = server_exe() if want_server else None
     allres = {name: bench_model(name, args) for name in args.models.split(",")}
     if args.json:
-        meta = dict(vars(args), server=str(args.server) if args.server else None)
+        meta = dict(vars(args), server=str(args.server) if args.server else None, configs=sorted(args.configs))
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"),
                                                "args": meta, "results": allres}, indent=1))
 
