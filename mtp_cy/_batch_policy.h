@@ -69,13 +69,19 @@ struct mtp_cy_cost_model {
         if (lo <= 0) {
             return 0.0;
         }
-        // past the largest measured size: the slope of the two largest ones, or (one
-        // point only) proportional growth, the pessimistic guess for a compute-bound step
+        // past the largest measured size: the steeper of the slope of the two largest
+        // ones and the mean slope from the smallest one (two close sizes give a noisy
+        // slope, and a low one made drafting look cheap: "never lose" wants the dearer
+        // guess, which the choice's own runs then measure), or (one point only)
+        // proportional growth, the pessimistic guess for a compute-bound step
         int lo2 = lo - 1;
         while (lo2 > 0 && n[lo2] == 0) --lo2;
         if (lo2 > 0) {
-            const double slope = std::max(0.0, (us[lo] - us[lo2]) / (double) (lo - lo2));
-            return us[lo] + slope * (double) (t - lo);
+            int first = 1;
+            while (first < lo2 && n[first] == 0) ++first;
+            double slope = (us[lo] - us[lo2]) / (double) (lo - lo2);
+            slope = std::max(slope, (us[lo] - us[first]) / (double) (lo - first));
+            return us[lo] + std::max(0.0, slope) * (double) (t - lo);
         }
         return us[lo] * (double) t / (double) lo;
     }
@@ -180,7 +186,17 @@ struct mtp_cy_batch_policy {
     int last_step_b = 0, last_step_k = -1;
     int64_t since_probe = 0;         // steps since the last re-measuring run
     int64_t n_probe = 0;
-    double probe_budget = 0.004;     // (the switches cost more than the run's loss alone: graphs are rebuilt)
+    double probe_budget = 0.004;
+    double min_gain = 0.05;          // drafting is chosen when it beats plain steps by this much     // (the switches cost more than the run's loss alone: graphs are rebuilt)
+    // what re-measuring runs really lost (the head's catch-up on the positions it missed, the
+    // graphs rebuilt on the way in and out: more than the predicted scores say), by direction
+    // (0: a longer draft than the choice, 1: a shorter one); a run is priced by the dearer of
+    // this and its predicted loss
+    double probe_loss[2] = {0.0, 0.0};
+    int64_t probe_runs[2] = {0, 0};
+    int probe_left = 0;              // steps of the running re-measuring run still to observe
+    int probe_dir = 0;
+    double probe_us = 0.0, probe_tok = 0.0, probe_tok_step = 0.0, probe_best = 0.0;
     int last_t = 0;                  // tokens of the previous target decode
     mtp_cy_decision last;
 
@@ -197,6 +213,15 @@ struct mtp_cy_batch_policy {
 
     // A whole step of b sequences that all drafted the decision's k took us microseconds.
     void observe_step(int b, int k, double us, bool uniform) {
+        if (probe_left > 0 && us > 0) {
+            probe_us += us;
+            probe_tok += probe_tok_step;
+            if (--probe_left == 0 && probe_best > 0) {
+                const double l = std::max(0.0, 1.0 - probe_tok / probe_us * 1e6 / probe_best);
+                double & e = probe_loss[probe_dir];
+                e = probe_runs[probe_dir]++ == 0 ? l : 0.5 * e + 0.5 * l;
+            }
+        }
         const bool steady = uniform && b == last_step_b && k == last_step_k;
         last_step_b = uniform ? b : 0;
         last_step_k = uniform ? k : -1;
@@ -226,6 +251,9 @@ struct mtp_cy_batch_policy {
         last_step_k = -1;
         since_probe = 0;
         n_probe = 0;
+        probe_loss[0] = probe_loss[1] = 0.0;
+        probe_runs[0] = probe_runs[1] = 0;
+        probe_left = 0;
     }
 
     // the step's cost drafting k for the "auto" sequences: one target decode of every
@@ -244,9 +272,12 @@ struct mtp_cy_batch_policy {
             if (kk > 0) catch_tok += e;
         }
         if (tokens) *tokens = tok;
+        // every sequence follows the decision: the measured whole step of (B, k) prices it,
+        // also when some of them may draft fewer now (max_tokens / context: a step of shorter
+        // drafts costs no more; their tokens above count what they can draft)
         const int B = (int) seqs.size();
         bool uniform = B >= 1 && B <= BMAX && k >= 0 && k <= mtp_cy_acceptance::KMAX && !step_n.empty();
-        for (const auto & s : seqs) uniform = uniform && s.k_fixed < 0 && s.k_cap >= k;
+        for (const auto & s : seqs) uniform = uniform && s.k_fixed < 0;
         if (uniform) {
             const size_t i = (size_t) B * (mtp_cy_acceptance::KMAX + 1) + k;
             if (step_n[i] >= 2) {
@@ -291,19 +322,28 @@ struct mtp_cy_batch_policy {
             d.k = 1;
             d.reason = "measuring";
         }
+        probe_left = 0;                  // (a run cut short by a change of batch is not priced)
         double best = -1.0, plain = 0.0;
-        double score[mtp_cy_acceptance::KMAX + 1] = {0};
+        double score[mtp_cy_acceptance::KMAX + 1] = {0}, toks[mtp_cy_acceptance::KMAX + 1] = {0};
         int kbest = 0;
         for (int k = 0; k <= k_max; ++k) {
             double tok = 0.0;
             const double c = cost(seqs, k, &tok);
             const double s = c > 0 ? tok / c * 1e6 : 0.0;
             score[k] = s;
+            toks[k] = tok;
             if (k == 0) plain = s;
             if (s > best) {
                 best = s;
                 kbest = k;
             }
+        }
+        // drafting must win clearly: a close call costs more than its score says (entering and
+        // leaving it rebuilds graphs and feeds the head what it missed, which the steady
+        // steps measured above leave out), so within min_gain of plain steps, plain steps
+        if (kbest > 0 && best < plain * (1.0 + min_gain)) {
+            kbest = 0;
+            best = plain;
         }
         d.plain_tokens_per_sec = plain;
         if (d.reason == nullptr) {
@@ -313,16 +353,23 @@ struct mtp_cy_batch_policy {
                 d.reason = "measuring";      // the choice, on a prediction: its runs measure it
             }
             // keep the neighbours' costs current: now and then a run at k-1 or k+1, priced by
-            // what it loses against the choice: at most `probe_budget` of the steps' value
-            // (a close neighbour is re-measured often, a far one rarely)
+            // what it loses against the choice (predicted, or what such runs really lost when
+            // that was more): at most `probe_budget` of the steps' value (a close neighbour is
+            // re-measured often, a far one rarely)
             const int alt = (n_probe % 2 == 0) ? kbest + 1 : kbest - 1;
             if (alt >= 0 && alt <= k_max && best > 0) {
-                const double loss = std::max(0.05, 1.0 - score[alt] / best);
+                const int dir = alt > kbest ? 0 : 1;
+                const double loss = std::max({0.05, 1.0 - score[alt] / best, probe_loss[dir]});
                 if ((double) since_probe * probe_budget >= (double) run * loss) {
                     d.k = alt;
                     d.reason = "re-measuring";
                     since_probe = 0;
                     ++n_probe;
+                    probe_left = run;
+                    probe_dir = dir;
+                    probe_us = probe_tok = 0.0;
+                    probe_tok_step = toks[alt];
+                    probe_best = best;
                 }
             } else {
                 ++n_probe;

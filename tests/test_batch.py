@@ -160,6 +160,25 @@ def test_prompt_cache_per_slot(mtp_model, mtp_sm):
         assert b.complete(a, max_tokens=3, temp=0).usage.cached_tokens == 0
 
 
+def test_head_fed_late_after_plain_steps(mtp_model, mtp_sm):
+    """A call that may not draft (per-call n_draft=0, or "auto") feeds the MTP head its prompt
+    only when it first drafts, and then the last positions only (the plain steps' lag rule):
+    a later call on the same slot that drafts, on a prompt longer than that window, is still
+    exact and drafts as the oracle says."""
+    long = prompt_of(mtp_sm, 60)
+    with mtp_cy.Batch(mtp_model, n_seq=2, n_ctx=2 * 512, n_threads=1) as b:
+        c1 = b.complete(long, max_tokens=12, temp=0, n_draft=0)
+        assert c1.stats["drafts_generated"] == 0
+        p2 = list(long) + c1.tokens + prompt_of(mtp_sm, 3, start=5)
+        c2 = b.complete(p2, max_tokens=20, temp=0, n_draft=3)
+        assert c2.usage.cached_tokens > len(long)
+        assert c2.tokens == mtp_sm.greedy(p2, 20).tokens
+        assert counters(c2.stats) == expected(mtp_sm.predict(p2, 20, 3, n_ctx=512))
+        b.clear_cache()
+        c3 = b.complete(long, max_tokens=40, temp=0)               # "auto" from a fresh slot
+        assert c3.tokens == mtp_sm.greedy(long, 40).tokens
+
+
 # ------------------------------------------------------------------- slots and lifetime
 def test_calls_wait_for_a_slot_in_order_and_time_out(mtp_model, mtp_sm):
     with mtp_cy.Batch(mtp_model, n_seq=1, n_draft=2, n_ctx=256, n_threads=1) as b:
