@@ -186,8 +186,8 @@ struct mtp_cy_batch_policy {
     int last_step_b = 0, last_step_k = -1;
     int64_t since_probe = 0;         // steps since the last re-measuring run
     int64_t n_probe = 0;
-    double probe_budget = 0.004;
-    double min_gain = 0.05;          // drafting is chosen when it beats plain steps by this much     // (the switches cost more than the run's loss alone: graphs are rebuilt)
+    double probe_budget = 0.004;     // (the switches cost more than the run's loss alone: graphs are rebuilt)
+    double min_gain = 0.05;          // drafting is chosen when it beats plain steps by this much
     // what re-measuring runs really lost (the head's catch-up on the positions it missed, the
     // graphs rebuilt on the way in and out: more than the predicted scores say), by direction
     // (0: a longer draft than the choice, 1: a shorter one); a run is priced by the dearer of
