@@ -113,6 +113,7 @@ cdef class Batch(_Engine):
         # the head catches up on at most this many positions when drafting resumes after plain
         # steps (a deep catch-up costs more than the few drafts it improves; output unchanged)
         self._plug_policy(_BATCH_LAG_WINDOW)
+        self.loop.defer_auto_head = True     # many steps of a batch stay plain (_loop.h eager_head)
         self.loop.cache_ram = cache_ram if o["cache_prompt"] else 0
         self.n_ctx_total = total
 

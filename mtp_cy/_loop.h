@@ -151,6 +151,9 @@ struct mtp_cy_loop {
     int32_t n_batch_dft = 0;
     int32_t k_max = 0;                      // the longest draft of any sequence
     int32_t lag_window = 256;
+    // an "auto" sequence's prompt reaches the head when it first drafts (eager_head): a Batch,
+    // whose steps of several sequences often stay plain; a lone MTP feeds it as it goes
+    bool defer_auto_head = false;
     bool needs_checkpoints = false;         // the memory cannot be cut at any position
     int32_t max_checkpoints = 8;            // per slot (cache_checkpoints)
     int32_t checkpoint_every = 2048;
@@ -454,13 +457,15 @@ struct mtp_cy_loop {
     };
 
     // Is the MTP head fed slot s's prompt as it is processed?  A sequence with a fixed draft
-    // length drafts on its first step: yes.  One that follows "auto" (or asked for plain
-    // steps) may not draft for a long while (a compute-bound batch never does): its head is
-    // fed when it first drafts, the last lag_window positions (the rule of plain steps), so
-    // that plain steps spend nothing on the head (measured: feeding 8 short prompts cost a
-    // Batch of 8 calls 2.5% on the 239M model).
+    // length drafts on its first step: yes; one that asked for plain steps: no.  One that
+    // follows "auto" on a Batch (defer_auto_head) may not draft for a long while (a
+    // compute-bound batch never does): its head is fed when it first drafts, the last
+    // lag_window positions (the rule of plain steps), so that plain steps spend nothing on
+    // the head (measured: feeding 8 short prompts cost a Batch of 8 calls 2.5% on the 239M
+    // model).  The sequences not fed now are fed when they draft, as after plain steps.
     bool eager_head(const mtp_cy_slot & s) const {
-        return s.k_req > 0 || (s.k_req < 0 && !auto_k);
+        if (s.k_req >= 0) return s.k_req > 0;
+        return !auto_k || !defer_auto_head;
     }
 
     // Process the prompt chunks in `tb` (no logits) in one target decode, then feed the MTP

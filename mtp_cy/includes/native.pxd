@@ -255,6 +255,7 @@ cdef extern from "_loop.h" nogil:
         llama_context * ctx_dft
         int32_t k_max
         int32_t lag_window
+        cbool defer_auto_head
         cbool needs_checkpoints
         int32_t max_checkpoints
         int32_t checkpoint_every
