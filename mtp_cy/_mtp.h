@@ -38,9 +38,7 @@ struct mtp_cy_drafter {
     llama_context * ctx_tgt = nullptr;
     llama_context * ctx_dft = nullptr;
     int32_t n_embd = 0;
-    int32_t n_batch = 0;                 // batch limit of the MTP context
     llama_seq_id seq = 0;                // the sequence it drafts for (mtp_cy.Batch: its slot)
-    common_batch batch;
     common_sampler * smpl = nullptr;
 
     // the MTP context holds positions [0, m)
@@ -65,7 +63,6 @@ struct mtp_cy_drafter {
             common_sampler_free(smpl);
             smpl = nullptr;
         }
-        batch = common_batch();
         ctx_tgt = nullptr;
         ctx_dft = nullptr;
         rows.clear();
@@ -77,8 +74,6 @@ struct mtp_cy_drafter {
         ctx_tgt = tgt;
         ctx_dft = dft;
         n_embd  = llama_model_n_embd_out(llama_get_model(dft));
-        n_batch = (int32_t) llama_n_batch(dft);
-        batch   = common_batch(dft);
         common_params_sampling sp;
         sp.no_perf  = true;
         sp.top_k    = 10;
@@ -169,28 +164,6 @@ struct mtp_cy_drafter {
         return (m == 0 || (m - 1 >= r0)) && rows_end() >= upto - 1;
     }
 
-    // Feed the MTP context the positions [m, upto): token toks[p] paired with
-    // h(p-1).  Returns llama_process's code (0 = ok).
-    int catch_up(const llama_token * toks, llama_pos upto) {
-        int rc = 0;
-        while (m < upto) {
-            batch.clear();
-            const int32_t n = add_catch_up(batch, toks, upto, n_batch);
-            rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, batch.get());
-            if (rc != 0) {
-                // an interrupted decode may have left some of the chunk behind
-                llama_memory_seq_rm(llama_get_memory(ctx_dft), seq, m, -1);
-                break;
-            }
-            m += n;
-        }
-        // keep h(m-1): the next entry pairs with it
-        if (rc == 0) {
-            trim();
-        }
-        return rc;
-    }
-
     // Drop the rows before h(m-1): the next entry pairs with it.
     void trim() {
         if (m - 1 > r0 && m - 1 < rows_end()) {
@@ -199,7 +172,7 @@ struct mtp_cy_drafter {
         }
     }
 
-    // A batched catch-up (mtp_cy.Batch feeds every sequence's missing positions in one
+    // A batched catch-up (the loop feeds every sequence's missing positions in one
     // MTP-context decode): append the entries [m, min(upto, m + max_n)) to `b`, pairing
     // toks[p] with h(p-1); returns how many.  commit_catch_up(n) after the decode.
     int32_t add_catch_up(common_batch & b, const llama_token * toks, llama_pos upto, int32_t max_n) const {
