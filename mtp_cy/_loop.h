@@ -497,33 +497,57 @@ struct mtp_cy_loop {
         if (rc != 0 || !ctx_dft) {
             return;
         }
+        std::vector<std::pair<mtp_cy_slot *, int32_t>> want;
+        for (const auto & c : chunks) {
+            if (eager_head(*c.s)) want.push_back({ c.s, c.pos0 + c.m });
+        }
+        std::vector<mtp_cy_slot *> failed;
+        int32_t n_fed = 0;
+        rc = feed_head(want, failed, n_fed, false);
+        for (auto * s : failed) {
+            s->valid = false;
+            s->end = MTP_CY_END_FAILED;
+            s->rc = rc;
+        }
+    }
+
+    // Feed the MTP head each listed slot's verified tokens up to its `upto` (the pairs'
+    // second), all of them in as few head decodes as its batch allows (prompt chunks and
+    // a step's catch-up alike).  Returns 0, or the code of a decode that failed: the slots
+    // it served go to `failed`, the rows it may have left behind removed (they keep what
+    // was committed before).  n_fed counts the positions fed; `measure` gives each
+    // decode's time to the batch policy's head cost model (the steps' catch-ups).
+    int feed_head(const std::vector<std::pair<mtp_cy_slot *, int32_t>> & want, std::vector<mtp_cy_slot *> & failed,
+                  int32_t & n_fed, bool measure) {
         while (true) {
             db.clear();
             std::vector<std::pair<mtp_cy_slot *, int32_t>> fed;
-            for (const auto & c : chunks) {
-                auto & s = *c.s;
-                const int32_t upto = c.pos0 + c.m;
-                if (!eager_head(s) || s.dr.m >= upto || !s.dr.can_reach(upto) || db.size() >= n_batch_dft) continue;
+            for (const auto & w : want) {
+                mtp_cy_slot & s = *w.first;
+                const int32_t upto = w.second;
+                if (s.dr.m >= upto || !s.dr.can_reach(upto) || db.size() >= n_batch_dft) continue;
                 const int32_t n = s.dr.add_catch_up(db, s.toks.data(), upto, n_batch_dft - db.size());
                 if (n > 0) fed.push_back({ &s, n });
             }
             if (fed.empty()) {
-                break;
+                return 0;
             }
-            rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, db.get());
-            for (auto & f : fed) {
-                if (rc != 0) {
-                    // an interrupted decode may have left some of the chunk behind
-                    llama_memory_seq_rm(llama_get_memory(ctx_dft), f.first->seq, f.first->dr.m, -1);
-                    f.first->valid = false;
-                    f.first->end = MTP_CY_END_FAILED;
-                    f.first->rc = rc;
-                } else {
-                    f.first->dr.commit_catch_up(f.second);
-                }
-            }
+            const int64_t t0 = ggml_time_us();
+            const int rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, db.get());
             if (rc != 0) {
-                break;
+                for (auto & f : fed) {
+                    // an interrupted decode may have left some of the batch behind
+                    llama_memory_seq_rm(llama_get_memory(ctx_dft), f.first->seq, f.first->dr.m, -1);
+                    failed.push_back(f.first);
+                }
+                return rc;
+            }
+            if (measure) {
+                policy.head.observe(db.size(), (double) (ggml_time_us() - t0));
+            }
+            for (auto & f : fed) {
+                f.first->dr.commit_catch_up(f.second);
+                n_fed += f.second;
             }
         }
     }
@@ -788,29 +812,13 @@ struct mtp_cy_loop {
                 }
             }
             const int64_t tc_all = ggml_time_us();
-            while (rc == 0) {
-                db.clear();
-                std::vector<std::pair<mtp_cy_slot *, int32_t>> fed;
+            {
+                std::vector<std::pair<mtp_cy_slot *, int32_t>> want;
                 for (auto * s : act) {
-                    const int32_t n_past = (int32_t) s->toks.size();
-                    if (s->k <= 0 || s->dr.m >= n_past || db.size() >= n_batch_dft) continue;
-                    const int32_t n = s->dr.add_catch_up(db, s->toks.data(), n_past, n_batch_dft - db.size());
-                    if (n > 0) fed.push_back({ s, n });
+                    if (s->k > 0) want.push_back({ s, (int32_t) s->toks.size() });
                 }
-                if (fed.empty()) break;
-                const int64_t tc0 = ggml_time_us();
-                rc = llama_process(ctx_dft, LLAMA_PROCESS_TYPE_DECODE, db.get());
-                if (rc != 0) {
-                    for (auto & f : fed) {
-                        llama_memory_seq_rm(llama_get_memory(ctx_dft), f.first->seq, f.first->dr.m, -1);
-                    }
-                    break;
-                }
-                policy.head.observe(db.size(), (double) (ggml_time_us() - tc0));
-                for (auto & f : fed) {
-                    f.first->dr.commit_catch_up(f.second);
-                    n_catch += f.second;
-                }
+                std::vector<mtp_cy_slot *> failed;
+                rc = feed_head(want, failed, n_catch, true);
             }
             t_catch = ggml_time_us() - tc_all;
             // 2. draft: one head decode per depth for every sequence still drafting
