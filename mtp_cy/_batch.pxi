@@ -214,6 +214,10 @@ cdef class Batch(_Engine):
                 "verify_us": {B * (k + 1): round(pol.target.predict(B * (k + 1)), 1) for k in range(self.k_max + 1)},
                 "head_us": {B: round(pol.head.predict(B), 1)},
                 "acceptance_by_position": {k: round(pol.batch_acc.p(k, NULL), 4) for k in range(1, self.k_max + 1)},
+                # runs of a neighbouring length that keep its cost current, and the share of
+                # the speed they lost against the choice (what prices the next one)
+                "re_measuring": {"longer": {"runs": pol.probe_runs[0], "loss": round(pol.probe_loss[0], 4)},
+                                 "shorter": {"runs": pol.probe_runs[1], "loss": round(pol.probe_loss[1], 4)}},
                 # the steps of one sequence: decided by MTP's one-sequence policy
                 "single": {"chosen": {k: self.policy.chosen[k] for k in range(self.k_max + 1)},
                            "current": self.policy.best, "iterations": self.policy.iter},

@@ -196,7 +196,7 @@ struct mtp_cy_batch_policy {
     int64_t probe_runs[2] = {0, 0};
     int probe_left = 0;              // steps of the running re-measuring run still to observe
     int probe_dir = 0;
-    double probe_us = 0.0, probe_tok = 0.0, probe_tok_step = 0.0, probe_best = 0.0;
+    double probe_us = 0.0, probe_tok = 0.0, probe_best = 0.0;
     int last_t = 0;                  // tokens of the previous target decode
     mtp_cy_decision last;
 
@@ -211,11 +211,14 @@ struct mtp_cy_batch_policy {
         last_t = t;
     }
 
-    // A whole step of b sequences that all drafted the decision's k took us microseconds.
-    void observe_step(int b, int k, double us, bool uniform) {
+    // A whole step of b sequences that all drafted the decision's k took us microseconds
+    // and gave `tokens` tokens (a re-measuring run is priced by what it really gave: the
+    // acceptances it was chosen by are estimates, and a sequence's first drafts after a
+    // plain stretch, by a head that missed what came before, are accepted less).
+    void observe_step(int b, int k, double us, bool uniform, double tokens) {
         if (probe_left > 0 && us > 0) {
             probe_us += us;
-            probe_tok += probe_tok_step;
+            probe_tok += tokens;
             if (--probe_left == 0 && probe_best > 0) {
                 const double l = std::max(0.0, 1.0 - probe_tok / probe_us * 1e6 / probe_best);
                 double & e = probe_loss[probe_dir];
@@ -324,14 +327,13 @@ struct mtp_cy_batch_policy {
         }
         probe_left = 0;                  // (a run cut short by a change of batch is not priced)
         double best = -1.0, plain = 0.0;
-        double score[mtp_cy_acceptance::KMAX + 1] = {0}, toks[mtp_cy_acceptance::KMAX + 1] = {0};
+        double score[mtp_cy_acceptance::KMAX + 1] = {0};
         int kbest = 0;
         for (int k = 0; k <= k_max; ++k) {
             double tok = 0.0;
             const double c = cost(seqs, k, &tok);
             const double s = c > 0 ? tok / c * 1e6 : 0.0;
             score[k] = s;
-            toks[k] = tok;
             if (k == 0) plain = s;
             if (s > best) {
                 best = s;
@@ -368,7 +370,6 @@ struct mtp_cy_batch_policy {
                     probe_left = run;
                     probe_dir = dir;
                     probe_us = probe_tok = 0.0;
-                    probe_tok_step = toks[alt];
                     probe_best = best;
                 }
             } else {

@@ -956,7 +956,7 @@ struct mtp_cy_loop {
         } else if (auto_k) {
             bool uniform = n_done == B;
             for (auto * s : act) uniform = uniform && s->k_req < 0 && (int32_t) s->draft.size() == k_auto;
-            policy.observe_step(B, k_auto, (double) (t3 - t0), uniform);
+            policy.observe_step(B, k_auto, (double) (t3 - t0), uniform, (double) (n_done + n_acc_all));
         }
         last_gen = n_gen_all;
         last_acc = n_acc_all;

@@ -98,6 +98,10 @@ def test_auto_is_lossless_and_shows_its_decision(mtp_model, mtp_sm):
     assert set(pol) >= {"k", "reason", "batch_size", "chosen", "verify_us", "acceptance_by_position"}
     assert 0 <= pol["k"] <= 4 and isinstance(pol["reason"], str)
     assert sum(pol["chosen"].values()) == pol["steps"] > 0
+    for side in ("longer", "shorter"):
+        rm = pol["re_measuring"][side]
+        assert rm["runs"] >= 0 and 0.0 <= rm["loss"] <= 1.0
+        assert rm["runs"] > 0 or rm["loss"] == 0.0
 
 
 def test_seeded_sampling_is_the_same_whatever_runs_beside(batch, mtp_sm):

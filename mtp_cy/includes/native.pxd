@@ -181,6 +181,8 @@ cdef extern from "_batch_policy.h" nogil:
         mtp_cy_acceptance batch_acc
         int64_t steps
         int64_t chosen[17]
+        double probe_loss[2]
+        int64_t probe_runs[2]
         mtp_cy_decision last
         void configure(int kmax)
 
