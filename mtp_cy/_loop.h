@@ -487,10 +487,9 @@ struct mtp_cy_loop {
             if (ctx_dft) {
                 s.dr.add_rows(c.pos0, c.m, llama_get_embeddings_nextn_ith(ctx, c.at));
                 if (!eager_head(s)) {
+                    s.dr.lag_at_most(c.pos0 + c.m, lag_window);
                     // (rows that do not join the ones the head last saw leave it a hole)
-                    llama_pos to = c.pos0 + c.m - lag_window;
-                    if (!s.dr.can_reach(c.pos0 + c.m)) to = std::max(to, s.dr.r0 + 1);
-                    if (s.dr.m < to) s.dr.skip_to(to);
+                    if (!s.dr.can_reach(c.pos0 + c.m)) s.dr.skip_to(s.dr.r0 + 1);
                 }
             }
         }
@@ -611,7 +610,7 @@ struct mtp_cy_loop {
         }
         if (ctx_dft) {
             s->dr.truncate(new_past);
-            if (s->dr.m < new_past - lag_window) s->dr.skip_to(new_past - lag_window);
+            s->dr.lag_at_most(new_past, lag_window);
         }
         s->last = ids.back();
         mtp_cy_group g;
@@ -807,9 +806,7 @@ struct mtp_cy_loop {
         if (ctx_dft) {
             // 1. feed the head what each drafting sequence verified since it last drafted
             for (auto * s : act) {
-                if (s->k > 0 && s->dr.m < (int32_t) s->toks.size() - lag_window) {
-                    s->dr.skip_to((int32_t) s->toks.size() - lag_window);
-                }
+                if (s->k > 0) s->dr.lag_at_most((int32_t) s->toks.size(), lag_window);
             }
             const int64_t tc_all = ggml_time_us();
             {

@@ -156,6 +156,14 @@ struct mtp_cy_drafter {
         m = p;
     }
 
+    // The head is fed at most `window` of the positions before `upto` that it missed: the
+    // older ones are skipped (the rule after plain steps and for deferred prompts).
+    void lag_at_most(llama_pos upto, int32_t window) {
+        if (m < upto - window) {
+            skip_to(upto - window);
+        }
+    }
+
     // Can the MTP context be brought up to `upto` (the rows it needs are known)?
     bool can_reach(llama_pos upto) const {
         if (m >= upto) {
