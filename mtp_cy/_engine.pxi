@@ -854,6 +854,11 @@ cdef class _Engine:
                     self._run_step(s)
                 finally:
                     self._leave_step()
+                if deadline and _time.monotonic() > deadline and sl.end == MTP_CY_END_NONE:
+                    # this call's own step overran its timeout: its tokens came too late (one
+                    # sequence aborts that decode instead; the others' steps cannot be stopped)
+                    raise GenerationTimeout("no token within the timeout while " +
+                                            ("processing the prompt" if in_prompt else "generating"))
 
     cdef int _run_step(self, _Stream s) except -1:
         """One step of the loop (prompt work, then a draft / verify iteration of every sequence

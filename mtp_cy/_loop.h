@@ -155,6 +155,10 @@ struct mtp_cy_loop {
     // whose steps of several sequences often stay plain; a lone MTP feeds it as it goes
     bool defer_auto_head = false;
     bool needs_checkpoints = false;         // the memory cannot be cut at any position
+    // the target keeps rollback snapshots of its recurrent states (n_rs_seq > 0: a head
+    // engine on a hybrid model): only a verification can be rolled back, so a prompt
+    // chunk's decode does not write them (vendor/patches/0010)
+    bool rs_snapshots = false;
     int32_t max_checkpoints = 8;            // per slot (cache_checkpoints)
     int32_t checkpoint_every = 2048;
     bool auto_k = false;
@@ -222,6 +226,7 @@ struct mtp_cy_loop {
         tb = common_batch(tgt);
         const llama_model * m = llama_get_model(tgt);
         needs_checkpoints = llama_model_is_recurrent(m) || llama_model_is_hybrid(m) || llama_model_n_swa(m) > 0;
+        rs_snapshots = llama_n_rs_seq(tgt) > 0;
         if (dft) {
             db = common_batch(dft);
             n_batch_dft = (int32_t) llama_n_batch(dft);
@@ -471,9 +476,12 @@ struct mtp_cy_loop {
     // Process the prompt chunks in `tb` (no logits) in one target decode, then feed the MTP
     // head all of them that it takes now (eager_head) in as few head decodes as its batch
     // allows (the chunks of every joining sequence share the weights' reads, as the steps
-    // do).  A slot whose decode failed ends with MTP_CY_END_FAILED; the others go on.
+    // do).  A slot whose decode failed ends with MTP_CY_END_FAILED; the others go on.  The
+    // decode writes no rollback snapshots (nothing rolls back into a prompt).
     void prefill(const std::vector<mtp_cy_chunk> & chunks) {
+        if (rs_snapshots) llama_set_rs_snapshots(ctx, false);
         int rc = llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, tb.get());
+        if (rs_snapshots) llama_set_rs_snapshots(ctx, true);
         for (const auto & c : chunks) {
             auto & s = *c.s;
             if (rc != 0) {

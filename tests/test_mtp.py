@@ -13,7 +13,7 @@ import time
 import pytest
 
 import mtp_cy
-from conftest import COUNTERS, check_interrupt_stops_prefill, counters, expected, prompt_of, rss_bytes
+from conftest import COUNTERS, check_interrupt_stops_prefill, counters, expected, make_engine, prompt_of, rss_bytes
 
 STAT_KEYS = {"iters", "drafts_generated", "drafts_accepted", "acceptance_rate", "tokens_emitted",
              "tokens_per_sec", "timing_us", "n_draft"}
@@ -64,6 +64,35 @@ def test_partial_acceptance_rollback_over_long_run(synthetic):
         assert m.generate(p, max_tokens=300, temp=0) == want.text
         assert counters(m.stats()) == expected(want)
         assert 0 < want.drafts_accepted < want.drafts_generated
+
+
+@pytest.mark.parametrize("kind", ["mtp", "batch"])
+def test_prompt_chunk_of_a_verification_shape_keeps_rollback(synthetic, kind):
+    """A prompt chunk is decoded without rollback snapshots (vendor/patches/0010); the first
+    verification after it, of the same shape (one sequence, n_draft + 1 tokens), must write
+    them again (llama.cpp's graph reuse compares the switch). The synthetic model's text does
+    not depend on the recurrent state, its log-probabilities do (a little, through the output
+    norm): a rejected draft rolled back to a wrong state shows there (the third most likely
+    token's 0.0096 off with the snapshots left off), so they must equal a plain Session's, as
+    text and counters the oracle's."""
+    sm = synthetic.cached_model(acceptance=0.5, n_trunk=6, full_attention_interval=3)
+    with mtp_cy.Model(sm.path) as model, mtp_cy.Session(model, n_ctx=256, n_threads=1) as plain:
+        for n_draft in (1, 2, 3, 4):
+            with make_engine(kind, model, n_draft=n_draft, n_ctx=256, n_threads=1) as e:
+                for start in range(6):
+                    p = prompt_of(sm, n_draft + 2, start=7 * start + n_draft)
+                    want = sm.predict(p, 40, n_draft, n_ctx=256)
+                    ref = plain.complete(p, max_tokens=40, temp=0, logprobs=True, top_logprobs=3)
+                    before = counters(e.stats())
+                    got = e.complete(p, max_tokens=40, temp=0, logprobs=True, top_logprobs=3)
+                    assert got.text == want.text == ref.text, (n_draft, start)
+                    delta = {k: v - before[k] for k, v in counters(e.stats()).items()}
+                    assert delta == expected(want), (n_draft, start)
+                    assert want.drafts_accepted < want.drafts_generated
+                    for x, y in zip(ref.logprobs, got.logprobs):
+                        assert y.logprob == pytest.approx(x.logprob, abs=1e-3), (n_draft, start)
+                        for (_, u), (_, v) in zip(x.top_logprobs, y.top_logprobs):
+                            assert v == pytest.approx(u, abs=1e-3), (n_draft, start)
 
 
 def test_stats_keys_and_definitions(mtp, mtp_sm):
